@@ -1,0 +1,11 @@
+// SwiGLU: silu(gate) * up, reading a fused [n, 2 * inter] gate|up buffer.
+#pragma once
+
+#include <cstdint>
+
+namespace ffnskip::cpu {
+
+// out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]
+void swiglu(const float* gate_up, int64_t n, int64_t inter, float* out);
+
+}  // namespace ffnskip::cpu

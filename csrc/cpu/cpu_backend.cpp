@@ -1,0 +1,197 @@
+#include "cpu_backend.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "activation.h"
+#include "attention.h"
+#include "linear.h"
+#include "norm.h"
+#include "rope.h"
+#include "thread_pool.h"
+
+namespace ffnskip {
+
+namespace {
+
+using cpu::LinearWeights;
+
+std::vector<float> copy_of(const TensorView& t) {
+  return std::vector<float>(t.data, t.data + t.numel());
+}
+
+// Several linears that read the same input, stacked row-wise so one pass computes them all.
+struct StackedLinear {
+  std::vector<float> weight;
+  std::vector<float> bias;  // empty when none of the parts has a bias
+  LinearWeights view;
+
+  explicit StackedLinear(std::initializer_list<LinearView> parts) {
+    int64_t out = 0;
+    const int64_t in = parts.begin()->weight.shape[1];
+    bool any_bias = false;
+    for (const auto& p : parts) {
+      out += p.weight.shape[0];
+      any_bias = any_bias || p.bias.data != nullptr;
+    }
+    weight.reserve(out * in);
+    for (const auto& p : parts) weight.insert(weight.end(), p.weight.data, p.weight.data + p.weight.numel());
+    if (any_bias) {
+      for (const auto& p : parts) {
+        const int64_t rows = p.weight.shape[0];
+        if (p.bias.data) {
+          bias.insert(bias.end(), p.bias.data, p.bias.data + rows);
+        } else {
+          bias.insert(bias.end(), rows, 0.0f);
+        }
+      }
+    }
+    view = {weight.data(), bias.empty() ? nullptr : bias.data(), out, in};
+  }
+};
+
+struct CpuLayer {
+  std::vector<float> attn_norm, ffn_norm;
+  StackedLinear qkv, o, gate_up, down;
+
+  explicit CpuLayer(const LayerView& v)
+      : attn_norm(copy_of(v.attn_norm)),
+        ffn_norm(copy_of(v.ffn_norm)),
+        qkv{v.q, v.k, v.v},
+        o{v.o},
+        gate_up{v.gate, v.up},
+        down{v.down} {}
+};
+
+size_t available_memory_bytes() {
+  const long pages = sysconf(_SC_AVPHYS_PAGES);
+  const long page_size = sysconf(_SC_PAGESIZE);
+  return pages > 0 && page_size > 0 ? static_cast<size_t>(pages) * page_size : SIZE_MAX;
+}
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(const ModelConfig& config, const ModelView& model, int max_seq_len, int num_threads)
+      : config_(config),
+        pool_(num_threads),
+        embed_(copy_of(model.embed)),
+        final_norm_(copy_of(model.final_norm)),
+        inv_freq_(rope_inv_freq(config)) {
+    const size_t kv_bytes = 2ull * config.num_layers * max_seq_len * config.kv_dim() * sizeof(float);
+    if (kv_bytes > available_memory_bytes()) {
+      throw std::invalid_argument("max_seq_len " + std::to_string(max_seq_len) + " needs " +
+                                  std::to_string(kv_bytes >> 20) + " MiB of KV cache, but only " +
+                                  std::to_string(available_memory_bytes() >> 20) +
+                                  " MiB of memory are available");
+    }
+    layers_.reserve(config.num_layers);
+    for (const auto& layer : model.layers) layers_.emplace_back(layer);
+    if (!config.tie_word_embeddings) lm_head_ = copy_of(model.lm_head);
+    const float* head = config.tie_word_embeddings ? embed_.data() : lm_head_.data();
+    lm_head_view_ = {head, nullptr, config.vocab_size, config.hidden_size};
+
+    kv_layer_stride_ = static_cast<int64_t>(max_seq_len) * config.kv_dim();
+    k_cache_.resize(kv_layer_stride_ * config.num_layers);
+    v_cache_.resize(kv_layer_stride_ * config.num_layers);
+    scratch_.resize(static_cast<size_t>(pool_.size()) * max_seq_len);
+    reserve_tokens(1);
+  }
+
+  void embed(const int32_t* tokens, int n, int pos) override {
+    reserve_tokens(n);
+    const int hidden = config_.hidden_size;
+    for (int t = 0; t < n; ++t) {
+      std::memcpy(&x_[static_cast<size_t>(t) * hidden],
+                  &embed_[static_cast<size_t>(tokens[t]) * hidden], sizeof(float) * hidden);
+    }
+    const int half = config_.head_dim / 2;
+    cpu::rope_tables(inv_freq_.data(), half, pos, n, cos_.data(), sin_.data());
+  }
+
+  void attention_block(int layer, int n, int pos) override {
+    const CpuLayer& w = layers_[layer];
+    const int hidden = config_.hidden_size;
+    const int q_dim = config_.q_dim();
+    const int kv_dim = config_.kv_dim();
+    const int64_t qkv_dim = q_dim + 2 * kv_dim;
+    cpu::rms_norm(x_.data(), w.attn_norm.data(), n, hidden, config_.rms_norm_eps, xn_.data());
+    cpu::linear(pool_, w.qkv.view, xn_.data(), n, qkv_.data());
+    float* q = qkv_.data();
+    float* k = q + q_dim;
+    cpu::apply_rope(q, n, qkv_dim, config_.num_heads, config_.head_dim, cos_.data(), sin_.data());
+    cpu::apply_rope(k, n, qkv_dim, config_.num_kv_heads, config_.head_dim, cos_.data(),
+                    sin_.data());
+
+    float* k_cache = k_cache_.data() + layer * kv_layer_stride_;
+    float* v_cache = v_cache_.data() + layer * kv_layer_stride_;
+    for (int t = 0; t < n; ++t) {
+      const float* row = qkv_.data() + t * qkv_dim;
+      std::memcpy(k_cache + static_cast<int64_t>(pos + t) * kv_dim, row + q_dim,
+                  sizeof(float) * kv_dim);
+      std::memcpy(v_cache + static_cast<int64_t>(pos + t) * kv_dim, row + q_dim + kv_dim,
+                  sizeof(float) * kv_dim);
+    }
+    const cpu::AttentionShape shape{config_.num_heads, config_.num_kv_heads, config_.head_dim,
+                                    qkv_dim, kv_dim};
+    cpu::attention(pool_, shape, q, n, pos, k_cache, v_cache, scratch_.data(), attn_.data());
+    cpu::linear(pool_, w.o.view, attn_.data(), n, x_.data(), cpu::Output::Accumulate);
+  }
+
+  void ffn_block(int layer, int n) override {
+    const CpuLayer& w = layers_[layer];
+    const int64_t inter = config_.intermediate_size;
+    cpu::rms_norm(x_.data(), w.ffn_norm.data(), n, config_.hidden_size, config_.rms_norm_eps,
+                  xn_.data());
+    cpu::linear(pool_, w.gate_up.view, xn_.data(), n, gate_up_.data());
+    cpu::swiglu(gate_up_.data(), n, inter, act_.data());
+    cpu::linear(pool_, w.down.view, act_.data(), n, x_.data(), cpu::Output::Accumulate);
+  }
+
+  void logits(int n, float* out) override {
+    const int hidden = config_.hidden_size;
+    const float* last = x_.data() + static_cast<int64_t>(n - 1) * hidden;
+    cpu::rms_norm(last, final_norm_.data(), 1, hidden, config_.rms_norm_eps, xn_.data());
+    cpu::linear(pool_, lm_head_view_, xn_.data(), 1, out);
+  }
+
+ private:
+  // Activation buffers grow to the largest pass seen; decode steps never allocate.
+  void reserve_tokens(int n) {
+    if (n <= capacity_) return;
+    const size_t tokens = static_cast<size_t>(n);
+    x_.resize(tokens * config_.hidden_size);
+    xn_.resize(tokens * config_.hidden_size);
+    qkv_.resize(tokens * (config_.q_dim() + 2 * config_.kv_dim()));
+    attn_.resize(tokens * config_.q_dim());
+    gate_up_.resize(tokens * 2 * config_.intermediate_size);
+    act_.resize(tokens * config_.intermediate_size);
+    cos_.resize(tokens * (config_.head_dim / 2));
+    sin_.resize(tokens * (config_.head_dim / 2));
+    capacity_ = n;
+  }
+
+  ModelConfig config_;
+  cpu::ThreadPool pool_;
+  std::vector<float> embed_, final_norm_, lm_head_, inv_freq_;
+  std::vector<CpuLayer> layers_;
+  LinearWeights lm_head_view_;
+
+  int64_t kv_layer_stride_ = 0;
+  std::vector<float> k_cache_, v_cache_, scratch_;
+  int capacity_ = 0;
+  std::vector<float> x_, xn_, qkv_, attn_, gate_up_, act_, cos_, sin_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& config, const ModelView& model,
+                                          int max_seq_len, int num_threads) {
+  return std::make_unique<CpuBackend>(config, model, max_seq_len, num_threads);
+}
+
+}  // namespace ffnskip

@@ -1,0 +1,15 @@
+// The CPU backend: fp32 weights and activations, a persistent thread pool, a preallocated KV cache.
+#pragma once
+
+#include <memory>
+
+#include "ffnskip/backend.h"
+#include "ffnskip/config.h"
+#include "ffnskip/weights.h"
+
+namespace ffnskip {
+
+std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& config, const ModelView& model,
+                                          int max_seq_len, int num_threads);
+
+}  // namespace ffnskip
