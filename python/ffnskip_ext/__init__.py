@@ -1,0 +1,21 @@
+"""ffnskip_ext: LLaMA-family decoding with adaptive compute skipping."""
+
+from .checkpoint import load_checkpoint
+from .config import ModelConfig
+from .decoder import Decoder
+from .generate import GenerationResult, encode_prompt, generate
+from .models import default_model_path
+from .sampling import SamplingParams
+from .tokenizer import load_tokenizer
+
+__all__ = [
+    "Decoder",
+    "GenerationResult",
+    "ModelConfig",
+    "SamplingParams",
+    "default_model_path",
+    "generate",
+    "encode_prompt",
+    "load_checkpoint",
+    "load_tokenizer",
+]

@@ -1,0 +1,133 @@
+"""The ``Decoder``: a model loaded into the native engine, with its KV cache."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .checkpoint import load_checkpoint, weights_from_hf_model
+from .config import ModelConfig
+
+DEVICES = ("cpu", "cuda")
+_INT64 = np.iinfo(np.int64)
+
+
+class Decoder:
+    """Token-by-token decoding of a LLaMA-family model.
+
+    ``prefill`` appends a prompt to the cache and returns the logits of its last token;
+    ``step`` appends one token and returns its logits. Invalid input raises ``ValueError``
+    (or ``TypeError`` for non-integer ids) and leaves the cache and position unchanged.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        weights: Mapping[str, np.ndarray],
+        device: str = "cpu",
+        dtype: str | None = None,
+        max_seq_len: int | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+        if dtype not in (None, "float32", "fp32"):
+            raise ValueError(
+                f"dtype={dtype!r} is not supported by this build (weights are stored in float32)"
+            )
+        for name, value in (("max_seq_len", max_seq_len), ("num_threads", num_threads)):
+            if value is not None and (not _is_int(value) or not 0 < value < 2**31):
+                raise ValueError(f"{name} must be an integer in [1, 2**31), got {value!r}")
+        self.config = config
+        self.device = device
+        self._engine = _core.Engine(
+            config, dict(weights), device, int(max_seq_len or 0), int(num_threads or 0)
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike[str],
+        device: str = "cpu",
+        dtype: str | None = None,
+        max_seq_len: int | None = None,
+        num_threads: int | None = None,
+    ) -> Decoder:
+        """Load a Hugging Face model directory or a ``.gguf`` file."""
+        config, weights = load_checkpoint(path)
+        return cls(config, weights, device, dtype, max_seq_len, num_threads)
+
+    @classmethod
+    def from_hf_model(
+        cls,
+        model: Any,
+        device: str = "cpu",
+        dtype: str | None = None,
+        max_seq_len: int | None = None,
+        num_threads: int | None = None,
+    ) -> Decoder:
+        """Copy the weights of an in-memory ``LlamaForCausalLM`` or ``Qwen2ForCausalLM``."""
+        config, weights = weights_from_hf_model(model)
+        return cls(config, weights, device, dtype, max_seq_len, num_threads)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._engine.max_seq_len
+
+    @property
+    def position(self) -> int:
+        """Number of tokens in the KV cache."""
+        return self._engine.position
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        self._engine.reset()
+
+    def prefill(self, token_ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        """Append a prompt; returns float32 logits ``[vocab_size]`` of its last token."""
+        return self._engine.prefill(_token_array(token_ids))
+
+    def step(self, token_id: int) -> np.ndarray:
+        """Append one token; returns its float32 logits ``[vocab_size]``."""
+        if not _is_int(token_id):
+            raise TypeError(f"token id must be an integer, got {type(token_id).__name__}")
+        if not _INT64.min <= int(token_id) <= _INT64.max:
+            raise ValueError(f"token id {token_id} is outside the vocabulary")
+        return self._engine.step(int(token_id))
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"Decoder({c.architecture}, layers={c.num_layers}, hidden={c.hidden_size}, "
+            f"device={self.device!r}, position={self.position}/{self.max_seq_len})"
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _token_array(token_ids: Iterable[int] | np.ndarray) -> np.ndarray:
+    if isinstance(token_ids, (str, bytes)):
+        raise TypeError("token ids must be integers; tokenize text first")
+    ids = np.asarray(token_ids if isinstance(token_ids, np.ndarray) else list(token_ids))
+    if ids.ndim != 1:
+        raise ValueError(f"token ids must be a 1-D sequence, got shape {ids.shape}")
+    if ids.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if ids.dtype == object:  # Python ints beyond int64
+        for i, v in enumerate(ids):
+            if not _is_int(v):
+                raise TypeError(f"token id at index {i} is not an integer: {v!r}")
+            if not _INT64.min <= v <= _INT64.max:
+                raise ValueError(f"token id {v} at index {i} is outside the vocabulary")
+        return ids.astype(np.int64)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+    if ids.dtype.kind == "u" and ids.max() > _INT64.max:
+        raise ValueError(f"token id {ids.max()} is outside the vocabulary")
+    return ids.astype(np.int64, copy=False)

@@ -1,0 +1,137 @@
+"""Text generation: tokenizer in, tokens and text out, with sampling, stop strings and streaming."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .decoder import Decoder
+from .sampling import SamplingParams, sample
+
+Message = dict[str, str]
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "eos", "stop" (a stop string), "length" (max_new_tokens or context)
+    prefill_ms: float
+    decode_tokens_per_s: float
+
+
+def encode_prompt(tokenizer: Any, prompt_or_messages: str | Sequence[Message]) -> list[int]:
+    """A string is encoded as it is; a list of chat messages goes through the chat template."""
+    if isinstance(prompt_or_messages, str):
+        return list(tokenizer.encode(prompt_or_messages))
+    messages = list(prompt_or_messages)
+    if not messages or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in transformers 5
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def generate(
+    decoder: Decoder,
+    tokenizer: Any,
+    prompt_or_messages: str | Sequence[Message],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] | None = None,
+    stream: Callable[[str], None] | None = None,
+) -> GenerationResult:
+    """Reset the decoder, prefill the prompt and decode up to ``max_new_tokens`` tokens.
+
+    ``stream`` receives each new piece of text as soon as it is decoded. Generation ends at an
+    end-of-sequence token, at a ``stop`` string (excluded from the text), after
+    ``max_new_tokens`` or when the context is full.
+    """
+    params = SamplingParams(temperature, top_k, top_p)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    stops = [s for s in (stop or []) if s]
+    prompt_ids = encode_prompt(tokenizer, prompt_or_messages)
+    if len(prompt_ids) >= decoder.max_seq_len:
+        raise ValueError(
+            f"prompt of {len(prompt_ids)} tokens does not fit max_seq_len {decoder.max_seq_len}"
+        )
+    eos_ids = set(decoder.config.eos_token_ids)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        eos_ids.add(int(tokenizer.eos_token_id))
+    rng = np.random.default_rng(seed)
+
+    decoder.reset()
+    start = time.perf_counter()
+    logits = decoder.prefill(prompt_ids)
+    prefill_ms = (time.perf_counter() - start) * 1e3
+
+    generated: list[int] = []
+    text = emitted = ""
+    finish_reason = "length"
+    steps = 0
+    decode_start = time.perf_counter()
+    while len(generated) < max_new_tokens:
+        token = sample(logits, params, rng)
+        if token in eos_ids:
+            finish_reason = "eos"
+            break
+        generated.append(token)
+        new_text = tokenizer.decode(generated, skip_special_tokens=True)
+        hit = _first_stop(new_text, stops)
+        if hit is not None:
+            new_text = new_text[:hit]
+            finish_reason = "stop"
+        text = new_text
+        emitted = _emit(stream, emitted, _settled(text, stops))
+        if finish_reason == "stop":
+            break
+        if len(generated) == max_new_tokens or decoder.position >= decoder.max_seq_len:
+            break
+        logits = decoder.step(token)
+        steps += 1
+    decode_s = time.perf_counter() - decode_start
+    _emit(stream, emitted, text)
+    return GenerationResult(
+        text=text,
+        token_ids=generated,
+        prompt_tokens=len(prompt_ids),
+        finish_reason=finish_reason,
+        prefill_ms=prefill_ms,
+        decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else 0.0,
+    )
+
+
+def _settled(text: str, stops: Sequence[str]) -> str:
+    """The part of ``text`` later tokens cannot change: a trailing U+FFFD is usually a
+    multi-byte character still missing bytes, and a suffix that begins a stop string may
+    still turn into it."""
+    ready = text.rstrip("\ufffd")
+    held = max(
+        (k for s in stops for k in range(1, len(s)) if ready.endswith(s[:k])), default=0
+    )
+    return ready[: len(ready) - held]
+
+
+def _emit(stream: Callable[[str], None] | None, emitted: str, ready: str) -> str:
+    """Sends the part of ``ready`` beyond what was already streamed; returns what now is."""
+    if stream is None or len(ready) <= len(emitted) or not ready.startswith(emitted):
+        return emitted
+    stream(ready[len(emitted) :])
+    return ready
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    positions = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(positions) if positions else None
