@@ -1,12 +1,20 @@
-"""Tokenizer for a checkpoint: a transformers tokenizer from local files only."""
+"""Tokenizer for a checkpoint: a transformers tokenizer from local files only, without torch."""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+# GGUF metadata keys (under "tokenizer.ggml.") of the special tokens transformers configures.
+_SPECIAL_TOKEN_IDS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
@@ -15,14 +23,51 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     Never contacts the Hub: a directory must hold the tokenizer files, a GGUF file carries
     its vocabulary, merges and chat template in its metadata.
     """
-    # Imported here because transformers is slow to import and the engine itself does not
-    # need it.
-    from transformers import AutoTokenizer
-
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer path not found: {path}")
     if os.path.isdir(path):
+        from transformers import AutoTokenizer  # slow to import; the engine does not need it
+
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    directory, filename = os.path.split(os.path.abspath(path))
-    return AutoTokenizer.from_pretrained(directory, gguf_file=filename, local_files_only=True)
+    return _gguf_tokenizer(path)
+
+
+def _gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """What ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` builds, but with the metadata
+    read by the ``gguf`` package: transformers' own GGUF reader imports torch, which the
+    runtime does not need. The conversion itself is transformers' (torch-free) converter."""
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
+
+    def value(key: str) -> Any:
+        field = reader.get_field(key)
+        return None if field is None else field.contents()
+
+    groups = {
+        group: {
+            name: v for key, name in renames.items() if (v := value(f"tokenizer.{key}")) is not None
+        }
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer_dict, tokenizer_config = groups["tokenizer"], groups["tokenizer_config"]
+    if "tokens" not in tokenizer_dict:
+        raise ValueError(f"{path}: GGUF metadata has no tokenizer.ggml.tokens")
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        # As transformers: llama.cpp adds BOS to a sentencepiece vocabulary unless told not to.
+        tokenizer_config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKEN_IDS.items():
+        token_id = value(f"tokenizer.ggml.{key}")
+        tokens = tokenizer_dict["tokens"]
+        tokenizer_config[name] = tokens[token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(value("general.architecture"), tokenizer_dict)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
