@@ -88,14 +88,15 @@ void Decoder::step(int32_t token, float* logits_out) {
 
 // The decode loop shared by every backend.
 void Decoder::forward(const int32_t* tokens, int n, float* logits_out) {
-  const int pos = position_;
-  backend_->embed(tokens, n, pos);
-  for (int layer = 0; layer < config_.num_layers; ++layer) {
-    backend_->attention_block(layer, n, pos);
-    backend_->ffn_block(layer, n);
-  }
-  backend_->logits(n, logits_out);
-  position_ = pos + n;
+  Backend& backend = *backend_;
+  const int num_layers = config_.num_layers;
+  backend.forward(tokens, n, position_, [&backend, num_layers] {
+    for (int layer = 0; layer < num_layers; ++layer) {
+      backend.attention_block(layer);
+      backend.ffn_block(layer);
+    }
+  }, logits_out);
+  position_ += n;
 }
 
 }  // namespace ffnskip

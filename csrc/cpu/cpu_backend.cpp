@@ -102,18 +102,25 @@ class CpuBackend final : public Backend {
     reserve_tokens(1);
   }
 
-  void embed(const int32_t* tokens, int n, int pos) override {
+  void forward(const int32_t* tokens, int n, int pos, const LayerLoop& layers,
+               float* logits) override {
     reserve_tokens(n);
+    n_ = n;
+    pos_ = pos;
     const int hidden = config_.hidden_size;
     for (int t = 0; t < n; ++t) {
       std::memcpy(&x_[static_cast<size_t>(t) * hidden],
                   &embed_[static_cast<size_t>(tokens[t]) * hidden], sizeof(float) * hidden);
     }
-    const int half = config_.head_dim / 2;
-    cpu::rope_tables(inv_freq_.data(), half, pos, n, cos_.data(), sin_.data());
+    cpu::rope_tables(inv_freq_.data(), config_.head_dim / 2, pos, n, cos_.data(), sin_.data());
+    layers();
+    const float* last = x_.data() + static_cast<int64_t>(n - 1) * hidden;
+    cpu::rms_norm(last, final_norm_.data(), 1, hidden, config_.rms_norm_eps, xn_.data());
+    cpu::linear(pool_, lm_head_view_, xn_.data(), 1, logits);
   }
 
-  void attention_block(int layer, int n, int pos) override {
+  void attention_block(int layer) override {
+    const int n = n_, pos = pos_;
     const CpuLayer& w = layers_[layer];
     const int hidden = config_.hidden_size;
     const int q_dim = config_.q_dim();
@@ -142,7 +149,8 @@ class CpuBackend final : public Backend {
     cpu::linear(pool_, w.o.view, attn_.data(), n, x_.data(), cpu::Output::Accumulate);
   }
 
-  void ffn_block(int layer, int n) override {
+  void ffn_block(int layer) override {
+    const int n = n_;
     const CpuLayer& w = layers_[layer];
     const int64_t inter = config_.intermediate_size;
     cpu::rms_norm(x_.data(), w.ffn_norm.data(), n, config_.hidden_size, config_.rms_norm_eps,
@@ -150,13 +158,6 @@ class CpuBackend final : public Backend {
     cpu::linear(pool_, w.gate_up.view, xn_.data(), n, gate_up_.data());
     cpu::swiglu(gate_up_.data(), n, inter, act_.data());
     cpu::linear(pool_, w.down.view, act_.data(), n, x_.data(), cpu::Output::Accumulate);
-  }
-
-  void logits(int n, float* out) override {
-    const int hidden = config_.hidden_size;
-    const float* last = x_.data() + static_cast<int64_t>(n - 1) * hidden;
-    cpu::rms_norm(last, final_norm_.data(), 1, hidden, config_.rms_norm_eps, xn_.data());
-    cpu::linear(pool_, lm_head_view_, xn_.data(), 1, out);
   }
 
  private:
@@ -184,6 +185,7 @@ class CpuBackend final : public Backend {
   int64_t kv_layer_stride_ = 0;
   std::vector<float> k_cache_, v_cache_, scratch_;
   int capacity_ = 0;
+  int n_ = 0, pos_ = 0;  // the current pass
   std::vector<float> x_, xn_, qkv_, attn_, gate_up_, act_, cos_, sin_;
 };
 
