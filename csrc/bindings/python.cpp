@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -65,9 +66,34 @@ std::vector<int32_t> to_token_ids(const TokenArray& tokens, int vocab_size) {
   return ids;
 }
 
+PolicyKind to_policy_kind(const std::string& name) {
+  if (name == "dense") return PolicyKind::Dense;
+  if (name == "ffn_skip") return PolicyKind::FFNSkip;
+  if (name == "static_ffn") return PolicyKind::StaticFFN;
+  if (name == "random_ffn") return PolicyKind::RandomFFN;
+  if (name == "layer_drop") return PolicyKind::LayerDrop;
+  if (name == "early_exit") return PolicyKind::EarlyExit;
+  throw std::invalid_argument("unknown policy kind '" + name + "'");
+}
+
+template <typename T>
+py::array_t<T> to_array(const std::vector<T>& values) {
+  return py::array_t<T>(static_cast<py::ssize_t>(values.size()), values.data());
+}
+
+// Per-step vectors stacked into a [steps, layers] array.
+template <typename T>
+py::array_t<T> stack(const std::vector<StepRecord>& steps, std::vector<T> StepRecord::*field,
+                     int num_layers) {
+  py::array_t<T> out({static_cast<py::ssize_t>(steps.size()), static_cast<py::ssize_t>(num_layers)});
+  T* dst = out.mutable_data();
+  for (const auto& step : steps) dst = std::copy((step.*field).begin(), (step.*field).end(), dst);
+  return out;
+}
+
 std::unique_ptr<Decoder> make_decoder(const py::object& config, const py::dict& weights,
-                                      const std::string& device, int max_seq_len,
-                                      int num_threads) {
+                                      const std::string& device, const std::string& dtype,
+                                      int max_seq_len, int num_threads) {
   std::vector<FloatArray> keep_alive;
   WeightMap views;
   for (const auto& item : weights) {
@@ -82,6 +108,7 @@ std::unique_ptr<Decoder> make_decoder(const py::object& config, const py::dict& 
   }
   DecoderOptions options;
   options.device = to_device(device);
+  options.dtype = parse_dtype(dtype);
   options.max_seq_len = max_seq_len;
   options.num_threads = num_threads;
   const ModelConfig model_config = to_model_config(config);
@@ -96,7 +123,9 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<Decoder>(m, "Engine")
       .def(py::init(&make_decoder), py::arg("config"), py::arg("weights"),
-           py::arg("device") = "cpu", py::arg("max_seq_len") = 0, py::arg("num_threads") = 0)
+           py::arg("device") = "cpu", py::arg("dtype") = "float32", py::arg("max_seq_len") = 0,
+           py::arg("num_threads") = 0)
+      .def_property_readonly("dtype", [](const Decoder& d) { return dtype_name(d.dtype()); })
       .def_property_readonly("position", &Decoder::position)
       .def_property_readonly("max_seq_len", &Decoder::max_seq_len)
       .def("reset", &Decoder::reset, py::call_guard<py::gil_scoped_release>())
@@ -126,5 +155,54 @@ PYBIND11_MODULE(_core, m) {
              }
              return logits;
            },
-           py::arg("token_id"));
+           py::arg("token_id"))
+      .def("set_policy",
+           [](Decoder& d, const std::string& kind, float threshold, int warmup_tokens,
+              int full_token_interval, int max_skips, int cold_start, int cold_end,
+              int exit_layer, uint64_t seed, std::vector<int32_t> layers) {
+             SkipPolicy policy;
+             policy.rule.kind = to_policy_kind(kind);
+             policy.rule.num_layers = d.config().num_layers;
+             policy.rule.threshold = threshold;
+             policy.rule.warmup_tokens = warmup_tokens;
+             policy.rule.full_token_interval = full_token_interval;
+             policy.rule.max_skips = max_skips;
+             policy.rule.cold_start = cold_start;
+             policy.rule.cold_end = cold_end;
+             policy.rule.exit_layer = exit_layer;
+             policy.rule.seed = seed;
+             policy.layers = std::move(layers);
+             py::gil_scoped_release release;
+             d.set_policy(policy);
+           },
+           py::arg("kind"), py::arg("threshold") = 0.95f, py::arg("warmup_tokens") = 0,
+           py::arg("full_token_interval") = 0, py::arg("max_skips") = 0,
+           py::arg("cold_start") = 0, py::arg("cold_end") = 0, py::arg("exit_layer") = 0,
+           py::arg("seed") = 0, py::arg("layers") = std::vector<int32_t>{})
+      .def("stats",
+           [](const Decoder& d) {
+             const DecodeStats s = d.stats();
+             py::dict out;
+             out["decode_tokens"] = s.decode_tokens;
+             out["warmup_tokens"] = s.warmup_tokens;
+             out["ffn_run"] = to_array(s.ffn_run);
+             out["ffn_skipped"] = to_array(s.ffn_skipped);
+             out["ffn_skipped_after_warmup"] = to_array(s.ffn_skipped_after_warmup);
+             out["layer_skipped"] = to_array(s.layer_skipped);
+             return out;
+           })
+      .def("reset_stats", &Decoder::reset_stats)
+      .def("enable_trace", &Decoder::enable_trace, py::arg("enabled"))
+      .def("clear_trace", &Decoder::clear_trace)
+      .def("trace", [](const Decoder& d) {
+        const std::vector<StepRecord> steps = d.trace();
+        const int layers = d.config().num_layers;
+        py::dict out;
+        out["ffn_skipped"] = stack(steps, &StepRecord::ffn_skipped, layers).attr("astype")("bool");
+        out["layer_skipped"] =
+            stack(steps, &StepRecord::layer_skipped, layers).attr("astype")("bool");
+        out["score"] = stack(steps, &StepRecord::score, layers);
+        out["layer_score"] = stack(steps, &StepRecord::layer_score, layers);
+        return out;
+      });
 }

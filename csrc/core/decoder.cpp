@@ -1,10 +1,12 @@
 #include "ffnskip/decoder.h"
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 #include <string>
 
 #include "../cpu/cpu_backend.h"
+#include "cuda_loader.h"
 
 namespace ffnskip {
 
@@ -16,15 +18,36 @@ std::unique_ptr<Backend> make_backend(const ModelConfig& config, const ModelView
                                       const DecoderOptions& options, int max_seq_len) {
   switch (options.device) {
     case Device::CPU:
-      return make_cpu_backend(config, model, max_seq_len, options.num_threads);
+      return make_cpu_backend(config, model, max_seq_len, options.num_threads, options.dtype);
     case Device::CUDA:
-      throw std::invalid_argument(
-          "device='cuda' is not available: this build of ffnskip_ext has no CUDA backend");
+      return load_cuda_backend(config, model, max_seq_len, options.dtype);
   }
   throw std::invalid_argument("unknown device");
 }
 
+SkipPolicy dense_policy(int num_layers) {
+  SkipPolicy policy;
+  policy.rule.num_layers = num_layers;
+  return policy;
+}
+
 }  // namespace
+
+DType parse_dtype(const std::string& name) {
+  if (name == "float32" || name == "fp32") return DType::F32;
+  if (name == "float16" || name == "fp16") return DType::F16;
+  if (name == "bfloat16" || name == "bf16") return DType::BF16;
+  throw std::invalid_argument("unknown dtype '" + name + "' (float32, float16 or bfloat16)");
+}
+
+const char* dtype_name(DType dtype) {
+  switch (dtype) {
+    case DType::F32: return "float32";
+    case DType::F16: return "float16";
+    case DType::BF16: return "bfloat16";
+  }
+  return "unknown";
+}
 
 void check_token_id(int64_t token, int64_t index, int vocab_size) {
   if (token < 0 || token >= vocab_size) {
@@ -36,7 +59,7 @@ void check_token_id(int64_t token, int64_t index, int vocab_size) {
 
 Decoder::Decoder(const ModelConfig& config, const WeightMap& weights,
                  const DecoderOptions& options)
-    : config_(config), device_(options.device) {
+    : config_(config), device_(options.device), dtype_(options.dtype) {
   const ModelView model = collect_model_view(config_, weights);
   if (options.max_seq_len < 0) {
     throw std::invalid_argument("max_seq_len must be positive, got " +
@@ -50,6 +73,14 @@ Decoder::Decoder(const ModelConfig& config, const WeightMap& weights,
                      ? options.max_seq_len
                      : std::min(config_.max_position_embeddings, kDefaultMaxSeqLenCap);
   backend_ = make_backend(config_, model, options, max_seq_len_);
+  policy_ = dense_policy(config_.num_layers);
+  backend_->set_policy(policy_, false);
+  clear_stats();
+  const size_t layers = static_cast<size_t>(config_.num_layers);
+  step_record_.ffn_skipped.assign(layers, 0);
+  step_record_.layer_skipped.assign(layers, 0);
+  step_record_.score.assign(layers, NAN);
+  step_record_.layer_score.assign(layers, NAN);
 }
 
 Decoder::~Decoder() = default;
@@ -62,6 +93,8 @@ int Decoder::position() const {
 void Decoder::reset() {
   std::lock_guard<std::mutex> lock(mutex_);
   position_ = 0;  // the cache is overwritten position by position; nothing else to clear
+  decode_index_ = 0;
+  backend_->reset_state();
 }
 
 void Decoder::check_tokens(const int32_t* tokens, int n) const {
@@ -77,17 +110,18 @@ void Decoder::check_tokens(const int32_t* tokens, int n) const {
 void Decoder::prefill(const int32_t* tokens, int n, float* logits_out) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_tokens(tokens, n);
-  forward(tokens, n, logits_out);
+  forward(tokens, n, logits_out, nullptr);
 }
 
 void Decoder::step(int32_t token, float* logits_out) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_tokens(&token, 1);
-  forward(&token, 1, logits_out);
+  forward(&token, 1, logits_out, &step_record_);
+  account(step_record_);
 }
 
 // The decode loop shared by every backend.
-void Decoder::forward(const int32_t* tokens, int n, float* logits_out) {
+void Decoder::forward(const int32_t* tokens, int n, float* logits_out, StepRecord* record) {
   Backend& backend = *backend_;
   const int num_layers = config_.num_layers;
   backend.forward(tokens, n, position_, [&backend, num_layers] {
@@ -95,8 +129,72 @@ void Decoder::forward(const int32_t* tokens, int n, float* logits_out) {
       backend.attention_block(layer);
       backend.ffn_block(layer);
     }
-  }, logits_out);
+  }, logits_out, record);
   position_ += n;
+}
+
+void Decoder::account(const StepRecord& record) {
+  const SkipRule& rule = policy_.rule;
+  const bool in_warmup =
+      rule.kind == PolicyKind::FFNSkip && decode_index_ < rule.warmup_tokens;
+  ++decode_index_;
+  ++stats_.decode_tokens;
+  stats_.warmup_tokens += in_warmup ? 1 : 0;
+  for (int l = 0; l < config_.num_layers; ++l) {
+    const bool skipped = record.ffn_skipped[l] != 0;
+    (skipped ? stats_.ffn_skipped : stats_.ffn_run)[l] += 1;
+    stats_.layer_skipped[l] += record.layer_skipped[l] != 0 ? 1 : 0;
+    stats_.ffn_skipped_after_warmup[l] += skipped && !in_warmup ? 1 : 0;
+  }
+  if (tracing_) trace_.push_back(record);
+}
+
+void Decoder::set_policy(const SkipPolicy& policy) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  policy.validate(config_.num_layers);
+  backend_->set_policy(policy, tracing_);
+  policy_ = policy;
+}
+
+SkipPolicy Decoder::policy() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return policy_;
+}
+
+DecodeStats Decoder::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return stats_;
+}
+
+void Decoder::reset_stats() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  clear_stats();
+}
+
+void Decoder::clear_stats() {
+  const size_t layers = static_cast<size_t>(config_.num_layers);
+  stats_ = DecodeStats{};
+  stats_.ffn_run.assign(layers, 0);
+  stats_.ffn_skipped.assign(layers, 0);
+  stats_.layer_skipped.assign(layers, 0);
+  stats_.ffn_skipped_after_warmup.assign(layers, 0);
+}
+
+void Decoder::enable_trace(bool enabled) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (enabled == tracing_) return;
+  backend_->set_policy(policy_, enabled);
+  tracing_ = enabled;
+}
+
+std::vector<StepRecord> Decoder::trace() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return trace_;
+}
+
+void Decoder::clear_trace() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  trace_.clear();
 }
 
 }  // namespace ffnskip

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -99,14 +100,27 @@ class CpuBackend final : public Backend {
     k_cache_.resize(kv_layer_stride_ * config.num_layers);
     v_cache_.resize(kv_layer_stride_ * config.num_layers);
     scratch_.resize(static_cast<size_t>(pool_.size()) * max_seq_len);
+    before_ffn_.resize(config.hidden_size);
+    layer_input_.resize(config.hidden_size);
+    prefill_plan_.resize(config.num_layers);
+    decode_plan_.resize(config.num_layers);
     reserve_tokens(1);
   }
 
-  void forward(const int32_t* tokens, int n, int pos, const LayerLoop& layers,
-               float* logits) override {
+  void forward(const int32_t* tokens, int n, int pos, const LayerLoop& layers, float* logits,
+               StepRecord* record) override {
     reserve_tokens(n);
     n_ = n;
     pos_ = pos;
+    record_ = record;
+    plan_ = record ? &decode_plan_ : &prefill_plan_;
+    if (record) {
+      begin_token(policy_.rule, state_);
+      std::fill(record->ffn_skipped.begin(), record->ffn_skipped.end(), 0);
+      std::fill(record->layer_skipped.begin(), record->layer_skipped.end(), 0);
+      std::fill(record->score.begin(), record->score.end(), NAN);
+      std::fill(record->layer_score.begin(), record->layer_score.end(), NAN);
+    }
     const int hidden = config_.hidden_size;
     for (int t = 0; t < n; ++t) {
       std::memcpy(&x_[static_cast<size_t>(t) * hidden],
@@ -114,12 +128,19 @@ class CpuBackend final : public Backend {
     }
     cpu::rope_tables(inv_freq_.data(), config_.head_dim / 2, pos, n, cos_.data(), sin_.data());
     layers();
+    if (record) end_token(state_);
     const float* last = x_.data() + static_cast<int64_t>(n - 1) * hidden;
     cpu::rms_norm(last, final_norm_.data(), 1, hidden, config_.rms_norm_eps, xn_.data());
     cpu::linear(pool_, lm_head_view_, xn_.data(), 1, logits);
   }
 
   void attention_block(int layer) override {
+    const AttentionMode mode = (*plan_)[layer].attention;
+    if (mode != AttentionMode::Run && record_) record_->layer_skipped[layer] = 1;
+    if (mode == AttentionMode::Skip) return;
+    if (record_ && compute_scores_) {
+      std::copy(x_.begin(), x_.begin() + config_.hidden_size, layer_input_.begin());
+    }
     const int n = n_, pos = pos_;
     const CpuLayer& w = layers_[layer];
     const int hidden = config_.hidden_size;
@@ -127,10 +148,19 @@ class CpuBackend final : public Backend {
     const int kv_dim = config_.kv_dim();
     const int64_t qkv_dim = q_dim + 2 * kv_dim;
     cpu::rms_norm(x_.data(), w.attn_norm.data(), n, hidden, config_.rms_norm_eps, xn_.data());
-    cpu::linear(pool_, w.qkv.view, xn_.data(), n, qkv_.data());
     float* q = qkv_.data();
     float* k = q + q_dim;
-    cpu::apply_rope(q, n, qkv_dim, config_.num_heads, config_.head_dim, cos_.data(), sin_.data());
+    if (mode == AttentionMode::KVOnly) {
+      // Early exit (decode, n == 1): only the K/V rows of the stacked projection.
+      const cpu::LinearWeights& qkv = w.qkv.view;
+      const cpu::LinearWeights kv{qkv.weight + static_cast<int64_t>(q_dim) * hidden,
+                                  qkv.bias ? qkv.bias + q_dim : nullptr, 2 * kv_dim, hidden};
+      cpu::linear(pool_, kv, xn_.data(), 1, k);
+    } else {
+      cpu::linear(pool_, w.qkv.view, xn_.data(), n, q);
+      cpu::apply_rope(q, n, qkv_dim, config_.num_heads, config_.head_dim, cos_.data(),
+                      sin_.data());
+    }
     cpu::apply_rope(k, n, qkv_dim, config_.num_kv_heads, config_.head_dim, cos_.data(),
                     sin_.data());
 
@@ -143,6 +173,7 @@ class CpuBackend final : public Backend {
       std::memcpy(v_cache + static_cast<int64_t>(pos + t) * kv_dim, row + q_dim + kv_dim,
                   sizeof(float) * kv_dim);
     }
+    if (mode == AttentionMode::KVOnly) return;
     const cpu::AttentionShape shape{config_.num_heads, config_.num_kv_heads, config_.head_dim,
                                     qkv_dim, kv_dim};
     cpu::attention(pool_, shape, q, n, pos, k_cache, v_cache, scratch_.data(), attn_.data());
@@ -150,17 +181,61 @@ class CpuBackend final : public Backend {
   }
 
   void ffn_block(int layer) override {
+    run_ffn(layer);
+    if (record_ && compute_scores_ && (*plan_)[layer].attention != AttentionMode::Skip) {
+      record_->layer_score[layer] = cosine(layer_input_.data(), x_.data());
+    }
+  }
+
+  void set_policy(const SkipPolicy& policy, bool compute_scores) override {
+    policy_ = policy;
+    compute_scores_ = compute_scores;
+    for (int l = 0; l < config_.num_layers; ++l) {
+      prefill_plan_[l] = plan_layer(policy, l, false);
+      decode_plan_[l] = plan_layer(policy, l, true);
+    }
+  }
+
+  void reset_state() override { state_ = SkipState{}; }
+
+ private:
+  void run_ffn(int layer) {
+    if (skip_ffn(layer)) {
+      if (record_) record_->ffn_skipped[layer] = 1;
+      return;
+    }
     const int n = n_;
     const CpuLayer& w = layers_[layer];
+    const int hidden = config_.hidden_size;
     const int64_t inter = config_.intermediate_size;
-    cpu::rms_norm(x_.data(), w.ffn_norm.data(), n, config_.hidden_size, config_.rms_norm_eps,
-                  xn_.data());
+    const bool score = record_ && (compute_scores_ || policy_.rule.kind == PolicyKind::FFNSkip);
+    if (score) std::copy(x_.begin(), x_.begin() + hidden, before_ffn_.begin());
+    cpu::rms_norm(x_.data(), w.ffn_norm.data(), n, hidden, config_.rms_norm_eps, xn_.data());
     cpu::linear(pool_, w.gate_up.view, xn_.data(), n, gate_up_.data());
     cpu::swiglu(gate_up_.data(), n, inter, act_.data());
     cpu::linear(pool_, w.down.view, act_.data(), n, x_.data(), cpu::Output::Accumulate);
+    if (score) {
+      record_score(state_, cosine(before_ffn_.data(), x_.data()));
+      record_->score[layer] = state_.prev_score;
+    }
   }
 
- private:
+  float cosine(const float* a, const float* b) const {
+    const int hidden = config_.hidden_size;
+    return cosine_from_sums(cpu::dot(a, b, hidden), cpu::dot(a, a, hidden),
+                            cpu::dot(b, b, hidden));
+  }
+
+  bool skip_ffn(int layer) {
+    switch ((*plan_)[layer].ffn) {
+      case FFNMode::Run: return false;
+      case FFNMode::Skip: return true;
+      case FFNMode::Adaptive: return adaptive_skip(policy_.rule, state_, layer);
+      case FFNMode::Random: return random_skip(policy_.rule, state_.decode_index, layer);
+    }
+    return false;
+  }
+
   // Activation buffers grow to the largest pass seen; decode steps never allocate.
   void reserve_tokens(int n) {
     if (n <= capacity_) return;
@@ -185,14 +260,29 @@ class CpuBackend final : public Backend {
   int64_t kv_layer_stride_ = 0;
   std::vector<float> k_cache_, v_cache_, scratch_;
   int capacity_ = 0;
-  int n_ = 0, pos_ = 0;  // the current pass
+  std::vector<float> before_ffn_;   // a_l of a decode step, for the saturation score
+  std::vector<float> layer_input_;  // x_l of a decode step, for the layer score
+
+  SkipPolicy policy_;
+  bool compute_scores_ = false;
+  std::vector<LayerPlan> prefill_plan_, decode_plan_;
+  SkipState state_;
+
+  // The current pass.
+  int n_ = 0, pos_ = 0;
+  StepRecord* record_ = nullptr;
+  const std::vector<LayerPlan>* plan_ = &prefill_plan_;
   std::vector<float> x_, xn_, qkv_, attn_, gate_up_, act_, cos_, sin_;
 };
 
 }  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& config, const ModelView& model,
-                                          int max_seq_len, int num_threads) {
+                                          int max_seq_len, int num_threads, DType dtype) {
+  if (dtype != DType::F32) {
+    throw std::invalid_argument(std::string("dtype ") + dtype_name(dtype) +
+                                " is not supported by the CPU backend yet (float32 only)");
+  }
   return std::make_unique<CpuBackend>(config, model, max_seq_len, num_threads);
 }
 

@@ -5,11 +5,12 @@
 
 #include "ffnskip/backend.h"
 #include "ffnskip/config.h"
+#include "ffnskip/decoder.h"
 #include "ffnskip/weights.h"
 
 namespace ffnskip {
 
 std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& config, const ModelView& model,
-                                          int max_seq_len, int num_threads);
+                                          int max_seq_len, int num_threads, DType dtype);
 
 }  // namespace ffnskip

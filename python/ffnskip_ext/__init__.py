@@ -2,14 +2,33 @@
 
 from .checkpoint import load_checkpoint
 from .config import ModelConfig
-from .decoder import Decoder
+from .decoder import Decoder, DecodeStats
 from .generate import GenerationResult, encode_prompt, generate
 from .models import default_model_path
+from .policies import (
+    DensePolicy,
+    EarlyExit,
+    FFNSkipPolicy,
+    LayerDrop,
+    Policy,
+    RandomFFNSkip,
+    StaticFFNSkip,
+    load_policy,
+)
 from .sampling import SamplingParams
 from .tokenizer import load_tokenizer
 
 __all__ = [
+    "DecodeStats",
     "Decoder",
+    "DensePolicy",
+    "EarlyExit",
+    "FFNSkipPolicy",
+    "LayerDrop",
+    "Policy",
+    "RandomFFNSkip",
+    "StaticFFNSkip",
+    "load_policy",
     "GenerationResult",
     "ModelConfig",
     "SamplingParams",

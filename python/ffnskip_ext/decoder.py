@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -11,9 +12,40 @@ import numpy as np
 from . import _core
 from .checkpoint import load_checkpoint, weights_from_hf_model
 from .config import ModelConfig
+from .policies import DensePolicy, Policy
 
 DEVICES = ("cpu", "cuda")
+DTYPES = {None: "float32", "float32": "float32", "fp32": "float32", "float16": "float16",
+          "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 _INT64 = np.iinfo(np.int64)
+
+
+@dataclasses.dataclass
+class DecodeStats:
+    """Decode-step counters since the decoder was made or ``reset_stats()``."""
+
+    decode_tokens: int
+    warmup_tokens: int  # decode tokens inside an FFNSkipPolicy's warm-up
+    ffn_run: np.ndarray  # [layers] FFN blocks run
+    ffn_skipped: np.ndarray  # [layers] FFN blocks skipped
+    ffn_skipped_after_warmup: np.ndarray
+    layer_skipped: np.ndarray  # [layers] attention dropped or reduced to K/V only
+
+    @property
+    def skip_ratio(self) -> float:
+        """Skipped FFN blocks / (decode tokens x layers), warm-up included."""
+        total = self.decode_tokens * len(self.ffn_skipped)
+        return float(self.ffn_skipped.sum()) / total if total else 0.0
+
+    @property
+    def skip_ratio_after_warmup(self) -> float:
+        total = (self.decode_tokens - self.warmup_tokens) * len(self.ffn_skipped)
+        return float(self.ffn_skipped_after_warmup.sum()) / total if total > 0 else 0.0
+
+    @property
+    def layer_skip_ratio(self) -> float:
+        total = self.decode_tokens * len(self.layer_skipped)
+        return float(self.layer_skipped.sum()) / total if total else 0.0
 
 
 class Decoder:
@@ -35,18 +67,18 @@ class Decoder:
     ) -> None:
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        if dtype not in (None, "float32", "fp32"):
-            raise ValueError(
-                f"dtype={dtype!r} is not supported by this build (weights are stored in float32)"
-            )
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype!r}")
         for name, value in (("max_seq_len", max_seq_len), ("num_threads", num_threads)):
             if value is not None and (not _is_int(value) or not 0 < value < 2**31):
                 raise ValueError(f"{name} must be an integer in [1, 2**31), got {value!r}")
         self.config = config
         self.device = device
         self._engine = _core.Engine(
-            config, dict(weights), device, int(max_seq_len or 0), int(num_threads or 0)
+            config, dict(weights), device, DTYPES[dtype], int(max_seq_len or 0),
+            int(num_threads or 0),
         )
+        self._policy: Policy = DensePolicy()
 
     @classmethod
     def from_pretrained(
@@ -98,6 +130,42 @@ class Decoder:
         if not _INT64.min <= int(token_id) <= _INT64.max:
             raise ValueError(f"token id {token_id} is outside the vocabulary")
         return self._engine.step(int(token_id))
+
+    @property
+    def dtype(self) -> str:
+        """Storage precision of the weights."""
+        return self._engine.dtype
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    def set_policy(self, policy: Policy) -> None:
+        """Apply a skip policy to later decode steps. Invalid values raise ``ValueError``
+        naming the field, and the previous policy stays."""
+        if not isinstance(policy, Policy):
+            raise TypeError(f"expected a Policy, got {type(policy).__name__}")
+        self._engine.set_policy(**policy.engine_args(self.config.num_layers))
+        self._policy = policy
+
+    def stats(self) -> DecodeStats:
+        return DecodeStats(**self._engine.stats())
+
+    def reset_stats(self) -> None:
+        self._engine.reset_stats()
+
+    def enable_trace(self, enabled: bool = True) -> None:
+        """Record every later decode step (skips and scores); see ``trace()``."""
+        self._engine.enable_trace(bool(enabled))
+
+    def trace(self) -> dict[str, np.ndarray]:
+        """Per recorded decode step and layer: ``ffn_skipped`` and ``layer_skipped`` (bool),
+        ``score`` = cos(a_l, x_{l+1}) and ``layer_score`` = cos(x_l, x_{l+1}) (float32, NaN
+        where not computed), each ``[steps, layers]``."""
+        return self._engine.trace()
+
+    def clear_trace(self) -> None:
+        self._engine.clear_trace()
 
     def __repr__(self) -> str:
         c = self.config

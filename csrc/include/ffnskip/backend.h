@@ -3,11 +3,14 @@
 // The core owns the loop over layers and passes it to forward() as `layers`; the backend
 // decides how to execute it: the CPU backend runs it directly, the CUDA backend can capture
 // it once into a graph (so the layer operations must not depend on host-side values that
-// change from token to token: the pass's position and token live in the backend's state).
+// change from token to token: the pass's position, token and skip state live in the
+// backend's own, on CUDA device-resident, state).
 #pragma once
 
 #include <cstdint>
 #include <functional>
+
+#include "ffnskip/policy.h"
 
 namespace ffnskip {
 
@@ -19,14 +22,24 @@ class Backend {
 
   // One pass over n tokens occupying positions [pos, pos + n): embeds them, calls `layers`
   // (which issues attention_block/ffn_block for every layer), then writes the logits of the
-  // last token (vocab_size floats) to host memory.
+  // last token (vocab_size floats) to host memory. A decode step (n == 1) applies the
+  // policy's decode plan, advances the skip state by one token and fills `record`; a prefill
+  // pass (record == nullptr) applies the prefill plan.
   virtual void forward(const int32_t* tokens, int n, int pos, const LayerLoop& layers,
-                       float* logits) = 0;
+                       float* logits, StepRecord* record) = 0;
 
-  // x += Attn(RMSNorm(x)) for the tokens of the current pass; writes their K/V.
+  // The sub-blocks of layer `layer` for the tokens of the current pass, as the plan says:
+  // x += Attn(RMSNorm(x)) writing K/V (or only K/V, or nothing);
+  // x += FFN(RMSNorm(x)) (or skipped, or gated by the skip rule on the backend).
   virtual void attention_block(int layer) = 0;
-  // x += FFN(RMSNorm(x)) for the tokens of the current pass.
   virtual void ffn_block(int layer) = 0;
+
+  // Applies to later passes; `policy` was validated. With compute_scores, decode steps
+  // compute cos(a_l, x_{l+1}) for every layer whose FFN runs (the adaptive rule always does)
+  // and cos(x_l, x_{l+1}) for every layer that is not dropped.
+  virtual void set_policy(const SkipPolicy& policy, bool compute_scores) = 0;
+  // The cache is emptied: decode tokens are counted from zero again (warm-up restarts).
+  virtual void reset_state() = 0;
 };
 
 }  // namespace ffnskip

@@ -1,7 +1,8 @@
-// The decoder: one model, one KV cache, one backend. Inputs are checked before any work, so a
-// rejected call leaves the cache and position as they were.
+// The decoder: one model, one KV cache, one backend, one skip policy. Inputs are checked
+// before any work, so a rejected call leaves the cache, position and policy as they were.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -9,19 +10,35 @@
 
 #include "ffnskip/backend.h"
 #include "ffnskip/config.h"
+#include "ffnskip/policy.h"
 #include "ffnskip/weights.h"
 
 namespace ffnskip {
 
 enum class Device { CPU, CUDA };
+// Storage precision of the weights; activations and accumulation are fp32.
+enum class DType { F32, F16, BF16 };
+
+DType parse_dtype(const std::string& name);  // "float32"/"fp32", "float16"/"fp16", "bfloat16"/"bf16"
+const char* dtype_name(DType dtype);
 
 // Throws std::invalid_argument unless 0 <= token < vocab_size; `index` is its place in the input.
 void check_token_id(int64_t token, int64_t index, int vocab_size);
 
 struct DecoderOptions {
   Device device = Device::CPU;
+  DType dtype = DType::F32;
   int max_seq_len = 0;   // 0: min(max_position_embeddings, 8192)
   int num_threads = 0;   // CPU worker threads including the caller; 0: all hardware threads
+};
+
+// Decode-step counters since the last reset_stats().
+struct DecodeStats {
+  int64_t decode_tokens = 0;
+  int64_t warmup_tokens = 0;  // decode tokens inside the policy's warm-up (FFNSkip)
+  std::vector<int64_t> ffn_run, ffn_skipped;      // per layer
+  std::vector<int64_t> layer_skipped;             // per layer: attention skipped or K/V only
+  std::vector<int64_t> ffn_skipped_after_warmup;  // per layer
 };
 
 class Decoder {
@@ -36,6 +53,7 @@ class Decoder {
   int max_seq_len() const { return max_seq_len_; }
   int position() const;
   Device device() const { return device_; }
+  DType dtype() const { return dtype_; }
 
   void reset();
   // Appends the prompt to the cache; writes the logits of its last token (vocab_size floats).
@@ -43,15 +61,35 @@ class Decoder {
   // Appends one token; writes its logits.
   void step(int32_t token, float* logits_out);
 
+  // Validates, then applies to later steps; on error the previous policy stays.
+  void set_policy(const SkipPolicy& policy);
+  SkipPolicy policy() const;
+
+  DecodeStats stats() const;
+  void reset_stats();
+  // While enabled, every decode step appends its StepRecord (scores are computed for it).
+  void enable_trace(bool enabled);
+  std::vector<StepRecord> trace() const;
+  void clear_trace();
+
  private:
   void check_tokens(const int32_t* tokens, int n) const;
-  void forward(const int32_t* tokens, int n, float* logits_out);
+  void forward(const int32_t* tokens, int n, float* logits_out, StepRecord* record);
+  void account(const StepRecord& record);
+  void clear_stats();
 
   ModelConfig config_;
   Device device_;
+  DType dtype_;
   int max_seq_len_ = 0;
   int position_ = 0;
+  int64_t decode_index_ = 0;  // decode steps since reset, for warm-up accounting
   std::unique_ptr<Backend> backend_;
+  SkipPolicy policy_;
+  DecodeStats stats_;
+  bool tracing_ = false;
+  std::vector<StepRecord> trace_;
+  StepRecord step_record_;
   // Serialises calls: one Decoder used from several threads never interleaves two passes.
   mutable std::mutex mutex_;
 };

@@ -1,0 +1,97 @@
+#include "ffnskip/policy.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace ffnskip {
+
+namespace {
+
+void require(bool ok, const std::string& field, const std::string& why) {
+  if (!ok) throw std::invalid_argument("invalid policy: " + field + " " + why);
+}
+
+bool contains(const std::vector<int32_t>& sorted, int layer) {
+  return std::binary_search(sorted.begin(), sorted.end(), layer);
+}
+
+}  // namespace
+
+void SkipPolicy::validate(int num_layers) const {
+  const SkipRule& r = rule;
+  const std::string n = std::to_string(num_layers);
+  require(r.num_layers == num_layers, "num_layers",
+          "is " + std::to_string(r.num_layers) + ", the model has " + n);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    require(layers[i] >= 0 && layers[i] < num_layers, "layers",
+            "names layer " + std::to_string(layers[i]) + ", the model has layers 0.." +
+                std::to_string(num_layers - 1));
+    require(i == 0 || layers[i] > layers[i - 1], "layers", "must be sorted and unique");
+  }
+  switch (r.kind) {
+    case PolicyKind::Dense:
+      break;
+    case PolicyKind::FFNSkip:
+      require(std::isfinite(r.threshold) && r.threshold >= -1.0f && r.threshold <= 1.0f,
+              "threshold", "must be in [-1, 1]");
+      require(r.warmup_tokens >= 0, "warmup_tokens", "must be >= 0");
+      require(r.full_token_interval >= 0, "full_token_interval", "must be >= 0");
+      require(r.max_skips >= 0, "max_skips_per_token", "must be >= 0");
+      [[fallthrough]];
+    case PolicyKind::RandomFFN:
+      require(r.cold_start >= 0, "cold_start", "must be >= 0");
+      require(r.cold_end >= 0, "cold_end", "must be >= 0");
+      require(r.cold_start + r.cold_end < num_layers, "cold_start + cold_end",
+              "cover every layer (" + std::to_string(r.cold_start + r.cold_end) + " of " + n +
+                  ")");
+      require(r.max_skips >= 0, "k", "must be >= 0");
+      break;
+    case PolicyKind::StaticFFN:
+    case PolicyKind::LayerDrop:
+      break;
+    case PolicyKind::EarlyExit:
+      require(r.exit_layer >= 1 && r.exit_layer <= num_layers, "exit_layer",
+              "must be in [1, " + n + "], got " + std::to_string(r.exit_layer));
+      break;
+    default:
+      throw std::invalid_argument("invalid policy: unknown kind");
+  }
+  if (r.kind == PolicyKind::LayerDrop) {
+    require(static_cast<int>(layers.size()) < num_layers, "layers", "would drop every layer");
+  }
+}
+
+LayerPlan plan_layer(const SkipPolicy& policy, int layer, bool decode) {
+  LayerPlan plan;
+  const SkipRule& r = policy.rule;
+  switch (r.kind) {
+    case PolicyKind::Dense:
+      break;
+    case PolicyKind::LayerDrop:
+      if (contains(policy.layers, layer)) {
+        plan.attention = AttentionMode::Skip;
+        plan.ffn = FFNMode::Skip;
+      }
+      break;
+    case PolicyKind::FFNSkip:
+      if (decode && ffn_eligible(r, layer)) plan.ffn = FFNMode::Adaptive;
+      break;
+    case PolicyKind::RandomFFN:
+      if (decode && ffn_eligible(r, layer)) plan.ffn = FFNMode::Random;
+      break;
+    case PolicyKind::StaticFFN:
+      if (decode && contains(policy.layers, layer)) plan.ffn = FFNMode::Skip;
+      break;
+    case PolicyKind::EarlyExit:
+      if (decode && layer >= r.exit_layer) {
+        plan.attention = AttentionMode::KVOnly;
+        plan.ffn = FFNMode::Skip;
+      }
+      break;
+  }
+  return plan;
+}
+
+}  // namespace ffnskip

@@ -1,0 +1,53 @@
+// A skip policy as the host describes it: the scalar rule plus per-layer sets, checked against
+// the model, and the static per-layer plan both backends derive from it.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "ffnskip/skip_rule.h"
+
+namespace ffnskip {
+
+struct SkipPolicy {
+  SkipRule rule;
+  // StaticFFN: the FFN blocks skipped; LayerDrop: the layers dropped. Sorted, unique.
+  std::vector<int32_t> layers;
+
+  // Throws std::invalid_argument naming the offending field.
+  void validate(int num_layers) const;
+};
+
+enum class AttentionMode : uint8_t {
+  Run,     // attention sub-block as usual
+  Skip,    // nothing: no K/V written for this layer (layer drop)
+  KVOnly,  // K/V written from the current hidden state, no attention output (early exit)
+};
+
+enum class FFNMode : uint8_t {
+  Run,
+  Skip,
+  Adaptive,  // decided per token on the backend by adaptive_skip()
+  Random,    // decided per token on the backend by random_skip()
+};
+
+struct LayerPlan {
+  AttentionMode attention = AttentionMode::Run;
+  FFNMode ffn = FFNMode::Run;
+};
+
+// What `layer` does in a prefill pass (decode = false) or a decode step (decode = true).
+// Prefill never skips, except layer drop, whose layers do not exist for any token.
+LayerPlan plan_layer(const SkipPolicy& policy, int layer, bool decode);
+
+// One decode step as the backend ran it, for stats and traces (num_layers entries each).
+struct StepRecord {
+  std::vector<uint8_t> ffn_skipped;
+  std::vector<uint8_t> layer_skipped;  // attention skipped or reduced to K/V only
+  std::vector<float> score;            // cos(a_l, x_{l+1}); NaN where not computed
+  // cos(x_l, x_{l+1}) of the whole layer (Block Influence is 1 - its mean); computed only
+  // with compute_scores, NaN otherwise and for dropped layers.
+  std::vector<float> layer_score;
+};
+
+}  // namespace ffnskip

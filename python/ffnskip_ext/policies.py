@@ -1,0 +1,233 @@
+"""Skip policies: FFN-SkipLLM and the baselines it is measured against.
+
+Policies are plain values. ``Decoder.set_policy`` resolves the model-dependent defaults
+(cold regions, the skip budget) and hands them to the engine, which checks them against the
+model; the rule itself runs in the engine (``csrc/include/ffnskip/skip_rule.h``), on the
+device for CUDA. The rules are those of ``shared/docs/skip-methods.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, ClassVar
+
+POLICY_FORMAT_VERSION = 1
+
+
+def _check_int(name: str, value: object, minimum: int = 0, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_layers(name: str, layers: object) -> tuple[int, ...]:
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise ValueError(f"{name} must be a list of layer indices, got {layers!r}")
+    values = tuple(layers)  # type: ignore[arg-type]
+    for v in values:
+        _check_int(name, v)
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} has duplicates: {sorted(values)}")
+    return tuple(sorted(values))
+
+
+def default_cold_layers(num_layers: int) -> int:
+    """Cold regions at each end: about L/6 (5 for 32-40 layers)."""
+    return max(1, round(num_layers / 6))
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Base class: ``kind`` names the policy in JSON and in the engine."""
+
+    kind: ClassVar[str] = ""
+
+    def engine_args(self, num_layers: int) -> dict[str, Any]:
+        """The engine's parameters for a model of ``num_layers`` layers."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+        return {"kind": self.kind, "version": POLICY_FORMAT_VERSION, **fields}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class DensePolicy(Policy):
+    kind: ClassVar[str] = "dense"
+
+    def engine_args(self, num_layers: int) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+@dataclasses.dataclass(frozen=True)
+class FFNSkipPolicy(Policy):
+    """FFN-SkipLLM: skip the FFN of middle layers while the residual stream is saturated.
+
+    The score of a layer is cos(a_l, x_{l+1}), the residual stream just before and after its
+    FFN add, clamped to [-1, 1]; the last computed layer's score must exceed ``threshold``
+    to skip the next eligible FFN. At most ``max_skips_per_token`` FFNs are skipped per token,
+    in one contiguous run. The first ``warmup_tokens`` decode tokens and every
+    ``full_token_interval``-th token after them run dense; prefill never skips.
+    ``cold_start``/``cold_end`` layers at each end are never skipped (None: about L/6 each);
+    ``max_skips_per_token`` None: no limit within the run.
+    """
+
+    kind: ClassVar[str] = "ffn_skip"
+    threshold: float = 0.95
+    warmup_tokens: int = 32
+    cold_start: int | None = None
+    cold_end: int | None = None
+    max_skips_per_token: int | None = None
+    full_token_interval: int = 6
+
+    def __post_init__(self) -> None:
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError(f"threshold must be a number, got {t!r}")
+        if not -1.0 <= t <= 1.0:
+            raise ValueError(f"threshold must be in [-1, 1], got {t}")
+        _check_int("warmup_tokens", self.warmup_tokens)
+        _check_int("cold_start", self.cold_start, optional=True)
+        _check_int("cold_end", self.cold_end, optional=True)
+        _check_int("max_skips_per_token", self.max_skips_per_token, optional=True)
+        _check_int("full_token_interval", self.full_token_interval)
+
+    def engine_args(self, num_layers: int) -> dict[str, Any]:
+        cold = default_cold_layers(num_layers)
+        return {
+            "kind": self.kind,
+            "threshold": float(self.threshold),
+            "warmup_tokens": self.warmup_tokens,
+            "full_token_interval": self.full_token_interval,
+            "max_skips": num_layers if self.max_skips_per_token is None
+            else self.max_skips_per_token,
+            "cold_start": cold if self.cold_start is None else self.cold_start,
+            "cold_end": cold if self.cold_end is None else self.cold_end,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticFFNSkip(Policy):
+    """The same FFN blocks skipped on every decode token (the non-adaptive baseline)."""
+
+    kind: ClassVar[str] = "static_ffn"
+    layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", _check_layers("layers", self.layers))
+
+    def engine_args(self, num_layers: int) -> dict[str, Any]:
+        return {"kind": self.kind, "layers": list(self.layers)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomFFNSkip(Policy):
+    """``k`` random eligible FFN blocks skipped per decode token, reproducible from ``seed``."""
+
+    kind: ClassVar[str] = "random_ffn"
+    k: int = 0
+    seed: int = 0
+    cold_start: int | None = None
+    cold_end: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("k", self.k)
+        _check_int("seed", self.seed)
+        if self.seed >= 2**64:
+            raise ValueError(f"seed must be < 2**64, got {self.seed}")
+        _check_int("cold_start", self.cold_start, optional=True)
+        _check_int("cold_end", self.cold_end, optional=True)
+
+    def engine_args(self, num_layers: int) -> dict[str, Any]:
+        cold = default_cold_layers(num_layers)
+        return {
+            "kind": self.kind,
+            "max_skips": self.k,
+            "seed": self.seed,
+            "cold_start": cold if self.cold_start is None else self.cold_start,
+            "cold_end": cold if self.cold_end is None else self.cold_end,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDrop(Policy):
+    """Whole layers removed for every token, prefill included (ShortGPT); they write no K/V.
+    ``block_influence`` (in ``ffnskip_ext.calibration``) ranks layers for it."""
+
+    kind: ClassVar[str] = "layer_drop"
+    layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", _check_layers("layers", self.layers))
+
+    def engine_args(self, num_layers: int) -> dict[str, Any]:
+        return {"kind": self.kind, "layers": list(self.layers)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyExit(Policy):
+    """Each decode token exits after layer ``exit_layer - 1``; the exited hidden state is
+    copied up as the input of the skipped layers, which only write their K/V from it."""
+
+    kind: ClassVar[str] = "early_exit"
+    exit_layer: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("exit_layer", self.exit_layer, minimum=1)
+
+    def engine_args(self, num_layers: int) -> dict[str, Any]:
+        return {"kind": self.kind, "exit_layer": self.exit_layer}
+
+
+POLICY_TYPES: dict[str, type[Policy]] = {
+    cls.kind: cls
+    for cls in (DensePolicy, FFNSkipPolicy, StaticFFNSkip, RandomFFNSkip, LayerDrop, EarlyExit)
+}
+
+
+def policy_from_dict(data: dict[str, Any]) -> Policy:
+    if not isinstance(data, dict):
+        raise ValueError(f"a policy must be a JSON object, got {type(data).__name__}")
+    kind = data.get("kind")
+    if kind not in POLICY_TYPES:
+        raise ValueError(f"kind: unknown policy kind {kind!r} (known: {', '.join(POLICY_TYPES)})")
+    version = data.get("version")
+    if version != POLICY_FORMAT_VERSION:
+        raise ValueError(f"version: policy format {version!r} is not supported "
+                         f"(this build reads version {POLICY_FORMAT_VERSION})")
+    cls = POLICY_TYPES[kind]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known - {"kind", "version"}
+    if unknown:
+        raise ValueError(f"{', '.join(sorted(unknown))}: unknown field(s) for policy {kind!r}")
+    return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def load_policy(source: str | os.PathLike[str] | dict[str, Any]) -> Policy:
+    """A policy from a JSON file, a JSON string or a dict; also the names 'dense' and
+    'ffn-skip' (FFNSkipPolicy with its defaults)."""
+    if isinstance(source, dict):
+        return policy_from_dict(source)
+    text = os.fspath(source)
+    if text in ("dense", "ffn-skip", "ffn_skip"):
+        return DensePolicy() if text == "dense" else FFNSkipPolicy()
+    if not text.lstrip().startswith("{"):
+        if not os.path.isfile(text):
+            raise FileNotFoundError(f"policy file not found: {text}")
+        with open(text, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"policy JSON is not valid: {e}") from e
+    return policy_from_dict(data)
