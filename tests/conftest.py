@@ -113,3 +113,36 @@ def hf_greedy(model: Any, prompt: list[int], new_tokens: int) -> list[int]:
                 torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True
             )
     return tokens
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An 8-layer random LLaMA with a byte-level tokenizer and a chat template saved beside
+    it: a complete model directory for CLI and calibration tests that run in seconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(
+        pre_tokenizers.ByteLevel.alphabet())}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|end|>", chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
+    )
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.1, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("tiny_chat")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

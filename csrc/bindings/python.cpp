@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../core/cuda_loader.h"
 #include "ffnskip/decoder.h"
 
 namespace py = pybind11;
@@ -120,6 +121,45 @@ std::unique_ptr<Decoder> make_decoder(const py::object& config, const py::dict& 
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "ffnskip_ext native engine";
+
+  m.def("cuda_available", [] { return cuda_info().available; },
+        "True when device='cuda' works: the CUDA backend library loads and a GPU is usable.");
+  m.def("build_info", [] {
+    const CudaInfo i = cuda_info();
+    auto text = [](const std::string& s) {
+      return s.empty() ? py::none() : py::object(py::str(s));
+    };
+    return py::dict(py::arg("cuda_compiled") = i.compiled,
+                    py::arg("cuda_runtime") = text(i.runtime_version),
+                    py::arg("cuda_driver") = text(i.driver_version),
+                    py::arg("cublas") = text(i.cublas_version),
+                    py::arg("gpu") = text(i.device_name), py::arg("cuda_error") = text(i.error));
+  }, "CUDA build and machine: compiled or not, CUDA runtime, driver and cuBLAS versions, GPU.");
+
+  m.def(
+      "simulate_ffn_skip",
+      [](const FloatArray& scores, float threshold, int warmup_tokens, int full_token_interval,
+         int max_skips, int cold_start, int cold_end, int64_t first_decode_index) {
+        if (scores.ndim() != 2) throw std::invalid_argument("scores must be [tokens, layers]");
+        SkipPolicy policy;
+        policy.rule.kind = PolicyKind::FFNSkip;
+        policy.rule.num_layers = static_cast<int>(scores.shape(1));
+        policy.rule.threshold = threshold;
+        policy.rule.warmup_tokens = warmup_tokens;
+        policy.rule.full_token_interval = full_token_interval;
+        policy.rule.max_skips = max_skips;
+        policy.rule.cold_start = cold_start;
+        policy.rule.cold_end = cold_end;
+        policy.validate(policy.rule.num_layers);
+        const std::vector<uint8_t> skipped = simulate_ffn_skip(
+            policy.rule, scores.data(), static_cast<int>(scores.shape(0)), first_decode_index);
+        py::array_t<bool> out({scores.shape(0), scores.shape(1)});
+        std::copy(skipped.begin(), skipped.end(), out.mutable_data());
+        return out;
+      },
+      py::arg("scores"), py::arg("threshold"), py::arg("warmup_tokens"),
+      py::arg("full_token_interval"), py::arg("max_skips"), py::arg("cold_start"),
+      py::arg("cold_end"), py::arg("first_decode_index") = 0);
 
   py::class_<Decoder>(m, "Engine")
       .def(py::init(&make_decoder), py::arg("config"), py::arg("weights"),

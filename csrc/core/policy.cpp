@@ -75,11 +75,11 @@ LayerPlan plan_layer(const SkipPolicy& policy, int layer, bool decode) {
         plan.ffn = FFNMode::Skip;
       }
       break;
-    case PolicyKind::FFNSkip:
-      if (decode && ffn_eligible(r, layer)) plan.ffn = FFNMode::Adaptive;
+    case PolicyKind::FFNSkip:  // the rule itself checks eligibility, as in the paper's loop
+      if (decode) plan.ffn = FFNMode::Adaptive;
       break;
     case PolicyKind::RandomFFN:
-      if (decode && ffn_eligible(r, layer)) plan.ffn = FFNMode::Random;
+      if (decode) plan.ffn = FFNMode::Random;
       break;
     case PolicyKind::StaticFFN:
       if (decode && contains(policy.layers, layer)) plan.ffn = FFNMode::Skip;
@@ -92,6 +92,27 @@ LayerPlan plan_layer(const SkipPolicy& policy, int layer, bool decode) {
       break;
   }
   return plan;
+}
+
+std::vector<uint8_t> simulate_ffn_skip(const SkipRule& rule, const float* scores, int tokens,
+                                       int64_t first_decode_index) {
+  const int layers = rule.num_layers;
+  std::vector<uint8_t> skipped(static_cast<size_t>(tokens) * layers, 0);
+  SkipState state;
+  state.decode_index = first_decode_index;
+  for (int t = 0; t < tokens; ++t) {
+    begin_token(rule, state);
+    for (int l = 0; l < layers; ++l) {
+      const size_t i = static_cast<size_t>(t) * layers + l;
+      if (adaptive_skip(rule, state, l)) {
+        skipped[i] = 1;
+      } else {
+        record_score(state, scores[i]);
+      }
+    }
+    end_token(state);
+  }
+  return skipped;
 }
 
 }  // namespace ffnskip

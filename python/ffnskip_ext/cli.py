@@ -5,19 +5,29 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from .decoder import Decoder
-    from .generate import generate
     from .models import default_model_path
     from .tokenizer import load_tokenizer
 
     model = args.model or default_model_path()
     decoder = Decoder.from_pretrained(
-        model, device=args.device, max_seq_len=args.max_seq_len, num_threads=args.threads
+        model, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+        num_threads=args.threads,
     )
-    tokenizer = load_tokenizer(model)
+    return decoder, load_tokenizer(model)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+    from .policies import load_policy
+
+    decoder, tokenizer = _load(args)
+    if args.policy:
+        decoder.set_policy(load_policy(args.policy))
     if args.raw:
         prompt: str | list[dict[str, str]] = args.prompt
     else:
@@ -42,13 +52,40 @@ def _generate(args: argparse.Namespace) -> int:
         stream=stream,
     )
     sys.stdout.write("\n")
+    stats = decoder.stats()
     print(
         f"[{len(result.token_ids)} tokens, finish={result.finish_reason}, "
         f"prompt {result.prompt_tokens} tokens in {result.prefill_ms:.1f} ms, "
-        f"decode {result.decode_tokens_per_s:.1f} tokens/s]",
+        f"decode {result.decode_tokens_per_s:.1f} tokens/s, policy {decoder.policy.kind}, "
+        f"FFN skip ratio {stats.skip_ratio:.1%} ({stats.skip_ratio_after_warmup:.1%} after "
+        f"warm-up), layer skip ratio {stats.layer_skip_ratio:.1%}]",
         file=sys.stderr,
     )
     return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .calibration import DEFAULT_PROMPTS, calibrate, read_prompts
+
+    decoder, tokenizer = _load(args)
+    prompts = (read_prompts(args.prompts) if args.prompts
+               else [[{"role": "user", "content": p}] for p in DEFAULT_PROMPTS])
+    policy = calibrate(
+        decoder, tokenizer, prompts, args.target, max_new_tokens=args.max_new_tokens,
+        warmup_tokens=args.warmup_tokens, tolerance=args.tolerance,
+    )
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(policy.to_json() + "\n")
+    print(f"wrote {args.out}: {policy}", file=sys.stderr)
+    return 0
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--max-seq-len", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text from a prompt")
     gen.add_argument("prompt")
-    gen.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M)")
-    gen.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    _add_model_options(gen)
+    gen.add_argument("--policy", help="skip policy: a JSON file, 'ffn-skip' or 'dense'")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
@@ -66,9 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--system", help="system message for the chat template")
     gen.add_argument("--raw", action="store_true", help="no chat template: encode the prompt as is")
-    gen.add_argument("--max-seq-len", type=int, default=None)
-    gen.add_argument("--threads", type=int, default=None)
     gen.set_defaults(func=_generate)
+
+    cal = sub.add_parser("calibrate", help="fit an FFN-SkipLLM policy to a target skip ratio")
+    _add_model_options(cal)
+    cal.add_argument("--target", type=float, required=True, help="FFN skip ratio, e.g. 0.2")
+    cal.add_argument("--prompts", help="text file (a prompt per line) or JSONL (prompt/messages)")
+    cal.add_argument("--out", required=True, help="where to write the policy JSON")
+    cal.add_argument("--max-new-tokens", type=int, default=64)
+    cal.add_argument("--warmup-tokens", type=int, default=32)
+    cal.add_argument("--tolerance", type=float, default=0.02)
+    cal.set_defaults(func=_calibrate)
     return parser
 
 

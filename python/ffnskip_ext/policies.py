@@ -14,6 +14,8 @@ import math
 import os
 from typing import Any, ClassVar
 
+import numpy as np
+
 POLICY_FORMAT_VERSION = 1
 
 
@@ -231,3 +233,19 @@ def load_policy(source: str | os.PathLike[str] | dict[str, Any]) -> Policy:
     except json.JSONDecodeError as e:
         raise ValueError(f"policy JSON is not valid: {e}") from e
     return policy_from_dict(data)
+
+
+def simulate_ffn_skip(
+    policy: FFNSkipPolicy, scores: np.ndarray, first_decode_index: int = 0
+) -> np.ndarray:
+    """The engine's FFN-SkipLLM decisions (bool ``[tokens, layers]``) for given per-token,
+    per-layer scores, e.g. a dense trace: the score of a layer the rule skips is ignored.
+    Runs the engine's own rule, so it matches what decoding would decide for those scores."""
+    from . import _core
+
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be [tokens, layers], got shape {scores.shape}")
+    args = policy.engine_args(scores.shape[1])
+    args.pop("kind")
+    return _core.simulate_ffn_skip(scores, first_decode_index=first_decode_index, **args)

@@ -40,6 +40,13 @@ struct LayerPlan {
 // Prefill never skips, except layer drop, whose layers do not exist for any token.
 LayerPlan plan_layer(const SkipPolicy& policy, int layer, bool decode);
 
+// The FFN-SkipLLM decisions for `tokens` decode steps given every layer's score
+// (scores[t * num_layers + l]; the score of a layer the rule skips is ignored, as a skipped
+// FFN has none), starting at decode index `first_decode_index`. Returns skipped flags in the
+// same layout. Used to screen calibration candidates on dense traces and to test the rule.
+std::vector<uint8_t> simulate_ffn_skip(const SkipRule& rule, const float* scores, int tokens,
+                                       int64_t first_decode_index = 0);
+
 // One decode step as the backend ran it, for stats and traces (num_layers entries each).
 struct StepRecord {
   std::vector<uint8_t> ffn_skipped;

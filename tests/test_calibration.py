@@ -1,0 +1,87 @@
+"""calibrate(), Block Influence and the CLI's policy options, on a small complete model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import ffnskip_ext
+from ffnskip_ext.calibration import (
+    block_influence,
+    calibrate,
+    dense_references,
+    rank_layers_for_drop,
+    teacher_forced,
+)
+
+PROMPTS = [[{"role": "user", "content": text}] for text in
+           ("hello there", "what is up", "tell me a story", "numbers: 1 2 3")]
+KWARGS = dict(max_new_tokens=40, warmup_tokens=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_chat_model_dir):
+    decoder = ffnskip_ext.Decoder.from_pretrained(tiny_chat_model_dir, max_seq_len=128)
+    return decoder, ffnskip_ext.load_tokenizer(tiny_chat_model_dir)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.2])
+def test_calibrated_policy_hits_the_target_ratio(model, target) -> None:
+    decoder, tokenizer = model
+    before = ffnskip_ext.StaticFFNSkip([3])
+    decoder.set_policy(before)
+    policy = calibrate(decoder, tokenizer, PROMPTS, target, **KWARGS)
+    assert isinstance(policy, ffnskip_ext.FFNSkipPolicy) and policy.warmup_tokens == 4
+    assert decoder.policy == before  # calibration restores the decoder's policy
+    refs = dense_references(decoder, tokenizer, PROMPTS, 40, progress=False)
+    measured = teacher_forced(decoder, policy, refs)
+    assert abs(measured.skip_ratio - target) <= 0.02, measured
+
+
+def test_unreachable_target_is_a_clear_error(model) -> None:
+    decoder, tokenizer = model
+    with pytest.raises(ValueError, match="no candidate reached"):
+        calibrate(decoder, tokenizer, PROMPTS, 0.95, **KWARGS)
+    with pytest.raises(ValueError, match="target_skip_ratio"):
+        calibrate(decoder, tokenizer, PROMPTS, 1.5, **KWARGS)
+
+
+def test_block_influence_ranks_layers(model) -> None:
+    decoder, tokenizer = model
+    sequences = [ffnskip_ext.encode_prompt(tokenizer, p) for p in PROMPTS]
+    influence = block_influence(decoder, sequences)
+    assert influence.shape == (8,) and np.isfinite(influence).all()
+    assert (influence >= 0).all() and (influence <= 2).all()
+    drop = rank_layers_for_drop(influence, 2)
+    assert len(drop) == 2 and all(influence[d] <= np.sort(influence)[1] for d in drop)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ffnskip_ext", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_calibrate_then_generate_with_the_policy(tiny_chat_model_dir, tmp_path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello there\nwhat is up\ntell me a story\n")
+    out = tmp_path / "policy.json"
+    done = run_cli("calibrate", "--model", str(tiny_chat_model_dir), "--target", "0.15",
+                   "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "40",
+                   "--warmup-tokens", "4")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(out.read_text())["kind"] == "ffn_skip"
+    done = run_cli("generate", "hi", "--model", str(tiny_chat_model_dir), "--policy", str(out),
+                   "--max-new-tokens", "30")
+    assert done.returncode == 0, done.stderr
+    assert "policy ffn_skip, FFN skip ratio" in done.stderr
+
+
+def test_cli_rejects_a_bad_policy_file(tiny_chat_model_dir, tmp_path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"kind": "ffn_skip", "version": 1, "threshold": 3}')
+    done = run_cli("generate", "hi", "--model", str(tiny_chat_model_dir), "--policy", str(bad))
+    assert done.returncode == 2 and "threshold" in done.stderr and "Traceback" not in done.stderr
