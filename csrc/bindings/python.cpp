@@ -137,6 +137,10 @@ PYBIND11_MODULE(_core, m) {
   }, "CUDA build and machine: compiled or not, CUDA runtime, driver and cuBLAS versions, GPU.");
 
   m.def(
+      "validate_config", [](const py::object& config) { to_model_config(config).validate(); },
+      py::arg("config"), "Raises ValueError naming the first invalid field of a ModelConfig.");
+
+  m.def(
       "simulate_ffn_skip",
       [](const FloatArray& scores, float threshold, int warmup_tokens, int full_token_interval,
          int max_skips, int cold_start, int cold_end, int64_t first_decode_index) {

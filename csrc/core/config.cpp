@@ -11,6 +11,19 @@ void require(bool ok, const std::string& field, const std::string& why) {
   if (!ok) throw std::invalid_argument("invalid model config: " + field + " " + why);
 }
 
+// Far beyond any LLaMA-family model; values past them come from corrupt files and would
+// otherwise size allocations before any tensor is checked.
+constexpr int kMaxLayers = 1024;
+constexpr int kMaxHidden = 1 << 17;
+constexpr int kMaxIntermediate = 1 << 20;
+constexpr int kMaxVocab = 1 << 24;
+constexpr int kMaxHeads = 1024;
+constexpr int kMaxHeadDim = 1024;
+
+void require_at_most(int value, int limit, const std::string& field) {
+  require(value <= limit, field,
+          "(" + std::to_string(value) + ") exceeds " + std::to_string(limit));
+}
 }  // namespace
 
 void ModelConfig::validate() const {
@@ -27,6 +40,12 @@ void ModelConfig::validate() const {
               std::to_string(num_heads) + ")");
   require(head_dim > 0 && head_dim % 2 == 0, "head_dim",
           "must be positive and even, got " + std::to_string(head_dim));
+  require_at_most(vocab_size, kMaxVocab, "vocab_size");
+  require_at_most(hidden_size, kMaxHidden, "hidden_size");
+  require_at_most(intermediate_size, kMaxIntermediate, "intermediate_size");
+  require_at_most(num_layers, kMaxLayers, "num_layers");
+  require_at_most(num_heads, kMaxHeads, "num_heads");
+  require_at_most(head_dim, kMaxHeadDim, "head_dim");
   require(std::isfinite(rms_norm_eps) && rms_norm_eps > 0, "rms_norm_eps", "must be positive");
   require(std::isfinite(rope_theta) && rope_theta > 0, "rope_theta", "must be positive");
   require(max_position_embeddings > 0, "max_position_embeddings", "must be positive");

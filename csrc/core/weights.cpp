@@ -1,5 +1,6 @@
 #include "ffnskip/weights.h"
 
+#include <cmath>
 #include <sstream>
 #include <stdexcept>
 
@@ -29,8 +30,17 @@ TensorView need(const WeightMap& weights, const std::string& name,
     throw std::invalid_argument("tensor '" + name + "' has shape " +
                                 shape_str(it->second.shape) + ", expected " + shape_str(shape));
   }
-  if (it->second.data == nullptr) throw std::invalid_argument("tensor '" + name + "' has no data");
-  return it->second;
+  const TensorView& view = it->second;
+  if (view.data == nullptr) throw std::invalid_argument("tensor '" + name + "' has no data");
+  const int64_t count = view.numel();
+  for (int64_t i = 0; i < count; ++i) {
+    if (!std::isfinite(view.data[i])) {
+      const char* what = std::isnan(view.data[i]) ? "NaN" : "Inf";
+      throw std::invalid_argument("tensor '" + name + "' contains " + what +
+                                  " (first at flat index " + std::to_string(i) + ")");
+    }
+  }
+  return view;
 }
 
 LinearView need_linear(const WeightMap& weights, const std::string& prefix, int64_t out,

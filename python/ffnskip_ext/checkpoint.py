@@ -281,6 +281,15 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _load_gguf(path: str) -> tuple[ModelConfig, Weights]:
+    try:
+        return _read_gguf(path)
+    except Exception as e:  # the gguf parser fails on corrupt files in many ways
+        if type(e) is ValueError and path in str(e):
+            raise  # ours: already names the file and the problem
+        raise ValueError(f"{path}: corrupt GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _read_gguf(path: str) -> tuple[ModelConfig, Weights]:
     reader = gguf.GGUFReader(path)
     tensors = {t.name: t for t in reader.tensors}
     config = _gguf_config(path, reader, tensors)

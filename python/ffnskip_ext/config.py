@@ -62,7 +62,12 @@ class ModelConfig:
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
         kv_heads = int(hf.get("num_key_value_heads") or heads)
-        head_dim = hf.get("head_dim") or (hidden // heads if heads > 0 else 0)
+        head_dim = hf.get("head_dim")
+        if not head_dim:
+            if heads <= 0 or hidden % heads:
+                raise ValueError(f"{source}: num_attention_heads ({heads}) must divide "
+                                 f"hidden_size ({hidden}) when head_dim is not given")
+            head_dim = hidden // heads
 
         rope = _rope_parameters(hf)
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
@@ -74,7 +79,7 @@ class ModelConfig:
             (int(eos),) if eos is not None else ()
         )
         attention_bias = bool(hf.get("attention_bias", False))
-        return cls(
+        config = cls(
             architecture=arch,
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
@@ -100,6 +105,22 @@ class ModelConfig:
             ),
             eos_token_ids=eos_ids,
         )
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "config") -> None:
+        """Raises ValueError naming the first invalid field (the engine's own checks), before
+        anything is sized from these values."""
+        from . import _core
+
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int" and not -(2**31) <= value < 2**31:
+                raise ValueError(f"{source}: {field.name}={value} is out of range")
+        try:
+            _core.validate_config(self)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
 
 def _rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:

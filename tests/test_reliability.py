@@ -1,0 +1,211 @@
+"""Reliability: hostile files, leaks, threads and interruption."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+import ffnskip_ext
+from ffnskip_ext.config import ModelConfig
+from test_checkpoint import encode, random_weights, write_gguf
+
+HERE = Path(__file__).resolve().parent
+
+
+def small_config() -> ModelConfig:
+    return ModelConfig(architecture="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                       tie_word_embeddings=True)
+
+
+def test_fuzzed_checkpoints_load_or_fail_cleanly(tiny_model_dir, tmp_path) -> None:
+    """Thousands of mutated safetensors and GGUF files (truncations, bit flips, edited header
+    fields), in a separate process with a memory cap: each loads or raises a clear error."""
+    _, model_dir = tiny_model_dir("llama_mha_tied")
+    config = small_config()
+    gguf_file = write_gguf(tmp_path / "small.gguf", config,
+                           encode(random_weights(config), gguf.GGMLQuantizationType.Q8_0))
+    work = tmp_path / "work"
+    work.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(HERE / "fuzz" / "fuzz_loaders.py"), str(model_dir),
+         str(gguf_file), str(work), "2500", "150", "7"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout[-4000:], done.stderr[-2000:])
+    outcomes = eval(done.stdout.strip().splitlines()[-1])  # the fuzzer's summary dict
+    assert sum(outcomes.values()) >= 1000, outcomes
+    assert outcomes.get("st: loaded") and outcomes.get("st: ValueError")
+    assert outcomes.get("gguf: loaded") and outcomes.get("gguf: ValueError")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_reported(bad) -> None:
+    config = small_config()
+    weights = random_weights(config)
+    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = bad
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.down_proj.weight' contains"):
+        ffnskip_ext.Decoder(config, weights)
+
+
+def test_bad_gguf_magic_and_truncation(tmp_path) -> None:
+    config = small_config()
+    good = write_gguf(tmp_path / "good.gguf", config,
+                      encode(random_weights(config), gguf.GGMLQuantizationType.F32))
+    data = good.read_bytes()
+    bad_magic = tmp_path / "bad.gguf"
+    bad_magic.write_bytes(b"GGUX" + data[4:])
+    with pytest.raises(ValueError, match="bad.gguf"):
+        ffnskip_ext.load_checkpoint(bad_magic)
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.gguf"):
+        ffnskip_ext.load_checkpoint(truncated)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("num_hidden_layers", 10**9, "num_layers"),
+        ("num_hidden_layers", 0, "num_layers"),
+        ("hidden_size", -64, "hidden_size"),
+        ("num_attention_heads", 5, "must divide hidden_size"),
+        ("num_key_value_heads", 3, "num_kv_heads"),
+        ("vocab_size", 2**40, "vocab_size"),
+    ],
+)
+def test_absurd_configs_fail_before_anything_is_sized(tiny_model_dir, tmp_path, field, value,
+                                                      message) -> None:
+    import json
+    import shutil
+
+    _, path = tiny_model_dir("llama_mha_tied")
+    target = tmp_path / "m"
+    shutil.copytree(path, target)
+    config = json.loads((target / "config.json").read_text())
+    config[field] = value
+    config.pop("head_dim")  # without it, the head count must divide the hidden size
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        ffnskip_ext.load_checkpoint(target)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def test_no_leaks_across_decoders_and_cycles(tiny_model_dir) -> None:
+    _, path = tiny_model_dir("llama_gqa_untied_h72")
+    config, weights = ffnskip_ext.load_checkpoint(path)
+
+    def cycle_decoders(count: int) -> None:
+        for _ in range(count):
+            d = ffnskip_ext.Decoder(config, weights, max_seq_len=32, num_threads=2)
+            d.prefill([1, 2, 3])
+            del d
+
+    cycle_decoders(20)  # warm-up: allocator pools, thread stacks
+    before = rss_mb()
+    cycle_decoders(200)
+    after_decoders = rss_mb()
+    decoder = ffnskip_ext.Decoder(config, weights, max_seq_len=32)
+    decoder.set_policy(ffnskip_ext.FFNSkipPolicy(threshold=0.5, warmup_tokens=0))
+    for _ in range(500):
+        decoder.prefill([1, 2, 3])
+        decoder.step(4)
+        decoder.reset()
+    middle = rss_mb()
+    for _ in range(10_000):
+        decoder.prefill([1, 2, 3])
+        decoder.step(4)
+        decoder.reset()
+    after_cycles = rss_mb()
+    assert after_decoders - before < 8, (before, after_decoders)
+    assert after_cycles - middle < 4, (middle, after_cycles)
+
+
+def test_decoders_in_threads_match_sequential_results(tiny_model_dir) -> None:
+    _, path = tiny_model_dir("llama_gqa_untied_h72")
+    config, weights = ffnskip_ext.load_checkpoint(path)
+    prompts = [[i, i + 1, i + 2] for i in range(1, 5)]
+
+    def run(decoder: ffnskip_ext.Decoder, prompt: list[int]) -> np.ndarray:
+        decoder.reset()
+        logits = decoder.prefill(prompt)
+        steps = [logits]
+        for _ in range(20):
+            steps.append(decoder.step(int(np.argmax(steps[-1]))))
+        return np.array(steps)
+
+    decoders = [ffnskip_ext.Decoder(config, weights, max_seq_len=64) for _ in prompts]
+    expected = [run(d, p) for d, p in zip(decoders, prompts, strict=True)]
+    results: list[np.ndarray | None] = [None] * len(prompts)
+
+    def worker(i: int) -> None:
+        for _ in range(3):
+            results[i] = run(decoders[i], prompts[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_one_decoder_shared_by_two_threads_serialises(tiny_model_dir) -> None:
+    _, path = tiny_model_dir("llama_mha_tied")
+    decoder = ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=512)
+    decoder.prefill([1])
+    errors: list[BaseException] = []
+
+    def hammer() -> None:
+        try:
+            for i in range(200):
+                assert np.isfinite(decoder.step(i % 200)).all()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert decoder.position == 1 + 400  # every step landed exactly once
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def test_interrupted_generation_leaves_the_decoder_consistent(tiny_model_dir) -> None:
+    from test_generate import ByteTokenizer
+
+    _, path = tiny_model_dir("llama_gqa_untied_h72")
+    decoder = ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=64)
+    tokenizer = ByteTokenizer()
+    expected = ffnskip_ext.generate(decoder, tokenizer, "abc", max_new_tokens=12)
+    pieces: list[str] = []
+
+    def stream(piece: str) -> None:
+        pieces.append(piece)
+        if len(pieces) == 3:
+            raise Interrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ffnskip_ext.generate(decoder, tokenizer, "abc", max_new_tokens=12, stream=stream)
+    # Tokens in the cache: the prompt plus every generated token fed back before the stop.
+    assert 3 <= decoder.position <= 3 + 12
+    logits = decoder.step(1)
+    assert np.isfinite(logits).all()
+    again = ffnskip_ext.generate(decoder, tokenizer, "abc", max_new_tokens=12)
+    assert again.token_ids == expected.token_ids
