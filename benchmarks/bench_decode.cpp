@@ -1,17 +1,30 @@
 // Decode throughput of the engine on random weights of a given shape (no checkpoint needed).
 //   bench_decode [--preset smollm2-135m|llama2-7b|llama3-8b] [--layers N] [--hidden N]
 //                [--intermediate N] [--heads N] [--kv-heads N] [--vocab N] [--tokens N]
-//                [--prompt N] [--threads N] [--device cpu|cuda]
+//                [--prompt N] [--threads N] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
+//                [--policy LIST] [--cuda-graphs 0|1] [--decode-gemv custom|cublas]
+// --policy takes a comma-separated list, measured in turn on the same weights:
+//   dense          no skipping (the reference of the speedups)
+//   static:F       StaticFFNSkip of round(F * layers) FFN blocks, a contiguous middle window
+//   ffnskip-never  FFNSkipPolicy(threshold=1.0): scores and decisions on, nothing skipped,
+//                  i.e. the cost of the gating itself
+// Prints tokens/s, the bytes of weights read per token (every layer weight the step runs, the
+// final norm and the LM head, not the embedding table, at the storage type's size), the
+// bandwidth, and on CUDA that bandwidth as a fraction of a device-to-device copy measured in
+// the same run; per policy, the speedup over dense against the ideal from bytes not read.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <random>
+#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "../csrc/core/cuda_loader.h"
 #include "ffnskip/decoder.h"
 
 using namespace ffnskip;
@@ -38,25 +51,49 @@ ModelConfig preset(const std::string& name) {
   return c;
 }
 
-// Bytes of weights one decode token reads: every layer, the final norm and the LM head
-// (the embedding row gather is not counted).
-double weight_bytes_per_token(const ModelConfig& c) {
-  const double h = c.hidden_size, q = c.q_dim(), kv = c.kv_dim(), f = c.intermediate_size;
-  const double layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h;
-  return 4.0 * (c.num_layers * layer + h + static_cast<double>(c.vocab_size) * h);
+size_t dtype_bytes(DType dtype) { return dtype == DType::F32 ? 4 : 2; }
+
+// Weights of one FFN block (gate, up, down and its norm), in elements.
+double ffn_elements(const ModelConfig& c) {
+  return 3.0 * c.hidden_size * c.intermediate_size + c.hidden_size;
+}
+
+// Weights one dense decode token reads, in elements: every layer, the final norm and the LM
+// head (the embedding row gather is not counted).
+double dense_elements(const ModelConfig& c) {
+  const double h = c.hidden_size, q = c.q_dim(), kv = c.kv_dim();
+  const double attention = h * (q + 2 * kv) + q * h + h;
+  return c.num_layers * (attention + ffn_elements(c)) + h + static_cast<double>(c.vocab_size) * h;
+}
+
+// Uniform values in [-scale, scale) from a counter-based hash of (seed, index): the same
+// weights for any number of filling threads.
+void fill_uniform(std::vector<float>& data, uint64_t seed, float scale) {
+  const size_t n = data.size();
+  const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
+  std::vector<std::thread> pool;
+  for (unsigned t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      for (size_t i = n * t / threads; i < n * (t + 1) / threads; ++i) {
+        const uint64_t bits = mix_hash(seed ^ mix_hash(i));
+        const float unit = static_cast<float>(bits >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+        data[i] = scale * (2.0f * unit - 1.0f);
+      }
+    });
+  }
+  for (auto& thread : pool) thread.join();
 }
 
 struct RandomWeights {
   std::vector<std::vector<float>> storage;
   WeightMap map;
-  std::mt19937 rng{1234};
+  uint64_t next_seed = 1234;
 
   void add(const std::string& name, std::vector<int64_t> shape, float scale) {
     int64_t n = 1;
     for (auto d : shape) n *= d;
     std::vector<float> data(n);
-    std::uniform_real_distribution<float> dist(-scale, scale);
-    for (auto& x : data) x = dist(rng);
+    fill_uniform(data, next_seed++, scale);
     storage.push_back(std::move(data));
     map[name] = TensorView{storage.back().data(), std::move(shape)};
   }
@@ -84,11 +121,97 @@ WeightMap random_weights(const ModelConfig& c, RandomWeights& w) {
   return w.map;
 }
 
+SkipPolicy parse_policy(const std::string& spec, int num_layers) {
+  SkipPolicy policy;
+  policy.rule.num_layers = num_layers;
+  if (spec == "dense") return policy;
+  if (spec == "ffnskip-never") {
+    policy.rule.kind = PolicyKind::FFNSkip;
+    policy.rule.threshold = 1.0f;  // a skip needs score > threshold: never
+    policy.rule.warmup_tokens = 0;
+    policy.rule.full_token_interval = 0;
+    policy.rule.max_skips = num_layers;
+    policy.rule.cold_start = policy.rule.cold_end =
+        static_cast<int32_t>(std::lround(num_layers / 6.0));
+    return policy;
+  }
+  if (spec.rfind("static:", 0) == 0) {
+    const double fraction = std::stod(spec.substr(7));
+    const int count = static_cast<int>(std::lround(fraction * num_layers));
+    if (fraction < 0 || count >= num_layers) {
+      throw std::invalid_argument("static:F needs 0 <= F and fewer skipped layers than layers");
+    }
+    policy.rule.kind = PolicyKind::StaticFFN;
+    const int first = (num_layers - count) / 2;
+    for (int l = first; l < first + count; ++l) policy.layers.push_back(l);
+    return policy;
+  }
+  throw std::invalid_argument("unknown policy '" + spec + "' (dense, static:F, ffnskip-never)");
+}
+
+std::vector<std::string> split_list(const std::string& list) {
+  std::vector<std::string> items;
+  std::stringstream stream(list);
+  for (std::string item; std::getline(stream, item, ',');) {
+    if (!item.empty()) items.push_back(item);
+  }
+  return items;
+}
+
+DType parse_bench_dtype(const std::string& name) {
+  if (name == "fp32") return DType::F32;
+  if (name == "fp16") return DType::F16;
+  if (name == "bf16") return DType::BF16;
+  return parse_dtype(name);
+}
+
+struct PolicyResult {
+  std::string name;
+  double tokens_per_s = 0;
+  double skipped_fraction = 0;  // FFN blocks skipped / (tokens * layers)
+  double bytes_per_token = 0;
+};
+
+// Times `tokens` decode steps after a prefill of `prompt` tokens and one untimed step.
+PolicyResult run_policy(Decoder& decoder, const std::string& name, int prompt, int tokens) {
+  const ModelConfig& c = decoder.config();
+  decoder.set_policy(parse_policy(name, c.num_layers));
+  decoder.reset();
+  std::vector<int32_t> prompt_ids(prompt);
+  for (int i = 0; i < prompt; ++i) prompt_ids[i] = (i * 7919) % c.vocab_size;
+  std::vector<float> logits(c.vocab_size);
+  decoder.prefill(prompt_ids.data(), prompt, logits.data());
+  decoder.step(1, logits.data());  // warm-up (on CUDA: captures the decode graph)
+  decoder.reset_stats();
+
+  const auto start = std::chrono::steady_clock::now();
+  int32_t token = 2;
+  for (int i = 0; i < tokens; ++i) {
+    decoder.step(token, logits.data());
+    token = static_cast<int32_t>((token * 31 + 7) % c.vocab_size);
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+
+  const DecodeStats stats = decoder.stats();
+  int64_t skipped = 0;
+  for (int64_t s : stats.ffn_skipped) skipped += s;
+  PolicyResult result;
+  result.name = name;
+  result.tokens_per_s = tokens / seconds;
+  result.skipped_fraction =
+      static_cast<double>(skipped) / (static_cast<double>(tokens) * c.num_layers);
+  const double skipped_per_token = static_cast<double>(skipped) / tokens;
+  result.bytes_per_token = (dense_elements(c) - skipped_per_token * ffn_elements(c)) *
+                           dtype_bytes(decoder.dtype());
+  return result;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   try {
-    std::string preset_name = "smollm2-135m", device = "cpu";
+    std::string preset_name = "smollm2-135m", device = "cpu", dtype_name_arg, policies = "dense";
     int tokens = 64, prompt = 16, threads = 0;
     ModelConfig c = preset(preset_name);
     for (int i = 1; i < argc; ++i) {
@@ -106,40 +229,72 @@ int main(int argc, char** argv) {
       else if (arg == "--prompt") prompt = std::stoi(value);
       else if (arg == "--threads") threads = std::stoi(value);
       else if (arg == "--device") device = value;
+      else if (arg == "--dtype") dtype_name_arg = value;
+      else if (arg == "--policy") policies = value;
+      // Read by the CUDA backend when the decoder is made.
+      else if (arg == "--cuda-graphs") setenv("FFNSKIP_CUDA_GRAPHS", value.c_str(), 1);
+      else if (arg == "--decode-gemv") setenv("FFNSKIP_DECODE_GEMV", value.c_str(), 1);
       else throw std::invalid_argument("unknown argument " + arg);
     }
+    if (device != "cpu" && device != "cuda") {
+      throw std::invalid_argument("--device must be cpu or cuda, got " + device);
+    }
     c.head_dim = c.hidden_size / c.num_heads;
+    const bool cuda = device == "cuda";
+    const DType dtype = parse_bench_dtype(
+        !dtype_name_arg.empty() ? dtype_name_arg : (cuda ? "fp16" : "fp32"));
 
     RandomWeights storage;
     const WeightMap weights = random_weights(c, storage);
     DecoderOptions options;
-    options.device = device == "cuda" ? Device::CUDA : Device::CPU;
+    options.device = cuda ? Device::CUDA : Device::CPU;
+    options.dtype = dtype;
     options.max_seq_len = prompt + tokens + 1;
     options.num_threads = threads;
     Decoder decoder(c, weights, options);
     storage.storage.clear();
 
-    std::vector<int32_t> prompt_ids(prompt);
-    for (int i = 0; i < prompt; ++i) prompt_ids[i] = (i * 7919) % c.vocab_size;
-    std::vector<float> logits(c.vocab_size);
-    decoder.prefill(prompt_ids.data(), prompt, logits.data());
-    decoder.step(1, logits.data());  // warm-up
-
-    const auto start = std::chrono::steady_clock::now();
-    int32_t token = 2;
-    for (int i = 0; i < tokens; ++i) {
-      decoder.step(token, logits.data());
-      token = static_cast<int32_t>((token * 31 + 7) % c.vocab_size);
+    std::printf("preset=%s device=%s dtype=%s layers=%d hidden=%d intermediate=%d heads=%d/%d "
+                "vocab=%d prompt=%d tokens=%d\n",
+                preset_name.c_str(), device.c_str(), dtype_name(dtype), c.num_layers,
+                c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.vocab_size,
+                prompt, tokens);
+    double copy_gbs = 0;
+    if (cuda) {
+      const CudaInfo info = cuda_info();
+      copy_gbs = cuda_copy_bandwidth(size_t{1} << 30, 20) / 1e9;
+      std::printf("gpu=%s cuda_runtime=%s driver=%s cublas=%s d2d_copy=%.0f GB/s\n",
+                  info.device_name.c_str(), info.runtime_version.c_str(),
+                  info.driver_version.c_str(), info.cublas_version.c_str(), copy_gbs);
     }
-    const double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    const double tok_s = tokens / seconds;
-    const double bytes = weight_bytes_per_token(c);
-    std::printf("preset=%s device=%s layers=%d hidden=%d intermediate=%d heads=%d/%d vocab=%d\n",
-                preset_name.c_str(), device.c_str(), c.num_layers, c.hidden_size,
-                c.intermediate_size, c.num_heads, c.num_kv_heads, c.vocab_size);
-    std::printf("decode: %.2f tokens/s, %.1f MB of weights per token, %.2f GB/s\n", tok_s,
-                bytes / 1e6, bytes * tok_s / 1e9);
+
+    std::vector<PolicyResult> results;
+    for (const std::string& name : split_list(policies)) {
+      results.push_back(run_policy(decoder, name, prompt, tokens));
+    }
+    const PolicyResult* dense = nullptr;
+    for (const auto& r : results) {
+      if (r.name == "dense") dense = &r;
+    }
+    std::printf("%-14s %10s %9s %9s %10s %9s %9s %9s\n", "policy", "tokens/s", "ms/token",
+                "ffn_skip", "MB/token", "GB/s", "of_copy", "speedup");
+    for (const auto& r : results) {
+      const double gbs = r.bytes_per_token * r.tokens_per_s / 1e9;
+      std::printf("%-14s %10.2f %9.3f %8.1f%% %10.1f %9.1f", r.name.c_str(), r.tokens_per_s,
+                  1e3 / r.tokens_per_s, 100 * r.skipped_fraction, r.bytes_per_token / 1e6, gbs);
+      if (cuda) {
+        std::printf(" %8.1f%%", 100 * gbs / copy_gbs);
+      } else {
+        std::printf(" %9s", "-");
+      }
+      if (dense != nullptr) {
+        // Ideal: time proportional to the bytes read.
+        const double speedup = r.tokens_per_s / dense->tokens_per_s;
+        const double ideal = dense->bytes_per_token / r.bytes_per_token;
+        std::printf(" %8.3fx (ideal %.3fx: %.1f%% of it)", speedup, ideal, 100 * speedup / ideal);
+      }
+      std::printf("\n");
+    }
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_decode: %s\n", e.what());

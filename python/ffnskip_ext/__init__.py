@@ -1,5 +1,6 @@
 """ffnskip_ext: LLaMA-family decoding with adaptive compute skipping."""
 
+from ._core import build_info, cuda_available
 from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .decoder import Decoder, DecodeStats
@@ -32,6 +33,8 @@ __all__ = [
     "GenerationResult",
     "ModelConfig",
     "SamplingParams",
+    "build_info",
+    "cuda_available",
     "default_model_path",
     "generate",
     "encode_prompt",

@@ -1,0 +1,67 @@
+#include "gemm.cuh"
+
+#include <cstdint>
+
+#include "common.cuh"
+#include "cuda_check.cuh"
+
+namespace ffnskip::cuda {
+
+namespace {
+
+constexpr int kBiasThreads = 256;
+
+template <typename T>
+constexpr cudaDataType_t cuda_type();
+template <>
+constexpr cudaDataType_t cuda_type<float>() {
+  return CUDA_R_32F;
+}
+template <>
+constexpr cudaDataType_t cuda_type<__half>() {
+  return CUDA_R_16F;
+}
+template <>
+constexpr cudaDataType_t cuda_type<__nv_bfloat16>() {
+  return CUDA_R_16BF;
+}
+
+// y[t, r] = b[r] (or y[t, r] += b[r]): the bias goes in first, then the GEMM adds onto it.
+__global__ void bias_rows_kernel(const float* __restrict__ bias, int rows, int n, float* y,
+                                 int y_stride, bool accumulate) {
+  const int64_t count = static_cast<int64_t>(n) * rows;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / rows;
+    const int r = static_cast<int>(i % rows);
+    float& out = y[t * y_stride + r];
+    out = accumulate ? out + bias[r] : bias[r];
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(cublasHandle_t handle, cudaStream_t stream, const GemmArgs<T>& a) {
+  if (a.bias != nullptr) {
+    const int64_t count = static_cast<int64_t>(a.n) * a.rows;
+    const int blocks = static_cast<int>((count + kBiasThreads - 1) / kBiasThreads);
+    bias_rows_kernel<<<blocks < 65535 ? blocks : 65535, kBiasThreads, 0, stream>>>(
+        a.bias, a.rows, a.n, a.y, a.y_stride, a.accumulate);
+    CUDA_CHECK_LAUNCH();
+  }
+  // Column-major view: Y^T [rows, n] = W [rows, cols] (the row-major W read transposed, lda =
+  // cols) times X^T [cols, n] (ldb = cols); Y^T has leading dimension y_stride.
+  const float alpha = 1.0f;
+  const float beta = a.accumulate || a.bias != nullptr ? 1.0f : 0.0f;
+  CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, a.rows, a.n, a.cols, &alpha,
+                            a.weight, cuda_type<T>(), a.cols, a.x, cuda_type<T>(), a.cols, &beta,
+                            a.y, CUDA_R_32F, a.y_stride, CUBLAS_COMPUTE_32F,
+                            CUBLAS_GEMM_DEFAULT));
+}
+
+template void gemm<float>(cublasHandle_t, cudaStream_t, const GemmArgs<float>&);
+template void gemm<__half>(cublasHandle_t, cudaStream_t, const GemmArgs<__half>&);
+template void gemm<__nv_bfloat16>(cublasHandle_t, cudaStream_t, const GemmArgs<__nv_bfloat16>&);
+
+}  // namespace ffnskip::cuda

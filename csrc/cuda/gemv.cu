@@ -1,0 +1,120 @@
+#include "gemv.cuh"
+
+#include "common.cuh"
+#include "cuda_check.cuh"
+#include "swiglu.cuh"
+
+namespace ffnskip::cuda {
+
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+constexpr int kUnroll = 4;  // 16-byte loads in flight per lane and row
+
+// Warp w of block b computes output b * kWarpsPerBlock + w from kRows consecutive weight rows
+// (2 for SwiGLU: the gate row and its up row). Lane l reads the 16-byte packs l, l + 32, ...
+// of the rows and of x, so each warp load is 512 contiguous bytes.
+template <typename T, GemvOutput kOutput>
+__global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) gemv_kernel(const GemvArgs<T> a) {
+  if (a.skip_flag != nullptr && *a.skip_flag != 0) return;
+  constexpr int kRows = kOutput == GemvOutput::SwiGLU ? 2 : 1;
+  constexpr int kPack = Pack<T>::kCount;
+  const int lane = threadIdx.x % kWarpSize;
+  const int output = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  if (output >= a.rows / kRows) return;  // whole warps leave together
+  const int row0 = output * kRows;
+  const T* __restrict__ w = a.weight + static_cast<int64_t>(row0) * a.cols;
+  const T* __restrict__ x = a.x;
+
+  float acc[kRows] = {};
+  if (a.cols % kPack == 0) {
+    const int packs = a.cols / kPack;
+    int p = lane;
+    // kUnroll packs per lane and row at a time, every load issued before the arithmetic.
+    for (; p + (kUnroll - 1) * kWarpSize < packs; p += kUnroll * kWarpSize) {
+      uint4 x_raw[kUnroll];
+      uint4 w_raw[kRows][kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int offset = (p + u * kWarpSize) * kPack;
+        x_raw[u] = load_raw(x + offset);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          w_raw[r][u] = load_raw(w + r * static_cast<int64_t>(a.cols) + offset);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        float xv[kPack];
+        Pack<T>::widen(x_raw[u], xv);
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          float wv[kPack];
+          Pack<T>::widen(w_raw[r][u], wv);
+#pragma unroll
+          for (int i = 0; i < kPack; ++i) acc[r] += wv[i] * xv[i];
+        }
+      }
+    }
+    for (; p < packs; p += kWarpSize) {  // the last packs of the row
+      float xv[kPack];
+      load_pack(x + p * kPack, xv);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        float wv[kPack];
+        load_pack(w + r * static_cast<int64_t>(a.cols) + p * kPack, wv);
+#pragma unroll
+        for (int i = 0; i < kPack; ++i) acc[r] += wv[i] * xv[i];
+      }
+    }
+  } else {  // rows not made of whole packs (odd shapes): element by element
+    for (int c = lane; c < a.cols; c += kWarpSize) {
+      const float xv = to_float(x[c]);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        acc[r] += to_float(w[r * static_cast<int64_t>(a.cols) + c]) * xv;
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    acc[r] = warp_sum(acc[r]);
+    if (a.bias != nullptr) acc[r] += a.bias[row0 + r];
+  }
+  if (lane != 0) return;
+  if constexpr (kOutput == GemvOutput::Store) {
+    a.y[row0] = acc[0];
+  } else if constexpr (kOutput == GemvOutput::Accumulate) {
+    a.y[row0] += acc[0];
+  } else {
+    a.act[output] = from_float<T>(silu_mul(acc[0], acc[1]));
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void launch_gemv(const GemvArgs<T>& args, GemvOutput output, cudaStream_t stream) {
+  const int outputs = output == GemvOutput::SwiGLU ? args.rows / 2 : args.rows;
+  const dim3 grid(ceil_div(outputs, kWarpsPerBlock));
+  const dim3 block(kWarpsPerBlock * kWarpSize);
+  switch (output) {
+    case GemvOutput::Store:
+      gemv_kernel<T, GemvOutput::Store><<<grid, block, 0, stream>>>(args);
+      break;
+    case GemvOutput::Accumulate:
+      gemv_kernel<T, GemvOutput::Accumulate><<<grid, block, 0, stream>>>(args);
+      break;
+    case GemvOutput::SwiGLU:
+      gemv_kernel<T, GemvOutput::SwiGLU><<<grid, block, 0, stream>>>(args);
+      break;
+  }
+  CUDA_CHECK_LAUNCH();
+}
+
+template void launch_gemv<float>(const GemvArgs<float>&, GemvOutput, cudaStream_t);
+template void launch_gemv<__half>(const GemvArgs<__half>&, GemvOutput, cudaStream_t);
+template void launch_gemv<__nv_bfloat16>(const GemvArgs<__nv_bfloat16>&, GemvOutput,
+                                         cudaStream_t);
+
+}  // namespace ffnskip::cuda

@@ -1,0 +1,15 @@
+// The logits head: final RMSNorm of the last token's residual row, then the vocabulary GEMV
+// (fp32 logits; the LM head is the embedding table when the model ties them).
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace ffnskip::cuda {
+
+// x_row [hidden] fp32; normed [hidden] scratch in the storage type; logits [vocab] fp32.
+template <typename T>
+void launch_logits_head(const float* x_row, int hidden, const float* final_norm, float eps,
+                        const T* lm_head, int vocab, T* normed, float* logits,
+                        cudaStream_t stream);
+
+}  // namespace ffnskip::cuda

@@ -1,0 +1,72 @@
+#include "norm.cuh"
+
+#include "common.cuh"
+#include "cuda_check.cuh"
+
+namespace ffnskip::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// One block per row.
+template <typename T>
+__device__ __forceinline__ void rmsnorm_row(const float* __restrict__ row, int dim,
+                                            const float* __restrict__ weight, float eps,
+                                            T* __restrict__ dst, float* scratch) {
+  float sum_sq = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) sum_sq += row[i] * row[i];
+  sum_sq = block_sum(sum_sq, scratch);
+  const float inv_rms = 1.0f / sqrtf(sum_sq / static_cast<float>(dim) + eps);
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    dst[i] = from_float<T>(weight[i] * (row[i] * inv_rms));
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    rmsnorm_kernel(const float* x, int dim, const float* weight, float eps, T* out) {
+  __shared__ float scratch[kWarpSize];
+  const int64_t offset = static_cast<int64_t>(blockIdx.x) * dim;
+  rmsnorm_row(x + offset, dim, weight, eps, out + offset, scratch);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    gated_rmsnorm_kernel(const float* x, int dim, const float* weight, float eps, T* out,
+                         const FfnGate gate) {
+  __shared__ float scratch[kWarpSize];
+  __shared__ bool skip;
+  if (threadIdx.x == 0) skip = decide_ffn(gate);
+  __syncthreads();
+  if (skip) return;
+  rmsnorm_row(x, dim, weight, eps, out, scratch);
+}
+
+}  // namespace
+
+template <typename T>
+void launch_rmsnorm(const float* x, int n, int dim, const float* weight, float eps, T* out,
+                    cudaStream_t stream) {
+  rmsnorm_kernel<T><<<n, kThreads, 0, stream>>>(x, dim, weight, eps, out);
+  CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void launch_gated_rmsnorm(const float* x, int dim, const float* weight, float eps, T* out,
+                          const FfnGate& gate, cudaStream_t stream) {
+  gated_rmsnorm_kernel<T><<<1, kThreads, 0, stream>>>(x, dim, weight, eps, out, gate);
+  CUDA_CHECK_LAUNCH();
+}
+
+#define FFNSKIP_INSTANTIATE_NORM(T)                                                         \
+  template void launch_rmsnorm<T>(const float*, int, int, const float*, float, T*,          \
+                                  cudaStream_t);                                            \
+  template void launch_gated_rmsnorm<T>(const float*, int, const float*, float, T*,         \
+                                        const FfnGate&, cudaStream_t);
+FFNSKIP_INSTANTIATE_NORM(float)
+FFNSKIP_INSTANTIATE_NORM(__half)
+FFNSKIP_INSTANTIATE_NORM(__nv_bfloat16)
+#undef FFNSKIP_INSTANTIATE_NORM
+
+}  // namespace ffnskip::cuda

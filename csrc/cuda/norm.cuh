@@ -1,0 +1,24 @@
+// RMSNorm of fp32 rows into the storage type the linears read:
+// out[t, i] = weight[i] * (x[t, i] / sqrt(mean_i(x[t, :]^2) + eps)), the CPU backend's order.
+// The residual adds themselves are fused into the projections that produce them (GEMV
+// Accumulate epilogue, GEMM beta = 1) and into the score kernel, so no pass adds rows alone.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "ffn_gate.cuh"
+
+namespace ffnskip::cuda {
+
+// x [n, dim] fp32, weight [dim] fp32, out [n, dim].
+template <typename T>
+void launch_rmsnorm(const float* x, int n, int dim, const float* weight, float eps, T* out,
+                    cudaStream_t stream);
+
+// The RMSNorm of one row (a decode step) that opens a gated FFN: its thread 0 first decides
+// the FFN (decide_ffn); when it is skipped, the kernel returns without writing `out`.
+template <typename T>
+void launch_gated_rmsnorm(const float* x, int dim, const float* weight, float eps, T* out,
+                          const FfnGate& gate, cudaStream_t stream);
+
+}  // namespace ffnskip::cuda

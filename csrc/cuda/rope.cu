@@ -1,0 +1,72 @@
+#include "rope.cuh"
+
+#include "common.cuh"
+#include "cuda_check.cuh"
+
+namespace ffnskip::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// Block column y is token t; the x dimension covers, in order: the (q head, i) rotations,
+// the (k head, i) rotations and the v elements of that token.
+template <typename T>
+__global__ void rope_kv_write_kernel(const RopeKvArgs a, T* __restrict__ k_cache,
+                                     T* __restrict__ v_cache) {
+  const int t = blockIdx.y;
+  const int half = a.head_dim / 2;
+  const int kv_dim = a.kv_heads * a.head_dim;
+  const int q_items = a.q_heads * half;
+  const int k_items = a.kv_heads * half;
+  const int item = blockIdx.x * blockDim.x + threadIdx.x;
+  if (item >= q_items + k_items + kv_dim) return;
+
+  const int position = *a.pos + t;
+  float* row = a.qkv + static_cast<int64_t>(t) * a.qkv_stride;
+  const int64_t cache_row = static_cast<int64_t>(position) * kv_dim;
+  if (item >= q_items + k_items) {  // v: copied as is
+    const int j = item - q_items - k_items;
+    v_cache[cache_row + j] = from_float<T>(row[a.q_dim + kv_dim + j]);
+    return;
+  }
+  const bool is_q = item < q_items;
+  const int rel = is_q ? item : item - q_items;
+  const int head = rel / half;
+  const int i = rel % half;
+  // fp32 angle, as transformers computes it (inv_freq @ position_ids in float32).
+  const float angle = a.inv_freq[i] * static_cast<float>(position);
+  const float c = cosf(angle);
+  const float s = sinf(angle);
+  float* v = row + (is_q ? 0 : a.q_dim) + head * a.head_dim;
+  const float x0 = v[i];
+  const float x1 = v[i + half];
+  const float y0 = x0 * c - x1 * s;
+  const float y1 = x1 * c + x0 * s;
+  if (is_q) {
+    v[i] = y0;
+    v[i + half] = y1;
+  } else {
+    T* k = k_cache + cache_row + head * a.head_dim;
+    k[i] = from_float<T>(y0);
+    k[i + half] = from_float<T>(y1);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void launch_rope_kv_write(const RopeKvArgs& args, T* k_cache, T* v_cache, cudaStream_t stream) {
+  const int half = args.head_dim / 2;
+  const int items = (args.q_heads + args.kv_heads) * half + args.kv_heads * args.head_dim;
+  const dim3 grid(ceil_div(items, kThreads), args.n);
+  rope_kv_write_kernel<T><<<grid, kThreads, 0, stream>>>(args, k_cache, v_cache);
+  CUDA_CHECK_LAUNCH();
+}
+
+template void launch_rope_kv_write<float>(const RopeKvArgs&, float*, float*, cudaStream_t);
+template void launch_rope_kv_write<__half>(const RopeKvArgs&, __half*, __half*, cudaStream_t);
+template void launch_rope_kv_write<__nv_bfloat16>(const RopeKvArgs&, __nv_bfloat16*,
+                                                  __nv_bfloat16*, cudaStream_t);
+
+}  // namespace ffnskip::cuda

@@ -1,0 +1,28 @@
+// Rotary position embedding (rotate-half) fused with the KV-cache write: for each token t of
+// the pass, at position pos + t, rotates its q heads in place and writes its rotated k heads
+// and its v heads to the layer's cache in the storage type.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace ffnskip::cuda {
+
+struct RopeKvArgs {
+  float* qkv = nullptr;  // [n, qkv_stride]: q at column 0, k at q_dim, v at q_dim + kv_dim
+  int qkv_stride = 0;
+  int n = 0;
+  const int32_t* pos = nullptr;  // device: position of token 0
+  int q_heads = 0;               // q heads to rotate; 0 writes K/V only
+  int kv_heads = 0;
+  int head_dim = 0;
+  int q_dim = 0;
+  const float* inv_freq = nullptr;  // [head_dim / 2]; angle = inv_freq[i] * float(position)
+};
+
+// k_cache, v_cache: [max_seq_len, kv_heads * head_dim] of one layer.
+template <typename T>
+void launch_rope_kv_write(const RopeKvArgs& args, T* k_cache, T* v_cache, cudaStream_t stream);
+
+}  // namespace ffnskip::cuda

@@ -1,0 +1,40 @@
+#include "swiglu.cuh"
+
+#include <algorithm>
+
+#include "common.cuh"
+#include "cuda_check.cuh"
+
+namespace ffnskip::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void swiglu_kernel(const float* __restrict__ gate_up, int64_t count, int inter,
+                              T* __restrict__ act) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / inter;
+    const int64_t j = i % inter;
+    const float* pair = gate_up + t * 2 * inter + 2 * j;
+    act[i] = from_float<T>(silu_mul(pair[0], pair[1]));
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void launch_swiglu(const float* gate_up, int n, int inter, T* act, cudaStream_t stream) {
+  const int64_t count = static_cast<int64_t>(n) * inter;
+  const int blocks = static_cast<int>(std::min<int64_t>((count + kThreads - 1) / kThreads, 65535));
+  swiglu_kernel<T><<<blocks, kThreads, 0, stream>>>(gate_up, count, inter, act);
+  CUDA_CHECK_LAUNCH();
+}
+
+template void launch_swiglu<float>(const float*, int, int, float*, cudaStream_t);
+template void launch_swiglu<__half>(const float*, int, int, __half*, cudaStream_t);
+template void launch_swiglu<__nv_bfloat16>(const float*, int, int, __nv_bfloat16*, cudaStream_t);
+
+}  // namespace ffnskip::cuda

@@ -1,0 +1,319 @@
+"""The CUDA backend.
+
+Without a GPU (CI): the build reports whether CUDA was compiled, and ``device="cuda"`` fails
+with a ValueError saying why, leaving the process usable.
+
+On a GPU: the CUDA backend against the CPU backend and transformers, on the random tiny models
+and on SmolLM2; exact replay of the captured decode graph against eager decode steps; the skip
+decisions against the CPU backend's.
+
+Tolerance for fp16/bf16 (a choice): the max |error| of our logits against the fp32 transformers
+reference may be at most twice that of transformers running the same model entirely in that
+dtype on the CPU (``model.to(dtype)``: weights, activations and KV cache rounded), over the same
+positions. Our kernels round the weights, the inputs of the linears and the KV cache, but keep
+the residual stream, norms and accumulations in fp32, so their error should not exceed
+PyTorch's; twice leaves room for a different summation order. fp32 on CUDA must match within
+1e-3 of the logits' range, like the CPU backend (test_parity.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import ffnskip_ext
+from conftest import TINY_VARIANTS, hf_greedy, hf_logits, smollm2_path
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+needs_gpu = pytest.mark.skipif(
+    not ffnskip_ext.cuda_available(), reason="no usable CUDA device or no CUDA build"
+)
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+SMOLLM2_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in two sentences.",
+    "List three prime numbers and explain why they are prime.",
+    "Describe a walk through a forest.",
+    "Give me a recipe for pancakes.",
+    "What is the difference between a list and a tuple in Python?",
+    "Tell me a short story about a lighthouse keeper.",
+]
+
+
+# ---- without a GPU ----
+
+
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None or os.environ.get("FFNSKIP_CUDA", "").upper() == "OFF",
+    reason="the CUDA backend is built only where nvcc is found",
+)
+def test_build_info_says_cuda_was_compiled() -> None:
+    info = ffnskip_ext.build_info()
+    assert info["cuda_compiled"] is True, info
+    assert info["cuda_runtime"] and info["cublas"], info
+
+
+def test_build_info_fields_are_consistent() -> None:
+    info = ffnskip_ext.build_info()
+    assert set(info) == {"cuda_compiled", "cuda_runtime", "cuda_driver", "cublas", "gpu",
+                         "cuda_error"}
+    if ffnskip_ext.cuda_available():
+        assert info["gpu"] and info["cuda_error"] is None
+    else:
+        assert info["gpu"] is None and "device='cuda' is not available" in info["cuda_error"]
+
+
+@pytest.mark.skipif(ffnskip_ext.cuda_available(), reason="a CUDA device is usable here")
+def test_cuda_without_device_raises_clear_value_error(tiny_model_dir) -> None:
+    _, path = tiny_model_dir("llama_mha_tied")
+    with pytest.raises(ValueError, match="device='cuda' is not available") as error:
+        ffnskip_ext.Decoder.from_pretrained(path, device="cuda", dtype="bfloat16")
+    assert str(error.value) == ffnskip_ext.build_info()["cuda_error"]
+    # The process is fine: the CPU backend still works.
+    logits = ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=8).prefill([1, 2, 3])
+    assert np.isfinite(logits).all()
+
+
+# ---- helpers ----
+
+
+def teacher_forced(decoder: ffnskip_ext.Decoder, prompt: list[int], feed: list[int]) -> np.ndarray:
+    """Logits after the prompt and after each fed token: [1 + len(feed), vocab]."""
+    decoder.reset()
+    rows = [decoder.prefill(prompt)]
+    rows += [decoder.step(t) for t in feed]
+    return np.array(rows)
+
+
+def references(model, prompt: list[int], feed: list[int], dtype: str):
+    """Logits of transformers in fp32 and, for fp16/bf16, of transformers running the model
+    entirely in that dtype on the CPU (None for fp32), at the positions teacher_forced()
+    returns: the last prompt token, then each fed token."""
+    sequence = prompt + feed
+    positions = slice(len(prompt) - 1, len(sequence))
+    ref = hf_logits(model, sequence)[positions]
+    if dtype == "float32":
+        return ref, None
+    return ref, hf_logits(copy.deepcopy(model).to(TORCH_DTYPES[dtype]), sequence)[positions]
+
+
+def max_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(ours - ref).max())
+
+
+def assert_within_dtype_tolerance(ours, ref, torch_low, dtype: str, where: str) -> None:
+    span = float(np.ptp(ref))
+    if dtype == "float32":
+        tolerance = 1e-3 * span
+    else:
+        tolerance = 2 * max_error(torch_low, ref) + 1e-4 * span
+    err = max_error(ours, ref)
+    assert err <= tolerance, f"{where}: max |error| {err:.3g} > tolerance {tolerance:.3g}"
+
+
+# ---- on a GPU ----
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("variant", sorted(TINY_VARIANTS))
+def test_tiny_models_match_cpu_and_transformers(tiny_model_dir, variant, dtype) -> None:
+    model, path = tiny_model_dir(variant)
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(0, model.config.vocab_size, size=13).tolist()
+    feed = hf_greedy(model, prompt, 24)
+    ref, torch_low = references(model, prompt, feed, dtype)
+    cpu = teacher_forced(ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=64), prompt, feed)
+    cuda_decoder = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", dtype=dtype,
+                                                       max_seq_len=64)
+    assert cuda_decoder.dtype == dtype
+    cuda = teacher_forced(cuda_decoder, prompt, feed)
+    assert_within_dtype_tolerance(cuda, ref, torch_low, dtype, "CUDA vs transformers fp32")
+    assert_within_dtype_tolerance(cuda, cpu, torch_low, dtype, "CUDA vs CPU backend")
+
+
+@needs_gpu
+def test_long_prompt_prefills_in_chunks(tiny_model_dir) -> None:
+    """Prompts longer than one prefill pass (512 tokens) run as several passes."""
+    model, path = tiny_model_dir("llama_gqa_untied_h72")
+    tokens = np.random.default_rng(6).integers(0, model.config.vocab_size, size=700).tolist()
+    cpu = ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=704)
+    cuda = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", dtype="float32",
+                                               max_seq_len=704)
+    expected = cpu.prefill(tokens[:650])
+    got = cuda.prefill(tokens[:650])
+    assert max_error(got, expected) <= 1e-3 * float(np.ptp(expected))
+    expected, got = cpu.step(tokens[650]), cuda.step(tokens[650])
+    assert max_error(got, expected) <= 1e-3 * float(np.ptp(expected))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(path, tokenizer, fp32 transformers model of the same GGUF, CPU decoder)."""
+    path = smollm2_path()
+    pytest.importorskip("gguf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+    cpu = ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=512)
+    return path, ffnskip_ext.load_tokenizer(path), model, cpu
+
+
+def chat(tokenizer, text: str) -> list[int]:
+    return ffnskip_ext.encode_prompt(tokenizer, [{"role": "user", "content": text}])
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_smollm2_matches_cpu_and_transformers(smollm2, dtype) -> None:
+    path, tokenizer, model, cpu = smollm2
+    prompt = chat(tokenizer, SMOLLM2_PROMPTS[0])
+    feed = hf_greedy(model, prompt, 32)
+    ref, torch_low = references(model, prompt, feed, dtype)
+    cuda = teacher_forced(
+        ffnskip_ext.Decoder.from_pretrained(path, device="cuda", dtype=dtype, max_seq_len=512),
+        prompt, feed,
+    )
+    assert_within_dtype_tolerance(cuda, ref, torch_low, dtype, "CUDA vs transformers fp32")
+    assert_within_dtype_tolerance(cuda, teacher_forced(cpu, prompt, feed), torch_low, dtype,
+                                  "CUDA vs CPU backend")
+
+
+@needs_gpu
+def test_smollm2_bf16_greedy_tokens_equal_cpu_for_most_prompts(smollm2) -> None:
+    path, tokenizer, _, cpu = smollm2
+    cuda = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", dtype="bfloat16",
+                                               max_seq_len=512)
+    steps = 128
+    identical, agreeing_tokens = 0, 0
+    for text in SMOLLM2_PROMPTS:
+        prompt = chat(tokenizer, text)
+        runs = []
+        for decoder in (cpu, cuda):
+            decoder.reset()
+            token = int(np.argmax(decoder.prefill(prompt)))
+            tokens = [token]
+            for _ in range(steps - 1):
+                token = int(np.argmax(decoder.step(token)))
+                tokens.append(token)
+            runs.append(tokens)
+        same = np.array(runs[0]) == np.array(runs[1])
+        identical += int(same.all())
+        # Tokens up to the first difference: after it the two continue different texts.
+        agreeing_tokens += steps if same.all() else int(np.argmin(same))
+    total = len(SMOLLM2_PROMPTS)
+    print(f"\nSmolLM2 bf16 CUDA vs fp32 CPU, {steps} greedy steps: {identical}/{total} prompts "
+          f"identical ({identical / total:.0%}), {agreeing_tokens / (total * steps):.1%} of "
+          f"tokens before the first difference")
+    assert identical > total / 2
+
+
+@needs_gpu
+def test_graph_replay_equals_eager_steps_over_1000_tokens(tiny_model_dir, monkeypatch) -> None:
+    """The decode step captured once and replayed gives bit-identical logits and decisions to
+    the same step enqueued kernel by kernel (FFNSKIP_CUDA_GRAPHS=0), gating included."""
+    model, path = tiny_model_dir("llama_gqa_untied_h72")
+    graphed = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", dtype="bfloat16",
+                                                  max_seq_len=1100)
+    monkeypatch.setenv("FFNSKIP_CUDA_GRAPHS", "0")
+    eager = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", dtype="bfloat16",
+                                                max_seq_len=1100)
+    prompt = list(range(1, 20))
+    # A threshold among the dense scores, so that the rule both skips and runs FFNs.
+    graphed.enable_trace(True)
+    teacher_forced(graphed, prompt, list(range(20, 60)))
+    threshold = float(np.nanmedian(graphed.trace()["score"]))
+    policy = ffnskip_ext.FFNSkipPolicy(threshold=threshold, warmup_tokens=3, cold_start=0,
+                                       cold_end=0, max_skips_per_token=2, full_token_interval=5)
+    for decoder in (graphed, eager):
+        decoder.set_policy(policy)
+        decoder.enable_trace(True)
+        decoder.clear_trace()
+        decoder.reset()
+    a, b = graphed.prefill(prompt), eager.prefill(prompt)
+    np.testing.assert_array_equal(a, b)
+    for i in range(1000):
+        token = int(np.argmax(a)) if i % 3 else (i * 37) % model.config.vocab_size
+        a, b = graphed.step(token), eager.step(token)
+        assert np.array_equal(a, b), f"step {i}: logits differ"
+    trace_a, trace_b = graphed.trace(), eager.trace()
+    for key in ("ffn_skipped", "layer_skipped", "score"):
+        np.testing.assert_array_equal(trace_a[key], trace_b[key], err_msg=key)
+    assert trace_a["ffn_skipped"].any() and not trace_a["ffn_skipped"].all()
+
+
+def decisions_trace(decoder, prompt: list[int], feed: list[int]) -> dict[str, np.ndarray]:
+    decoder.enable_trace(True)
+    decoder.clear_trace()
+    teacher_forced(decoder, prompt, feed)
+    return decoder.trace()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_skip_decisions_equal_cpu_backend(tiny_model_dir, dtype) -> None:
+    """Issue 4: every policy decides on the GPU as on the CPU for the same weights. Policies
+    that do not depend on scores must agree exactly; the adaptive rule exactly in fp32 (up to
+    a score within 1e-4 of the threshold). In bf16 the agreement is reported; the bound
+    asserted there only catches gross errors, since rounding moves scores across a threshold
+    chosen in the middle of them."""
+    model, path = tiny_model_dir("qwen2_qkv_bias")
+    layers = model.config.num_hidden_layers
+    rng = np.random.default_rng(7)
+    prompt = rng.integers(0, model.config.vocab_size, size=9).tolist()
+    feed = rng.integers(0, model.config.vocab_size, size=60).tolist()
+    cpu = ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=96)
+    cuda = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", dtype=dtype, max_seq_len=96)
+    threshold = float(np.nanmedian(decisions_trace(cpu, prompt, feed)["score"]))
+    policies = [
+        ffnskip_ext.StaticFFNSkip(layers=(1,)),
+        ffnskip_ext.RandomFFNSkip(k=1, seed=11, cold_start=0, cold_end=0),
+        ffnskip_ext.LayerDrop(layers=(layers - 1,)),
+        ffnskip_ext.EarlyExit(exit_layer=1),
+    ]
+    for policy in policies:
+        cpu.set_policy(policy)
+        cuda.set_policy(policy)
+        ours, ref = decisions_trace(cuda, prompt, feed), decisions_trace(cpu, prompt, feed)
+        for key in ("ffn_skipped", "layer_skipped"):
+            np.testing.assert_array_equal(ours[key], ref[key], err_msg=f"{policy}: {key}")
+
+    adaptive = ffnskip_ext.FFNSkipPolicy(threshold=threshold, warmup_tokens=5, cold_start=0,
+                                         cold_end=0, max_skips_per_token=1,
+                                         full_token_interval=4)
+    cpu.set_policy(adaptive)
+    cuda.set_policy(adaptive)
+    ours, ref = decisions_trace(cuda, prompt, feed), decisions_trace(cpu, prompt, feed)
+    assert ref["ffn_skipped"].any() and (~ref["ffn_skipped"]).any()
+    agreement = float((ours["ffn_skipped"] == ref["ffn_skipped"]).mean())
+    print(f"\nadaptive decisions, CUDA {dtype} vs CPU fp32: {agreement:.2%} agree")
+    if dtype == "float32":
+        for t in range(len(feed)):
+            if not np.array_equal(ours["ffn_skipped"][t], ref["ffn_skipped"][t]):
+                near = np.nanmin(np.abs(ref["score"][t] - threshold))
+                assert near < 1e-4, f"token {t} decided differently, scores far from threshold"
+                break  # the runs may legitimately diverge after a near-threshold decision
+            both = ~np.isnan(ref["score"][t])
+            np.testing.assert_allclose(ours["score"][t][both], ref["score"][t][both], atol=1e-4)
+    else:
+        assert agreement >= 0.9
+
+
+@needs_gpu
+def test_out_of_gpu_memory_is_a_clear_error_and_frees_everything(tiny_model_dir) -> None:
+    _, path = tiny_model_dir("llama_mha_tied")
+    free_before = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+    with pytest.raises(ValueError, match="out of GPU memory") as error:
+        ffnskip_ext.Decoder.from_pretrained(path, device="cuda", max_seq_len=2**31 - 1)
+    assert "KV cache" in str(error.value) and "free" in str(error.value)
+    if free_before is not None:
+        assert torch.cuda.mem_get_info()[0] >= free_before - (64 << 20)
+    decoder = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", max_seq_len=16)
+    assert np.isfinite(decoder.prefill([1, 2, 3])).all()
