@@ -119,10 +119,9 @@ class FFNSkipPolicy(Policy):
 
 
 @dataclasses.dataclass(frozen=True)
-class StaticFFNSkip(Policy):
-    """The same FFN blocks skipped on every decode token (the non-adaptive baseline)."""
+class _LayerSetPolicy(Policy):
+    """A policy defined by a set of layer indices (sorted, unique)."""
 
-    kind: ClassVar[str] = "static_ffn"
     layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -130,6 +129,13 @@ class StaticFFNSkip(Policy):
 
     def engine_args(self, num_layers: int) -> dict[str, Any]:
         return {"kind": self.kind, "layers": list(self.layers)}
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticFFNSkip(_LayerSetPolicy):
+    """The same FFN blocks skipped on every decode token (the non-adaptive baseline)."""
+
+    kind: ClassVar[str] = "static_ffn"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,18 +168,11 @@ class RandomFFNSkip(Policy):
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerDrop(Policy):
+class LayerDrop(_LayerSetPolicy):
     """Whole layers removed for every token, prefill included (ShortGPT); they write no K/V.
     ``block_influence`` (in ``ffnskip_ext.calibration``) ranks layers for it."""
 
     kind: ClassVar[str] = "layer_drop"
-    layers: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", _check_layers("layers", self.layers))
-
-    def engine_args(self, num_layers: int) -> dict[str, Any]:
-        return {"kind": self.kind, "layers": list(self.layers)}
 
 
 @dataclasses.dataclass(frozen=True)
