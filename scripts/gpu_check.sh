@@ -57,7 +57,8 @@ section "build (FFNSKIP_CUDA=ON)"
 # module and libffnskip_cuda.so side by side, as an install lays them out.
 PKG="$BUILD_DIR/pkg"
 rm -rf "$PKG" && mkdir -p "$PKG/ffnskip_ext"
-cp "$ROOT"/python/ffnskip_ext/*.py "$PKG/ffnskip_ext/"
+cp -r "$ROOT"/python/ffnskip_ext/. "$PKG/ffnskip_ext/"
+find "$PKG/ffnskip_ext" \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
 if [[ -n "${WHEELS:-}" ]]; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$PKG" "$WHEELS"/*.whl
 fi
