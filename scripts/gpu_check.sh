@@ -83,6 +83,19 @@ if [[ $SKIP_TESTS == 0 ]]; then
   fi
 fi
 
+if [[ $SKIP_TESTS == 0 ]] && command -v compute-sanitizer >/dev/null; then
+  section "compute-sanitizer (memcheck, racecheck) on the tiny-model CUDA tests"
+  # Graph replay over 1000 steps and SmolLM2 are left out: under the sanitizer they take long.
+  for tool in memcheck racecheck; do
+    if ! compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all \
+        "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+        -k "not smollm2 and not 1000 and not out_of_gpu" 2>&1 \
+        | tee "$RESULTS/compute_sanitizer_$tool.txt"; then
+      STATUS=1
+    fi
+  done
+fi
+
 if [[ $SKIP_BENCH == 0 ]]; then
   section "benchmarks"
   # bench_decode loads libffnskip_cuda.so from the package directory (not beside the program).

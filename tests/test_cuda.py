@@ -317,3 +317,25 @@ def test_out_of_gpu_memory_is_a_clear_error_and_frees_everything(tiny_model_dir)
         assert torch.cuda.mem_get_info()[0] >= free_before - (64 << 20)
     decoder = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", max_seq_len=16)
     assert np.isfinite(decoder.prefill([1, 2, 3])).all()
+
+
+@needs_gpu
+def test_bad_input_on_cuda_leaves_the_decoder_usable(tiny_model_dir) -> None:
+    """After each rejected call (and after a replayed graph step) the next step equals a
+    decoder that never saw the bad input."""
+    _, path = tiny_model_dir("llama_gqa_untied_h72")
+    decoder = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", dtype="float32",
+                                                  max_seq_len=16)
+    clean = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", dtype="float32",
+                                                max_seq_len=16)
+    decoder.prefill([1, 2, 3])
+    clean.prefill([1, 2, 3])
+    for bad in ([], [256], [-1], list(range(1, 15))):
+        with pytest.raises(ValueError):
+            decoder.prefill(bad)
+    with pytest.raises(ValueError):
+        decoder.step(10**6)
+    with pytest.raises(ValueError):
+        decoder.set_policy(ffnskip_ext.StaticFFNSkip([7]))
+    np.testing.assert_array_equal(decoder.step(4), clean.step(4))
+    assert decoder.position == clean.position == 4
