@@ -1,10 +1,12 @@
 """Decode tokens/s of ffnskip_ext and of HF transformers (eager, inference_mode), same run.
 
 Both decode the same chat prompt greedily with their KV caches, with the same number of
-threads, on the same fp32 weights (the bundled SmolLM2-135M GGUF unless --model is given).
+threads, on the same weights at the same precision (--dtype float32 or bfloat16; the bundled
+SmolLM2-135M GGUF unless --model is given).
 Rounds alternate between the engines so that machine noise hits both; the median is reported.
 
-    python benchmarks/bench_decode.py [--model PATH] [--tokens 64] [--rounds 3] [--threads N]
+    python benchmarks/bench_decode.py [--model PATH] [--dtype float32|bfloat16] [--tokens 64]
+                                      [--rounds 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -50,21 +52,25 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
+    torch_dtype = getattr(torch, args.dtype)
 
     path = args.model or ffnskip_ext.default_model_path()
     torch.set_num_threads(args.threads)
     tokenizer = ffnskip_ext.load_tokenizer(path)
     prompt = ffnskip_ext.encode_prompt(tokenizer, PROMPT)
-    decoder = ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=512, num_threads=args.threads)
+    decoder = ffnskip_ext.Decoder.from_pretrained(
+        path, dtype=args.dtype, max_seq_len=512, num_threads=args.threads
+    )
     if path.endswith(".gguf"):
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32,
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch_dtype,
             attn_implementation="eager",
         )
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="eager"
+            path, dtype=torch_dtype, attn_implementation="eager"
         )
     model.eval()
 
@@ -79,7 +85,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"threads={args.threads}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}")
-    print(f"model: {os.path.basename(path)} (fp32), prompt {len(prompt)} tokens, "
+    print(f"model: {os.path.basename(path)} ({args.dtype} weights), prompt {len(prompt)} tokens, "
           f"{args.tokens} decode tokens x {args.rounds} rounds")
     print(f"{'engine':<28}{'tokens/s (median)':>20}{'rounds':>30}")
     print(f"{'ffnskip_ext (cpu)':<28}{ours_med:>20.2f}{str([round(x, 1) for x in ours]):>30}")

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -26,13 +27,43 @@ std::vector<float> copy_of(const TensorView& t) {
   return std::vector<float>(t.data, t.data + t.numel());
 }
 
+// A matrix in the backend's storage precision (the other vector stays empty).
+struct WeightMatrix {
+  std::vector<float> f32;
+  std::vector<uint16_t> bf16;
+  cpu::WeightType type;
+
+  WeightMatrix(std::vector<float> values, cpu::WeightType storage) : type(storage) {
+    if (type == cpu::WeightType::BF16) {
+      bf16 = cpu::to_bf16(values.data(), static_cast<int64_t>(values.size()));
+    } else {
+      f32 = std::move(values);
+    }
+  }
+
+  const void* data() const {
+    return type == cpu::WeightType::BF16 ? static_cast<const void*>(bf16.data()) : f32.data();
+  }
+
+  // Row `row` (`width` values) widened to fp32.
+  void read_row(int64_t row, int64_t width, float* out) const {
+    if (type == cpu::WeightType::F32) {
+      std::memcpy(out, f32.data() + row * width, sizeof(float) * width);
+      return;
+    }
+    const uint16_t* src = bf16.data() + row * width;
+    for (int64_t i = 0; i < width; ++i) out[i] = cpu::bf16_to_float(src[i]);
+  }
+};
+
 // Several linears that read the same input, stacked row-wise so one pass computes them all.
 struct StackedLinear {
-  std::vector<float> weight;
+  WeightMatrix weight;
   std::vector<float> bias;  // empty when none of the parts has a bias
   LinearWeights view;
 
-  explicit StackedLinear(std::initializer_list<LinearView> parts) {
+  StackedLinear(std::initializer_list<LinearView> parts, cpu::WeightType storage)
+      : weight(stacked_rows(parts), storage) {
     int64_t out = 0;
     const int64_t in = parts.begin()->weight.shape[1];
     bool any_bias = false;
@@ -40,8 +71,6 @@ struct StackedLinear {
       out += p.weight.shape[0];
       any_bias = any_bias || p.bias.data != nullptr;
     }
-    weight.reserve(out * in);
-    for (const auto& p : parts) weight.insert(weight.end(), p.weight.data, p.weight.data + p.weight.numel());
     if (any_bias) {
       for (const auto& p : parts) {
         const int64_t rows = p.weight.shape[0];
@@ -52,7 +81,15 @@ struct StackedLinear {
         }
       }
     }
-    view = {weight.data(), bias.empty() ? nullptr : bias.data(), out, in};
+    view = {weight.data(), bias.empty() ? nullptr : bias.data(), out, in, storage};
+  }
+
+  static std::vector<float> stacked_rows(std::initializer_list<LinearView> parts) {
+    std::vector<float> rows;
+    for (const auto& p : parts) {
+      rows.insert(rows.end(), p.weight.data, p.weight.data + p.weight.numel());
+    }
+    return rows;
   }
 };
 
@@ -60,13 +97,13 @@ struct CpuLayer {
   std::vector<float> attn_norm, ffn_norm;
   StackedLinear qkv, o, gate_up, down;
 
-  explicit CpuLayer(const LayerView& v)
+  CpuLayer(const LayerView& v, cpu::WeightType storage)
       : attn_norm(copy_of(v.attn_norm)),
         ffn_norm(copy_of(v.ffn_norm)),
-        qkv{v.q, v.k, v.v},
-        o{v.o},
-        gate_up{v.gate, v.up},
-        down{v.down} {}
+        qkv({v.q, v.k, v.v}, storage),
+        o({v.o}, storage),
+        gate_up({v.gate, v.up}, storage),
+        down({v.down}, storage) {}
 };
 
 size_t available_memory_bytes() {
@@ -77,10 +114,11 @@ size_t available_memory_bytes() {
 
 class CpuBackend final : public Backend {
  public:
-  CpuBackend(const ModelConfig& config, const ModelView& model, int max_seq_len, int num_threads)
+  CpuBackend(const ModelConfig& config, const ModelView& model, int max_seq_len, int num_threads,
+             cpu::WeightType storage)
       : config_(config),
         pool_(num_threads),
-        embed_(copy_of(model.embed)),
+        embed_(copy_of(model.embed), storage),
         final_norm_(copy_of(model.final_norm)),
         inv_freq_(rope_inv_freq(config)) {
     const size_t kv_bytes = 2ull * config.num_layers * max_seq_len * config.kv_dim() * sizeof(float);
@@ -91,10 +129,10 @@ class CpuBackend final : public Backend {
                                   " MiB of memory are available");
     }
     layers_.reserve(config.num_layers);
-    for (const auto& layer : model.layers) layers_.emplace_back(layer);
-    if (!config.tie_word_embeddings) lm_head_ = copy_of(model.lm_head);
-    const float* head = config.tie_word_embeddings ? embed_.data() : lm_head_.data();
-    lm_head_view_ = {head, nullptr, config.vocab_size, config.hidden_size};
+    for (const auto& layer : model.layers) layers_.emplace_back(layer, storage);
+    if (!config.tie_word_embeddings) lm_head_.emplace(copy_of(model.lm_head), storage);
+    const WeightMatrix& head = lm_head_ ? *lm_head_ : embed_;
+    lm_head_view_ = {head.data(), nullptr, config.vocab_size, config.hidden_size, storage};
 
     kv_layer_stride_ = static_cast<int64_t>(max_seq_len) * config.kv_dim();
     k_cache_.resize(kv_layer_stride_ * config.num_layers);
@@ -123,8 +161,7 @@ class CpuBackend final : public Backend {
     }
     const int hidden = config_.hidden_size;
     for (int t = 0; t < n; ++t) {
-      std::memcpy(&x_[static_cast<size_t>(t) * hidden],
-                  &embed_[static_cast<size_t>(tokens[t]) * hidden], sizeof(float) * hidden);
+      embed_.read_row(tokens[t], hidden, &x_[static_cast<size_t>(t) * hidden]);
     }
     cpu::rope_tables(inv_freq_.data(), config_.head_dim / 2, pos, n, cos_.data(), sin_.data());
     layers();
@@ -152,10 +189,7 @@ class CpuBackend final : public Backend {
     float* k = q + q_dim;
     if (mode == AttentionMode::KVOnly) {
       // Early exit (decode, n == 1): only the K/V rows of the stacked projection.
-      const cpu::LinearWeights& qkv = w.qkv.view;
-      const cpu::LinearWeights kv{qkv.weight + static_cast<int64_t>(q_dim) * hidden,
-                                  qkv.bias ? qkv.bias + q_dim : nullptr, 2 * kv_dim, hidden};
-      cpu::linear(pool_, kv, xn_.data(), 1, k);
+      cpu::linear(pool_, w.qkv.view.rows(q_dim, 2 * kv_dim), xn_.data(), 1, k);
     } else {
       cpu::linear(pool_, w.qkv.view, xn_.data(), n, q);
       cpu::apply_rope(q, n, qkv_dim, config_.num_heads, config_.head_dim, cos_.data(),
@@ -253,7 +287,9 @@ class CpuBackend final : public Backend {
 
   ModelConfig config_;
   cpu::ThreadPool pool_;
-  std::vector<float> embed_, final_norm_, lm_head_, inv_freq_;
+  WeightMatrix embed_;
+  std::optional<WeightMatrix> lm_head_;  // none when tied to the embedding
+  std::vector<float> final_norm_, inv_freq_;
   std::vector<CpuLayer> layers_;
   LinearWeights lm_head_view_;
 
@@ -279,11 +315,13 @@ class CpuBackend final : public Backend {
 
 std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& config, const ModelView& model,
                                           int max_seq_len, int num_threads, DType dtype) {
-  if (dtype != DType::F32) {
-    throw std::invalid_argument(std::string("dtype ") + dtype_name(dtype) +
-                                " is not supported by the CPU backend yet (float32 only)");
+  if (dtype == DType::F16) {
+    throw std::invalid_argument(
+        "dtype float16 is not supported by the CPU backend (float32 or bfloat16)");
   }
-  return std::make_unique<CpuBackend>(config, model, max_seq_len, num_threads);
+  const cpu::WeightType storage =
+      dtype == DType::BF16 ? cpu::WeightType::BF16 : cpu::WeightType::F32;
+  return std::make_unique<CpuBackend>(config, model, max_seq_len, num_threads, storage);
 }
 
 }  // namespace ffnskip

@@ -1,17 +1,42 @@
-// Linear layers y = x W^T + b on fp32 weights: a GEMV for one token, a blocked GEMM for many.
+// Linear layers y = x W^T + b with fp32 or bf16 weights and fp32 activations and
+// accumulation: a GEMV for one token, a blocked GEMM for many.
 #pragma once
 
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include "thread_pool.h"
 
 namespace ffnskip::cpu {
 
+enum class WeightType { F32, BF16 };
+
+// bf16 is the top half of an fp32: widening is a shift, narrowing rounds to nearest even.
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof(f));
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // finite inputs only
+}
+
+std::vector<uint16_t> to_bf16(const float* data, int64_t count);
+
 struct LinearWeights {
-  const float* weight = nullptr;  // [out, in], row-major
-  const float* bias = nullptr;    // [out] or null
+  const void* weight = nullptr;  // [out, in], row-major, of `type`
+  const float* bias = nullptr;   // [out] or null
   int64_t out = 0;
   int64_t in = 0;
+  WeightType type = WeightType::F32;
+
+  // Rows [first, first + count) as a linear of their own.
+  LinearWeights rows(int64_t first, int64_t count) const;
 };
 
 enum class Output { Overwrite, Accumulate };
