@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--warmup-tokens", type=int, default=32)
     cal.add_argument("--tolerance", type=float, default=0.02)
     cal.set_defaults(func=_calibrate)
+    from .eval.cli import add_eval_parser
+    add_eval_parser(sub)
     return parser
 
 

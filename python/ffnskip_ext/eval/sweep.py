@@ -1,0 +1,100 @@
+"""The policies of a sweep, matched at target skip ratios (default 10%, 20%, 30%); the
+matching rule is ``MATCHING`` (also printed in every report)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ..calibration import block_influence, calibrate, rank_layers_for_drop
+from ..decoder import Decoder
+from ..generate import Message
+from ..policies import EarlyExit, LayerDrop, RandomFFNSkip, StaticFFNSkip
+from .harness import DENSE_SPEC, PolicySpec
+
+DEFAULT_TARGETS = (0.1, 0.2, 0.3)
+
+MATCHING = """\
+How methods are matched at a target ratio r on an L-layer model, with k = round(r * L):
+
+- ``static_ffn``: the FFNs of a contiguous window of k middle layers (the authors'
+  non-adaptive baseline), skipped on every decode token: exactly k/L of the FFN blocks;
+- ``random_ffn``: k random FFNs per decode token (seeded) among the layers outside the
+  default cold regions (about L/6 at each end): exactly k/L;
+- ``layer_drop``: the k layers of lowest Block Influence, measured densely on train-split
+  prose (ShortGPT); whole layers, attention included, for every token, prompt included:
+  k/L of the FFN blocks and of the layers;
+- ``early_exit``: every decode token runs the first L-k layers and copies its state up:
+  k/L of the FFN blocks, and the last k layers run only their K/V projections;
+- ``ffn_skip`` (FFN-SkipLLM): ``calibration.calibrate`` searches the threshold for the
+  budgets ceil(1.5 r L) and unlimited, teacher-forced on calibration prompts, to reach r
+  over all decode tokens (warm-up included), and keeps the candidate that agrees best with
+  dense decoding. Its ratio on the evaluated tasks is measured, not fixed, and it is lower
+  on short answers, where warm-up tokens are a larger share.
+
+The FFN skip ratio (skipped FFN blocks / (decode tokens x L)) is the common axis; layer-level
+methods skip attention work as well, so at the same ratio they remove more compute.
+"""
+
+
+def skipped_blocks(target: float, num_layers: int) -> int:
+    """k = round(r * L), at least 1."""
+    return max(1, round(target * num_layers))
+
+
+def budget(target: float, num_layers: int) -> int:
+    """FFN-SkipLLM's skip budget K = ceil(1.5 r L): a token skips at most K FFNs, and warm-up
+    and interleaved dense tokens make up for the rest (skip-methods.md: K ~ r L 6/5 without
+    warm-up). Rounded first so that 1.5 * 0.2 * 30 = 9.000000000000002 gives 9."""
+    return math.ceil(round(1.5 * target * num_layers, 6))
+
+
+def middle_window(count: int, num_layers: int) -> list[int]:
+    start = (num_layers - count) // 2
+    return list(range(start, start + count))
+
+
+def sweep_specs(
+    decoder: Decoder,
+    tokenizer: Any,
+    targets: Sequence[float],
+    calibration_prompts: Sequence[Sequence[Message]],
+    influence_sequences: Sequence[Sequence[int]],
+    *,
+    seed: int = 0,
+    warmup_tokens: int = 4,
+    calibration_tokens: int = 40,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[PolicySpec]:
+    """Dense plus every method at every target; a target FFN-SkipLLM cannot reach on the
+    calibration prompts is reported through ``log`` and left out."""
+    layers = decoder.config.num_layers
+    influence = block_influence(decoder, influence_sequences)
+    specs = [DENSE_SPEC]
+    for target in targets:
+        if not 0 < target < 1:
+            raise ValueError(f"targets must be in (0, 1), got {target}")
+        k = skipped_blocks(target, layers)
+        if k >= layers:
+            raise ValueError(f"target {target} leaves no layer of {layers}")
+        label = f"{round(target * 100)}"
+        try:
+            policy = calibrate(decoder, tokenizer, calibration_prompts, target,
+                               max_new_tokens=calibration_tokens, warmup_tokens=warmup_tokens,
+                               budgets=(budget(target, layers), None),
+                               progress=progress)
+            specs.append(PolicySpec(f"ffn_skip@{label}", policy, "ffn_skip", target))
+        except ValueError as e:
+            log(f"FFN-SkipLLM at {target:.0%} left out: {e}")
+        specs += [
+            PolicySpec(f"static_ffn@{label}", StaticFFNSkip(middle_window(k, layers)),
+                       "static_ffn", target),
+            PolicySpec(f"random_ffn@{label}", RandomFFNSkip(k=k, seed=seed), "random_ffn",
+                       target),
+            PolicySpec(f"layer_drop@{label}", LayerDrop(rank_layers_for_drop(influence, k)),
+                       "layer_drop", target),
+            PolicySpec(f"early_exit@{label}", EarlyExit(layers - k), "early_exit", target),
+        ]
+    return specs

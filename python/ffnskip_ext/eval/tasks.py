@@ -1,0 +1,184 @@
+"""Task sets: the JSONL formats, their loaders and the bundled files.
+
+Every file has one JSON object per line (blank lines are ignored). Fields common to all:
+
+- ``id`` (string, unique within the file);
+- ``split`` (optional, ``"train"`` or ``"test"``, default ``"test"``): about a quarter of every
+  bundled set is ``train``, for calibration and for training routers; evaluation uses ``test``.
+
+Task-specific fields (all required unless marked optional):
+
+===============  ==========================  ================================================
+task             file (bundled)              fields
+===============  ==========================  ================================================
+``qa``           ``qa.jsonl``                ``question`` (string), ``answers`` (non-empty
+                                             list of strings: accepted short answers),
+                                             ``topic``, ``difficulty`` (optional strings)
+``summarization`` ``summarization.jsonl``    ``passage`` (string), ``summary`` (reference)
+``chat``         ``chat.jsonl``              ``turns`` (non-empty list of user messages; the
+                                             model's own answers go between them),
+                                             ``system`` (optional string)
+``perplexity``   ``prose.jsonl``             ``text`` (string of ordinary prose)
+===============  ==========================  ================================================
+
+Example lines::
+
+    {"id": "qa-001", "split": "test", "question": "What is the capital of France?",
+     "answers": ["Paris"], "topic": "geography", "difficulty": "easy"}
+    {"id": "chat-01", "split": "test", "turns": ["Give me three ideas ...", "Which of ..."]}
+
+A malformed line raises ``ValueError("FILE:LINE: what is wrong")``; unknown fields are
+rejected too, so a misspelt field name does not pass silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+SPLITS = ("train", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class QAItem:
+    id: str
+    split: str
+    question: str
+    answers: tuple[str, ...]
+    topic: str | None = None
+    difficulty: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SummaryItem:
+    id: str
+    split: str
+    passage: str
+    summary: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatItem:
+    id: str
+    split: str
+    turns: tuple[str, ...]
+    system: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ProseItem:
+    id: str
+    split: str
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFormat:
+    item: type
+    file: str
+    required: dict[str, str]  # field -> "str" or "list" (of non-empty strings)
+    optional: dict[str, str]
+
+
+TASKS: dict[str, TaskFormat] = {
+    "qa": TaskFormat(QAItem, "qa.jsonl", {"question": "str", "answers": "list"},
+                     {"topic": "str", "difficulty": "str"}),
+    "summarization": TaskFormat(SummaryItem, "summarization.jsonl",
+                                {"passage": "str", "summary": "str"}, {}),
+    "chat": TaskFormat(ChatItem, "chat.jsonl", {"turns": "list"}, {"system": "str"}),
+    "perplexity": TaskFormat(ProseItem, "prose.jsonl", {"text": "str"}, {}),
+}
+
+
+def bundled_path(task: str) -> str:
+    """The task file shipped with the package."""
+    return str(resources.files("ffnskip_ext.eval") / "data" / _format(task).file)
+
+
+def load_task(task: str, path: str | os.PathLike[str] | None = None) -> list[Any]:
+    """The items of a task file (the bundled one when ``path`` is None)."""
+    fmt = _format(task)
+    path = os.fspath(path) if path is not None else bundled_path(task)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{task} task file not found: {path}")
+    items: list[Any] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            item = _parse(fmt, line, where)
+            if item.id in seen:
+                raise ValueError(f"{where}: duplicate id {item.id!r}")
+            seen.add(item.id)
+            items.append(item)
+    if not items:
+        raise ValueError(f"{path}: no items")
+    return items
+
+
+def select(items: Sequence[Any], split: str | None, limit: int | None, seed: int) -> list[Any]:
+    """Items of ``split`` (None: all), in an order shuffled by ``seed``, the first ``limit``
+    (None: all). The same seed and limit always give the same subset."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    chosen = [item for item in items if split is None or item.split == split]
+    random.Random(seed).shuffle(chosen)
+    return chosen[:limit] if limit is not None else chosen
+
+
+def _format(task: str) -> TaskFormat:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+    return TASKS[task]
+
+
+def _parse(fmt: TaskFormat, line: str, where: str) -> Any:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON ({e.msg})") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    known = {"id", "split", *fmt.required, *fmt.optional}
+    unknown = sorted(set(record) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)} "
+                         f"(expected {', '.join(sorted(known))})")
+    missing = [k for k in ("id", *fmt.required) if k not in record]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+    split = record.get("split", "test")
+    if split not in SPLITS:
+        raise ValueError(f"{where}: split must be one of {SPLITS}, got {split!r}")
+    values: dict[str, Any] = {"id": _string(record, "id", where), "split": split}
+    for name, kind in {**fmt.required, **fmt.optional}.items():
+        if name not in record:
+            continue
+        values[name] = _string(record, name, where) if kind == "str" else _strings(
+            record, name, where)
+    return fmt.item(**values)
+
+
+def _string(record: dict[str, Any], name: str, where: str) -> str:
+    value = record[name]
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: {name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _strings(record: dict[str, Any], name: str, where: str) -> tuple[str, ...]:
+    value = record[name]
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, str) and v.strip() for v in value)):
+        raise ValueError(f"{where}: {name} must be a non-empty list of non-empty strings, "
+                         f"got {value!r}")
+    return tuple(value)
