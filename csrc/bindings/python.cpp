@@ -77,6 +77,30 @@ PolicyKind to_policy_kind(const std::string& name) {
   throw std::invalid_argument("unknown policy kind '" + name + "'");
 }
 
+// The keyword arguments of Policy.engine_args() (python/ffnskip_ext/policies.py); fields not
+// given keep SkipRule's defaults.
+SkipPolicy to_skip_policy(const py::kwargs& args, int num_layers) {
+  SkipPolicy policy;
+  SkipRule& r = policy.rule;
+  r.num_layers = num_layers;
+  for (const auto& item : args) {
+    const auto key = item.first.cast<std::string>();
+    const py::handle value = item.second;
+    if (key == "kind") r.kind = to_policy_kind(value.cast<std::string>());
+    else if (key == "threshold") r.threshold = value.cast<float>();
+    else if (key == "warmup_tokens") r.warmup_tokens = value.cast<int>();
+    else if (key == "full_token_interval") r.full_token_interval = value.cast<int>();
+    else if (key == "max_skips") r.max_skips = value.cast<int>();
+    else if (key == "cold_start") r.cold_start = value.cast<int>();
+    else if (key == "cold_end") r.cold_end = value.cast<int>();
+    else if (key == "exit_layer") r.exit_layer = value.cast<int>();
+    else if (key == "seed") r.seed = value.cast<uint64_t>();
+    else if (key == "layers") policy.layers = value.cast<std::vector<int32_t>>();
+    else throw std::invalid_argument("unknown policy field '" + key + "'");
+  }
+  return policy;
+}
+
 template <typename T>
 py::array_t<T> to_array(const std::vector<T>& values) {
   return py::array_t<T>(static_cast<py::ssize_t>(values.size()), values.data());
@@ -142,18 +166,12 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "simulate_ffn_skip",
-      [](const FloatArray& scores, float threshold, int warmup_tokens, int full_token_interval,
-         int max_skips, int cold_start, int cold_end, int64_t first_decode_index) {
+      [](const FloatArray& scores, int64_t first_decode_index, const py::kwargs& args) {
         if (scores.ndim() != 2) throw std::invalid_argument("scores must be [tokens, layers]");
-        SkipPolicy policy;
-        policy.rule.kind = PolicyKind::FFNSkip;
-        policy.rule.num_layers = static_cast<int>(scores.shape(1));
-        policy.rule.threshold = threshold;
-        policy.rule.warmup_tokens = warmup_tokens;
-        policy.rule.full_token_interval = full_token_interval;
-        policy.rule.max_skips = max_skips;
-        policy.rule.cold_start = cold_start;
-        policy.rule.cold_end = cold_end;
+        const SkipPolicy policy = to_skip_policy(args, static_cast<int>(scores.shape(1)));
+        if (policy.rule.kind != PolicyKind::FFNSkip) {
+          throw std::invalid_argument("simulate_ffn_skip needs an ffn_skip policy");
+        }
         policy.validate(policy.rule.num_layers);
         const std::vector<uint8_t> skipped = simulate_ffn_skip(
             policy.rule, scores.data(), static_cast<int>(scores.shape(0)), first_decode_index);
@@ -161,9 +179,7 @@ PYBIND11_MODULE(_core, m) {
         std::copy(skipped.begin(), skipped.end(), out.mutable_data());
         return out;
       },
-      py::arg("scores"), py::arg("threshold"), py::arg("warmup_tokens"),
-      py::arg("full_token_interval"), py::arg("max_skips"), py::arg("cold_start"),
-      py::arg("cold_end"), py::arg("first_decode_index") = 0);
+      py::arg("scores"), py::arg("first_decode_index") = 0);
 
   py::class_<Decoder>(m, "Engine")
       .def(py::init(&make_decoder), py::arg("config"), py::arg("weights"),
@@ -201,28 +217,11 @@ PYBIND11_MODULE(_core, m) {
            },
            py::arg("token_id"))
       .def("set_policy",
-           [](Decoder& d, const std::string& kind, float threshold, int warmup_tokens,
-              int full_token_interval, int max_skips, int cold_start, int cold_end,
-              int exit_layer, uint64_t seed, std::vector<int32_t> layers) {
-             SkipPolicy policy;
-             policy.rule.kind = to_policy_kind(kind);
-             policy.rule.num_layers = d.config().num_layers;
-             policy.rule.threshold = threshold;
-             policy.rule.warmup_tokens = warmup_tokens;
-             policy.rule.full_token_interval = full_token_interval;
-             policy.rule.max_skips = max_skips;
-             policy.rule.cold_start = cold_start;
-             policy.rule.cold_end = cold_end;
-             policy.rule.exit_layer = exit_layer;
-             policy.rule.seed = seed;
-             policy.layers = std::move(layers);
+           [](Decoder& d, const py::kwargs& args) {
+             const SkipPolicy policy = to_skip_policy(args, d.config().num_layers);
              py::gil_scoped_release release;
              d.set_policy(policy);
-           },
-           py::arg("kind"), py::arg("threshold") = 0.95f, py::arg("warmup_tokens") = 0,
-           py::arg("full_token_interval") = 0, py::arg("max_skips") = 0,
-           py::arg("cold_start") = 0, py::arg("cold_end") = 0, py::arg("exit_layer") = 0,
-           py::arg("seed") = 0, py::arg("layers") = std::vector<int32_t>{})
+           })
       .def("stats",
            [](const Decoder& d) {
              const DecodeStats s = d.stats();

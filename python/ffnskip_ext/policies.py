@@ -245,6 +245,6 @@ def simulate_ffn_skip(
     scores = np.ascontiguousarray(scores, dtype=np.float32)
     if scores.ndim != 2:
         raise ValueError(f"scores must be [tokens, layers], got shape {scores.shape}")
-    args = policy.engine_args(scores.shape[1])
-    args.pop("kind")
-    return _core.simulate_ffn_skip(scores, first_decode_index=first_decode_index, **args)
+    return _core.simulate_ffn_skip(
+        scores, first_decode_index=first_decode_index, **policy.engine_args(scores.shape[1])
+    )
