@@ -148,6 +148,7 @@ function(ffnskip_add_cuda_backend core_target)
     ${cuda_dir}/norm.cu
     ${cuda_dir}/prefill_attention.cu
     ${cuda_dir}/rope.cu
+    ${cuda_dir}/router.cu
     ${cuda_dir}/score.cu
     ${cuda_dir}/swiglu.cu
   )

@@ -74,7 +74,14 @@ PolicyKind to_policy_kind(const std::string& name) {
   if (name == "random_ffn") return PolicyKind::RandomFFN;
   if (name == "layer_drop") return PolicyKind::LayerDrop;
   if (name == "early_exit") return PolicyKind::EarlyExit;
+  if (name == "first") return PolicyKind::FiRST;
   throw std::invalid_argument("unknown policy kind '" + name + "'");
+}
+
+std::vector<float> flat_floats(const py::handle& value) {
+  const auto array = FloatArray::ensure(value);
+  if (!array) throw std::invalid_argument("expected an array of floats");
+  return std::vector<float>(array.data(), array.data() + array.size());
 }
 
 // The keyword arguments of Policy.engine_args() (python/ffnskip_ext/policies.py); fields not
@@ -96,6 +103,8 @@ SkipPolicy to_skip_policy(const py::kwargs& args, int num_layers) {
     else if (key == "exit_layer") r.exit_layer = value.cast<int>();
     else if (key == "seed") r.seed = value.cast<uint64_t>();
     else if (key == "layers") policy.layers = value.cast<std::vector<int32_t>>();
+    else if (key == "router_weight") policy.router_weight = flat_floats(value);
+    else if (key == "router_bias") policy.router_bias = flat_floats(value);
     else throw std::invalid_argument("unknown policy field '" + key + "'");
   }
   return policy;
@@ -232,6 +241,9 @@ PYBIND11_MODULE(_core, m) {
              out["ffn_skipped"] = to_array(s.ffn_skipped);
              out["ffn_skipped_after_warmup"] = to_array(s.ffn_skipped_after_warmup);
              out["layer_skipped"] = to_array(s.layer_skipped);
+             out["layer_active"] = to_array(s.layer_active).attr("astype")("bool");
+             out["router_gate"] = to_array(s.router_gate);
+             out["kv_cache_bytes"] = s.kv_cache_bytes;
              return out;
            })
       .def("reset_stats", &Decoder::reset_stats)

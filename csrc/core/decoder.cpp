@@ -151,7 +151,18 @@ void Decoder::account(const StepRecord& record) {
 
 void Decoder::set_policy(const SkipPolicy& policy) {
   std::lock_guard<std::mutex> lock(mutex_);
-  policy.validate(config_.num_layers);
+  policy.validate(config_.num_layers, config_.hidden_size);
+  if (policy_.rule.kind == PolicyKind::FiRST && policy.rule.kind != PolicyKind::FiRST &&
+      position_ > 0) {
+    std::vector<uint8_t> active;
+    std::vector<float> gate;
+    backend_->sequence_layers(active, gate);
+    if (std::find(active.begin(), active.end(), 0) != active.end()) {
+      throw std::invalid_argument(
+          "the cache holds no K/V of the layers FiRST skipped in this sequence: call reset() "
+          "before leaving the FiRST policy");
+    }
+  }
   backend_->set_policy(policy, tracing_);
   policy_ = policy;
 }
@@ -163,7 +174,10 @@ SkipPolicy Decoder::policy() const {
 
 DecodeStats Decoder::stats() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return stats_;
+  DecodeStats stats = stats_;
+  backend_->sequence_layers(stats.layer_active, stats.router_gate);
+  stats.kv_cache_bytes = backend_->kv_cache_bytes();
+  return stats;
 }
 
 void Decoder::reset_stats() {

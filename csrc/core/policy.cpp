@@ -19,7 +19,13 @@ bool contains(const std::vector<int32_t>& sorted, int layer) {
 
 }  // namespace
 
-void SkipPolicy::validate(int num_layers) const {
+float router_threshold_logit(float threshold) {
+  if (threshold <= 0.0f) return -INFINITY;
+  if (threshold >= 1.0f) return INFINITY;
+  return std::log(threshold / (1.0f - threshold));
+}
+
+void SkipPolicy::validate(int num_layers, int hidden_size) const {
   const SkipRule& r = rule;
   const std::string n = std::to_string(num_layers);
   require(r.num_layers == num_layers, "num_layers",
@@ -55,6 +61,24 @@ void SkipPolicy::validate(int num_layers) const {
       require(r.exit_layer >= 1 && r.exit_layer <= num_layers, "exit_layer",
               "must be in [1, " + n + "], got " + std::to_string(r.exit_layer));
       break;
+    case PolicyKind::FiRST: {
+      require(std::isfinite(r.threshold) && r.threshold >= 0.0f && r.threshold <= 1.0f,
+              "threshold", "must be in [0, 1]");
+      require(router_bias.size() == static_cast<size_t>(num_layers), "routers",
+              "have " + std::to_string(router_bias.size()) + " biases, the model has " + n +
+                  " layers");
+      if (hidden_size > 0) {
+        const size_t expected = static_cast<size_t>(num_layers) * hidden_size;
+        require(router_weight.size() == expected, "routers",
+                "have " + std::to_string(router_weight.size()) + " weights, expected " + n +
+                    " x " + std::to_string(hidden_size));
+      }
+      const auto finite = [](float v) { return std::isfinite(v); };
+      require(std::all_of(router_weight.begin(), router_weight.end(), finite) &&
+                  std::all_of(router_bias.begin(), router_bias.end(), finite),
+              "routers", "contain NaN or infinite values");
+      break;
+    }
     default:
       throw std::invalid_argument("invalid policy: unknown kind");
   }
@@ -89,6 +113,9 @@ LayerPlan plan_layer(const SkipPolicy& policy, int layer, bool decode) {
         plan.attention = AttentionMode::KVOnly;
         plan.ffn = FFNMode::Skip;
       }
+      break;
+    case PolicyKind::FiRST:
+      plan.routed = true;
       break;
   }
   return plan;

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -135,8 +136,11 @@ class CpuBackend final : public Backend {
     lm_head_view_ = {head.data(), nullptr, config.vocab_size, config.hidden_size, storage};
 
     kv_layer_stride_ = static_cast<int64_t>(max_seq_len) * config.kv_dim();
-    k_cache_.resize(kv_layer_stride_ * config.num_layers);
-    v_cache_.resize(kv_layer_stride_ * config.num_layers);
+    kv_.resize(config.num_layers);
+    layer_active_.resize(config.num_layers);
+    router_gate_.resize(config.num_layers);
+    router_mean_.resize(config.hidden_size);
+    run_every_layer();
     scratch_.resize(static_cast<size_t>(pool_.size()) * max_seq_len);
     before_ffn_.resize(config.hidden_size);
     layer_input_.resize(config.hidden_size);
@@ -172,9 +176,14 @@ class CpuBackend final : public Backend {
   }
 
   void attention_block(int layer) override {
-    const AttentionMode mode = (*plan_)[layer].attention;
+    const LayerPlan& plan = (*plan_)[layer];
+    const AttentionMode mode = plan.attention;
+    const bool routing = plan.routed && pos_ == 0;
+    if (layer_off(layer) && !routing) {
+      if (record_) record_->layer_skipped[layer] = 1;
+      return;
+    }
     if (mode != AttentionMode::Run && record_) record_->layer_skipped[layer] = 1;
-    if (mode == AttentionMode::Skip) return;
     if (record_ && compute_scores_) {
       std::copy(x_.begin(), x_.begin() + config_.hidden_size, layer_input_.begin());
     }
@@ -185,6 +194,10 @@ class CpuBackend final : public Backend {
     const int kv_dim = config_.kv_dim();
     const int64_t qkv_dim = q_dim + 2 * kv_dim;
     cpu::rms_norm(x_.data(), w.attn_norm.data(), n, hidden, config_.rms_norm_eps, xn_.data());
+    if (routing && !route(layer)) {
+      if (record_) record_->layer_skipped[layer] = 1;
+      return;
+    }
     float* q = qkv_.data();
     float* k = q + q_dim;
     if (mode == AttentionMode::KVOnly) {
@@ -198,8 +211,8 @@ class CpuBackend final : public Backend {
     cpu::apply_rope(k, n, qkv_dim, config_.num_kv_heads, config_.head_dim, cos_.data(),
                     sin_.data());
 
-    float* k_cache = k_cache_.data() + layer * kv_layer_stride_;
-    float* v_cache = v_cache_.data() + layer * kv_layer_stride_;
+    float* k_cache = kv_[layer].k.get();
+    float* v_cache = kv_[layer].v.get();
     for (int t = 0; t < n; ++t) {
       const float* row = qkv_.data() + t * qkv_dim;
       std::memcpy(k_cache + static_cast<int64_t>(pos + t) * kv_dim, row + q_dim,
@@ -216,21 +229,41 @@ class CpuBackend final : public Backend {
 
   void ffn_block(int layer) override {
     run_ffn(layer);
-    if (record_ && compute_scores_ && (*plan_)[layer].attention != AttentionMode::Skip) {
+    if (record_ && compute_scores_ && !layer_off(layer)) {
       record_->layer_score[layer] = cosine(layer_input_.data(), x_.data());
     }
   }
 
   void set_policy(const SkipPolicy& policy, bool compute_scores) override {
+    // FiRST after FiRST keeps the sequence's routing: the decoder changes policies mid-sequence
+    // only so (or to toggle compute_scores), and a new sequence routes afresh anyway.
+    const bool keeps_routing =
+        policy.rule.kind == PolicyKind::FiRST && policy_.rule.kind == PolicyKind::FiRST;
     policy_ = policy;
     compute_scores_ = compute_scores;
     for (int l = 0; l < config_.num_layers; ++l) {
       prefill_plan_[l] = plan_layer(policy, l, false);
       decode_plan_[l] = plan_layer(policy, l, true);
     }
+    threshold_logit_ = router_threshold_logit(policy.rule.threshold);
+    if (!keeps_routing) run_every_layer();
   }
 
-  void reset_state() override { state_ = SkipState{}; }
+  void reset_state() override {
+    state_ = SkipState{};
+    run_every_layer();
+  }
+
+  void sequence_layers(std::vector<uint8_t>& active, std::vector<float>& gate) const override {
+    active = layer_active_;
+    gate = router_gate_;
+  }
+
+  int64_t kv_cache_bytes() const override {
+    int64_t layers = 0;
+    for (const LayerCache& c : kv_) layers += c.k ? 1 : 0;
+    return layers * 2 * kv_layer_stride_ * static_cast<int64_t>(sizeof(float));
+  }
 
  private:
   void run_ffn(int layer) {
@@ -260,7 +293,55 @@ class CpuBackend final : public Backend {
                             cpu::dot(b, b, hidden));
   }
 
+  // Dropped by the policy, or routed off for this sequence by FiRST.
+  bool layer_off(int layer) const {
+    const LayerPlan& plan = (*plan_)[layer];
+    return plan.attention == AttentionMode::Skip || (plan.routed && !layer_active_[layer]);
+  }
+
+  // FiRST at the first pass of a sequence: the router of `layer` reads the mean over the
+  // pass's tokens (kRouterPromptTokens at most) of the layer's input norm (in xn_) and decides
+  // for the whole sequence.
+  bool route(int layer) {
+    const int hidden = config_.hidden_size;
+    const int tokens = std::min(n_, kRouterPromptTokens);
+    std::fill(router_mean_.begin(), router_mean_.end(), 0.0f);
+    for (int t = 0; t < tokens; ++t) {
+      cpu::axpy(1.0f, xn_.data() + static_cast<int64_t>(t) * hidden, router_mean_.data(), hidden);
+    }
+    for (float& v : router_mean_) v /= static_cast<float>(tokens);
+    const float logit =
+        cpu::dot(policy_.router_weight.data() + static_cast<int64_t>(layer) * hidden,
+                 router_mean_.data(), hidden) + policy_.router_bias[layer];
+    const bool keep = router_keeps_layer(logit, threshold_logit_);
+    router_gate_[layer] = 1.0f / (1.0f + std::exp(-logit));
+    layer_active_[layer] = keep ? 1 : 0;
+    if (keep) {
+      allocate_kv(layer);
+    } else {
+      kv_[layer] = LayerCache{};  // a skipped layer holds no KV cache for this sequence
+    }
+    return keep;
+  }
+
+  // Every layer runs (with its cache) until a FiRST pass routes the sequence.
+  void run_every_layer() {
+    std::fill(layer_active_.begin(), layer_active_.end(), 1);
+    std::fill(router_gate_.begin(), router_gate_.end(), NAN);
+    for (int l = 0; l < config_.num_layers; ++l) allocate_kv(l);
+  }
+
+  // Uninitialised: positions are written before they are read, and untouched pages cost no
+  // memory.
+  void allocate_kv(int layer) {
+    LayerCache& c = kv_[layer];
+    if (c.k) return;
+    c.k.reset(new float[kv_layer_stride_]);
+    c.v.reset(new float[kv_layer_stride_]);
+  }
+
   bool skip_ffn(int layer) {
+    if ((*plan_)[layer].routed && !layer_active_[layer]) return true;
     switch ((*plan_)[layer].ffn) {
       case FFNMode::Run: return false;
       case FFNMode::Skip: return true;
@@ -293,8 +374,12 @@ class CpuBackend final : public Backend {
   std::vector<CpuLayer> layers_;
   LinearWeights lm_head_view_;
 
+  struct LayerCache {
+    std::unique_ptr<float[]> k, v;
+  };
   int64_t kv_layer_stride_ = 0;
-  std::vector<float> k_cache_, v_cache_, scratch_;
+  std::vector<LayerCache> kv_;  // per layer; empty for a layer FiRST skips
+  std::vector<float> scratch_;
   int capacity_ = 0;
   std::vector<float> before_ffn_;   // a_l of a decode step, for the saturation score
   std::vector<float> layer_input_;  // x_l of a decode step, for the layer score
@@ -303,6 +388,10 @@ class CpuBackend final : public Backend {
   bool compute_scores_ = false;
   std::vector<LayerPlan> prefill_plan_, decode_plan_;
   SkipState state_;
+  float threshold_logit_ = 0.0f;       // FiRST
+  std::vector<uint8_t> layer_active_;  // FiRST: the current sequence's routing
+  std::vector<float> router_gate_;
+  std::vector<float> router_mean_;
 
   // The current pass.
   int n_ = 0, pos_ = 0;

@@ -8,7 +8,8 @@
 // adaptive and random policies are made on the device by the FFN's RMSNorm kernel, which writes
 // a flag; the FFN's other kernels read the flag first and return at once when it is set, so a
 // skipped FFN reads none of its weights (ffn_gate.cuh). The logits and the step record come
-// back with one copy and one sync.
+// back with one copy and one sync. FiRST routes a sequence on the device in the pass that starts
+// it, and the routed layers' kernels read the resulting per-layer flag (router.cuh).
 #include "cuda_backend.h"
 
 #include <cublas_v2.h>
@@ -37,6 +38,7 @@
 #include "norm.cuh"
 #include "prefill_attention.cuh"
 #include "rope.cuh"
+#include "router.cuh"
 #include "score.cuh"
 #include "swiglu.cuh"
 
@@ -45,6 +47,7 @@ namespace ffnskip::cuda {
 namespace {
 
 constexpr int kMaxPrefillChunk = 512;  // tokens per prefill pass; longer prompts run in chunks
+static_assert(kMaxPrefillChunk >= kRouterPromptTokens, "FiRST routes on the first chunk");
 constexpr size_t kCublasWorkspaceBytes = 32u << 20;  // fixed, so that cuBLAS calls can be captured
 constexpr size_t kUploadStagingBytes = 64u << 20;
 constexpr size_t kArenaAlignment = 256;
@@ -308,8 +311,10 @@ class CudaBackend final : public Backend {
     for (int done = 0; done < n; done += count) {
       count = std::min(chunk_tokens_, n - done);
       upload_input(pos + done, tokens + done, count);
+      pass_routes_ = routes_sequence(pos + done);
       enqueue_pass(count, /*decode=*/false, layers);
     }
+    pass_routes_ = false;
     enqueue_logits(count - 1);
     CUDA_CHECK(cudaMemcpyAsync(host_output_.get(), step_out_,
                                sizeof(float) * config_.vocab_size, cudaMemcpyDeviceToHost,
@@ -333,6 +338,8 @@ class CudaBackend final : public Backend {
                                  cudaMemcpyDeviceToDevice, stream));
     }
     launch_rmsnorm(x_, n, hidden, w.attn_norm, config_.rms_norm_eps, xn_, stream);
+    const int32_t* layer_off = routed_flag(layer);
+    if (layer_off != nullptr && pass_routes_) route(layer, n);
 
     RopeKvArgs rope;
     rope.qkv = qkv_;
@@ -344,6 +351,7 @@ class CudaBackend final : public Backend {
     rope.head_dim = config_.head_dim;
     rope.q_dim = q_dim;
     rope.inv_freq = inv_freq_;
+    rope.skip_flag = layer_off;
     T* k_cache = k_cache_ + static_cast<int64_t>(layer) * max_seq_len_ * kv_dim;
     T* v_cache = v_cache_ + static_cast<int64_t>(layer) * max_seq_len_ * kv_dim;
 
@@ -352,12 +360,12 @@ class CudaBackend final : public Backend {
       kv.weight += static_cast<int64_t>(q_dim) * hidden;
       if (kv.bias != nullptr) kv.bias += q_dim;
       kv.rows = 2 * kv_dim;
-      linear(kv, xn_, n, qkv_ + q_dim, qkv_dim, /*accumulate=*/false, nullptr);
+      linear(kv, xn_, n, qkv_ + q_dim, qkv_dim, /*accumulate=*/false, layer_off);
       rope.q_heads = 0;
       launch_rope_kv_write(rope, k_cache, v_cache, stream);
       return;
     }
-    linear(w.qkv, xn_, n, qkv_, qkv_dim, /*accumulate=*/false, nullptr);
+    linear(w.qkv, xn_, n, qkv_, qkv_dim, /*accumulate=*/false, layer_off);
     launch_rope_kv_write(rope, k_cache, v_cache, stream);
     if (pass_decode_) {
       DecodeAttentionArgs attention;
@@ -368,6 +376,7 @@ class CudaBackend final : public Backend {
       attention.pos = pass_pos();
       attention.num_splits = num_splits_;
       attention.partial = attention_partial_;
+      attention.skip_flag = layer_off;
       launch_decode_attention(attention, k_cache, v_cache, attn_, stream);
     } else {
       PrefillAttentionArgs attention;
@@ -380,15 +389,15 @@ class CudaBackend final : public Backend {
       attention.head_dim = config_.head_dim;
       launch_prefill_attention(attention, k_cache, v_cache, attn_, stream);
     }
-    linear(w.o, attn_, n, x_, hidden, /*accumulate=*/true, nullptr);
+    residual_linear(w.o, attn_, n, layer_off);
   }
 
   void ffn_block(int layer) override {
     const LayerPlan layer_plan = plan(layer);
     run_ffn(layer, layer_plan.ffn);
     if (pass_decode_ && compute_scores_ && layer_plan.attention != AttentionMode::Skip) {
-      launch_cosine(layer_input_, x_, config_.hidden_size, record_layer_score() + layer,
-                    stream_.get());
+      launch_cosine(layer_input_, x_, config_.hidden_size, routed_flag(layer),
+                    record_layer_score() + layer, stream_.get());
     }
   }
 
@@ -414,14 +423,31 @@ class CudaBackend final : public Backend {
     CUDA_CHECK(cudaMemcpyAsync(step_out_ + out_layout_.score, nan_scores.data(),
                                sizeof(float) * nan_scores.size(), cudaMemcpyHostToDevice,
                                stream_.get()));
-    CUDA_CHECK(cudaMemcpyAsync(step_out_ + out_layout_.ffn_skipped, flags.data(), flags.size(),
-                               cudaMemcpyHostToDevice, stream_.get()));
+    // FiRST after FiRST keeps the sequence's routing and its flags: the decoder changes
+    // policies mid-sequence only so (or to toggle compute_scores), and a new sequence routes
+    // afresh anyway.
+    const bool keeps_routing =
+        policy.rule.kind == PolicyKind::FiRST && policy_.rule.kind == PolicyKind::FiRST;
+    if (!keeps_routing) {
+      CUDA_CHECK(cudaMemcpyAsync(step_out_ + out_layout_.ffn_skipped, flags.data(),
+                                 flags.size(), cudaMemcpyHostToDevice, stream_.get()));
+    }
+    if (policy.rule.kind == PolicyKind::FiRST) {
+      CUDA_CHECK(cudaMemcpyAsync(router_weight_, policy.router_weight.data(),
+                                 sizeof(float) * policy.router_weight.size(),
+                                 cudaMemcpyHostToDevice, stream_.get()));
+      CUDA_CHECK(cudaMemcpyAsync(router_bias_, policy.router_bias.data(),
+                                 sizeof(float) * policy.router_bias.size(),
+                                 cudaMemcpyHostToDevice, stream_.get()));
+    }
     policy_ = policy;
     compute_scores_ = compute_scores;
     scores_ = compute_scores || policy.rule.kind == PolicyKind::FFNSkip;
+    threshold_logit_ = router_threshold_logit(policy.rule.threshold);
     prefill_plan_ = std::move(prefill);
     decode_plan_ = std::move(decode);
     decode_graph_.reset();  // captured again, for this policy, at the next decode step
+    if (!keeps_routing) run_every_layer();
   }
 
   void reset_state() override {
@@ -429,7 +455,26 @@ class CudaBackend final : public Backend {
     const SkipState fresh;
     CUDA_CHECK(cudaMemcpyAsync(state_, &fresh, sizeof(fresh), cudaMemcpyHostToDevice,
                                stream_.get()));
+    run_every_layer();
   }
+
+  void sequence_layers(std::vector<uint8_t>& active, std::vector<float>& gate) const override {
+    DeviceGuard guard(device_);
+    const size_t layers = static_cast<size_t>(config_.num_layers);
+    std::vector<int32_t> off(layers);
+    gate.resize(layers);
+    CUDA_CHECK(cudaMemcpyAsync(off.data(), layer_off_, sizeof(int32_t) * layers,
+                               cudaMemcpyDeviceToHost, stream_.get()));
+    CUDA_CHECK(cudaMemcpyAsync(gate.data(), router_gate_, sizeof(float) * layers,
+                               cudaMemcpyDeviceToHost, stream_.get()));
+    CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+    active.resize(layers);
+    for (size_t l = 0; l < layers; ++l) active[l] = off[l] != 0 ? 0 : 1;
+  }
+
+  // The cache is one fixed allocation (captured graphs hold its addresses): FiRST's skipped
+  // layers neither write nor read theirs, but it stays allocated.
+  int64_t kv_cache_bytes() const override { return static_cast<int64_t>(kv_cache_bytes_); }
 
  private:
   // ---- setup ----
@@ -476,6 +521,7 @@ class CudaBackend final : public Backend {
     k_cache_ = arena.take<T>(cache);
     v_cache_ = arena.take<T>(cache);
     sizes.kv_cache = arena.size() - sizes.weights;
+    kv_cache_bytes_ = sizes.kv_cache;
 
     const size_t tokens = chunk_tokens_;  // rows of the per-token buffers
     x_ = arena.take<float>(tokens * hidden);
@@ -491,6 +537,11 @@ class CudaBackend final : public Backend {
     pass_input_ = arena.take<int32_t>(tokens + 1);
     state_ = arena.take<SkipState>(1);
     skip_flags_ = arena.take<int32_t>(c.num_layers);
+    residual_delta_ = arena.take<float>(tokens * hidden);
+    router_weight_ = arena.take<float>(static_cast<size_t>(c.num_layers) * hidden);
+    router_bias_ = arena.take<float>(c.num_layers);
+    layer_off_ = arena.take<int32_t>(c.num_layers);
+    router_gate_ = arena.take<float>(c.num_layers);
     step_out_ = arena.take<char>(out_layout_.bytes);
     cublas_workspace_ = arena.take<char>(kCublasWorkspaceBytes);
     sizes.buffers = arena.size() - sizes.weights - sizes.kv_cache;
@@ -653,12 +704,15 @@ class CudaBackend final : public Backend {
   void decode_step(int32_t token, int pos, const LayerLoop& layers, float* logits,
                    StepRecord& record) {
     upload_input(pos, &token, 1);
-    if (use_graphs_) {
+    // The graph never routes: a FiRST sequence that starts with a decode step runs it eagerly.
+    pass_routes_ = routes_sequence(pos);
+    if (use_graphs_ && !pass_routes_) {
       if (!decode_graph_) capture_decode_graph(layers);
       CUDA_CHECK(cudaGraphLaunch(decode_graph_.get(), stream_.get()));
     } else {
       enqueue_decode_step(layers);
     }
+    pass_routes_ = false;
     CUDA_CHECK(cudaMemcpyAsync(host_output_.get(), step_out_, out_layout_.bytes,
                                cudaMemcpyDeviceToHost, stream_.get()));
     CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
@@ -685,7 +739,7 @@ class CudaBackend final : public Backend {
     cudaStream_t stream = stream_.get();
     const int n = pass_tokens_;
     const int hidden = config_.hidden_size;
-    const int32_t* skip_flag = nullptr;
+    const int32_t* skip_flag = routed_flag(layer);
     if (mode == FFNMode::Adaptive || mode == FFNMode::Random) {  // decode steps only: n == 1
       FfnGate gate;
       gate.rule = policy_.rule;
@@ -706,8 +760,64 @@ class CudaBackend final : public Backend {
       launch_residual_add_score(x_, ffn_out_, hidden, state_, skip_flag, record_score() + layer,
                                 stream);
     } else {
-      linear(w.down, act_, n, x_, hidden, /*accumulate=*/true, skip_flag);
+      residual_linear(w.down, act_, n, skip_flag);
     }
+  }
+
+  // ---- FiRST ----
+
+  // The pass at `pos` routes the sequence: FiRST and the sequence's first pass.
+  bool routes_sequence(int pos) const { return policy_.rule.kind == PolicyKind::FiRST && pos == 0; }
+
+  // The device flag of a routed layer, or null.
+  const int32_t* routed_flag(int layer) const {
+    return plan(layer).routed ? layer_off_ + layer : nullptr;
+  }
+
+  // Decides `layer` for the sequence from the input norm of the pass's n tokens in xn_.
+  void route(int layer, int n) {
+    RouteArgs<T> r;
+    r.xn = xn_;
+    r.n = std::min(n, kRouterPromptTokens);
+    r.hidden = config_.hidden_size;
+    r.weight = router_weight_ + static_cast<int64_t>(layer) * config_.hidden_size;
+    r.bias = router_bias_ + layer;
+    r.threshold_logit = threshold_logit_;
+    r.layer_off = layer_off_ + layer;
+    r.gate = router_gate_ + layer;
+    r.ffn_skipped = record_ffn_skipped() + layer;
+    r.layer_skipped = record_ffn_skipped() + config_.num_layers + layer;
+    launch_route_layer(r, stream_.get());
+  }
+
+  // Every layer runs until a FiRST pass routes the sequence; the step record's flags of a
+  // routed sequence start clear.
+  void run_every_layer() {
+    const size_t layers = static_cast<size_t>(config_.num_layers);
+    CUDA_CHECK(cudaMemsetAsync(layer_off_, 0, sizeof(int32_t) * layers, stream_.get()));
+    const std::vector<float> nan_gates(layers, std::numeric_limits<float>::quiet_NaN());
+    CUDA_CHECK(cudaMemcpyAsync(router_gate_, nan_gates.data(), sizeof(float) * layers,
+                               cudaMemcpyHostToDevice, stream_.get()));
+    if (policy_.rule.kind == PolicyKind::FiRST) {  // no flag or score of the last sequence
+      CUDA_CHECK(cudaMemsetAsync(record_ffn_skipped(), 0, 2 * layers, stream_.get()));
+      const std::vector<float> nan_scores(2 * layers, std::numeric_limits<float>::quiet_NaN());
+      CUDA_CHECK(cudaMemcpyAsync(record_score(), nan_scores.data(), sizeof(float) * 2 * layers,
+                                 cudaMemcpyHostToDevice, stream_.get()));
+    }
+  }
+
+  // x += x_pass W^T + b. A routed layer's prefill linear (cuBLAS, which cannot read the flag)
+  // writes a delta that a gated kernel adds; one-token linears read the flag themselves.
+  void residual_linear(const DeviceLinear<T>& w, const T* x_pass, int n,
+                       const int32_t* skip_flag) {
+    const int hidden = config_.hidden_size;
+    if (skip_flag == nullptr || use_gemv(n, skip_flag)) {
+      linear(w, x_pass, n, x_, hidden, /*accumulate=*/true, skip_flag);
+      return;
+    }
+    linear(w, x_pass, n, residual_delta_, hidden, /*accumulate=*/false, nullptr);
+    launch_gated_residual_add(x_, residual_delta_, static_cast<int64_t>(n) * hidden, skip_flag,
+                              stream_.get());
   }
 
   // One-token linears run the GEMV, the only one that can read a skip flag (flags exist only
@@ -809,6 +919,12 @@ class CudaBackend final : public Backend {
   int32_t* pass_input_ = nullptr;  // [pos, tokens...]
   SkipState* state_ = nullptr;
   int32_t* skip_flags_ = nullptr;  // per layer: this step skips the FFN
+  float* residual_delta_ = nullptr;  // [chunk, hidden]: a routed layer's prefill output
+  float* router_weight_ = nullptr;   // FiRST: [layers, hidden]
+  float* router_bias_ = nullptr;     // FiRST: [layers]
+  int32_t* layer_off_ = nullptr;     // FiRST: per layer, 1 when this sequence skips it
+  float* router_gate_ = nullptr;     // FiRST: per layer, the gate (NaN until routed)
+  size_t kv_cache_bytes_ = 0;
   char* step_out_ = nullptr;       // logits, then the step record (out_layout_)
   char* cublas_workspace_ = nullptr;
 
@@ -817,8 +933,10 @@ class CudaBackend final : public Backend {
   bool compute_scores_ = false;
   bool scores_ = false;  // decode steps compute the FFN score (FFN-SkipLLM or compute_scores)
   std::vector<LayerPlan> prefill_plan_, decode_plan_;
+  float threshold_logit_ = 0.0f;  // FiRST
   int pass_tokens_ = 0;
   bool pass_decode_ = false;
+  bool pass_routes_ = false;  // this pass starts a FiRST sequence and routes its layers
 };
 
 }  // namespace

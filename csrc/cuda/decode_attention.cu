@@ -29,6 +29,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     decode_attention_split_kernel(const DecodeAttentionArgs a, const T* __restrict__ k_cache,
                                   const T* __restrict__ v_cache) {
+  if (a.skip_flag != nullptr && *a.skip_flag != 0) return;
   __shared__ float q_s[kMaxHeadsPerBlock][kMaxHeadDim];
   __shared__ float p_s[kMaxHeadsPerBlock][kKeysPerRound];
   __shared__ float max_s[kMaxHeadsPerBlock];
@@ -149,6 +150,7 @@ __global__ void __launch_bounds__(kThreads)
 // One block per q head: out = sum_s w_s o_s / sum_s w_s l_s with w_s = exp(max_s - max).
 template <typename T>
 __global__ void decode_attention_combine_kernel(const DecodeAttentionArgs a, T* __restrict__ out) {
+  if (a.skip_flag != nullptr && *a.skip_flag != 0) return;
   const int h = blockIdx.x;
   const int hd = a.head_dim;
   const int stride = partial_stride(hd);

@@ -22,6 +22,7 @@ struct DecodeAttentionArgs {
   const int32_t* pos = nullptr;  // device: position of the token; it attends to 0..pos
   int num_splits = 0;
   float* partial = nullptr;  // decode_attention_partial_floats() floats
+  const int32_t* skip_flag = nullptr;  // device, optional: when set, the kernels do nothing
 };
 
 // Splits that fill the GPU with about two blocks per multiprocessor.

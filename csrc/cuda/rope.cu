@@ -14,6 +14,7 @@ constexpr int kThreads = 256;
 template <typename T>
 __global__ void rope_kv_write_kernel(const RopeKvArgs a, T* __restrict__ k_cache,
                                      T* __restrict__ v_cache) {
+  if (a.skip_flag != nullptr && *a.skip_flag != 0) return;
   const int t = blockIdx.y;
   const int half = a.head_dim / 2;
   const int kv_dim = a.kv_heads * a.head_dim;

@@ -19,6 +19,7 @@ struct RopeKvArgs {
   int head_dim = 0;
   int q_dim = 0;
   const float* inv_freq = nullptr;  // [head_dim / 2]; angle = inv_freq[i] * float(position)
+  const int32_t* skip_flag = nullptr;  // device, optional: when set, the kernel does nothing
 };
 
 // k_cache, v_cache: [max_seq_len, kv_heads * head_dim] of one layer.

@@ -35,7 +35,11 @@ __global__ void __launch_bounds__(kThreads)
 
 __global__ void __launch_bounds__(kThreads)
     cosine_kernel(const float* __restrict__ a, const float* __restrict__ b, int hidden,
-                  float* out) {
+                  const int32_t* skip_flag, float* out) {
+  if (skip_flag != nullptr && *skip_flag != 0) {
+    if (threadIdx.x == 0) *out = quiet_nan();
+    return;
+  }
   __shared__ float scratch[kWarpSize];
   float ab = 0.0f, aa = 0.0f, bb = 0.0f;
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
@@ -58,8 +62,9 @@ void launch_residual_add_score(float* x, const float* ffn_out, int hidden, SkipS
   CUDA_CHECK_LAUNCH();
 }
 
-void launch_cosine(const float* a, const float* b, int hidden, float* out, cudaStream_t stream) {
-  cosine_kernel<<<1, kThreads, 0, stream>>>(a, b, hidden, out);
+void launch_cosine(const float* a, const float* b, int hidden, const int32_t* skip_flag,
+                   float* out, cudaStream_t stream) {
+  cosine_kernel<<<1, kThreads, 0, stream>>>(a, b, hidden, skip_flag, out);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -17,7 +17,9 @@ namespace ffnskip::cuda {
 void launch_residual_add_score(float* x, const float* ffn_out, int hidden, SkipState* state,
                                const int32_t* skip_flag, float* score_out, cudaStream_t stream);
 
-// *out = cos(a, b) (cosine_from_sums of the fp32 sums).
-void launch_cosine(const float* a, const float* b, int hidden, float* out, cudaStream_t stream);
+// *out = cos(a, b) (cosine_from_sums of the fp32 sums); NaN when skip_flag is non-null and set
+// (the layer did not run).
+void launch_cosine(const float* a, const float* b, int hidden, const int32_t* skip_flag,
+                   float* out, cudaStream_t stream);
 
 }  // namespace ffnskip::cuda

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 #include "ffnskip/policy.h"
 
@@ -38,8 +39,15 @@ class Backend {
   // compute cos(a_l, x_{l+1}) for every layer whose FFN runs (the adaptive rule always does)
   // and cos(x_l, x_{l+1}) for every layer that is not dropped.
   virtual void set_policy(const SkipPolicy& policy, bool compute_scores) = 0;
-  // The cache is emptied: decode tokens are counted from zero again (warm-up restarts).
+  // The cache is emptied: decode tokens are counted from zero again (warm-up restarts) and
+  // FiRST routes the next sequence afresh.
   virtual void reset_state() = 0;
+
+  // The current sequence's FiRST routing: per layer 1 when the layer runs, and its router's
+  // gate (NaN until a FiRST pass has routed it; every layer runs under other policies).
+  virtual void sequence_layers(std::vector<uint8_t>& active, std::vector<float>& gate) const = 0;
+  // KV cache allocated now; FiRST releases the cache of the layers a sequence skips.
+  virtual int64_t kv_cache_bytes() const = 0;
 };
 
 }  // namespace ffnskip

@@ -39,6 +39,10 @@ struct DecodeStats {
   std::vector<int64_t> ffn_run, ffn_skipped;      // per layer
   std::vector<int64_t> layer_skipped;             // per layer: attention skipped or K/V only
   std::vector<int64_t> ffn_skipped_after_warmup;  // per layer
+  // The current sequence (not counters): FiRST's routing and the KV cache allocated.
+  std::vector<uint8_t> layer_active;  // per layer: 1 when it runs for this sequence
+  std::vector<float> router_gate;     // per layer: FiRST gate, NaN when not routed
+  int64_t kv_cache_bytes = 0;
 };
 
 class Decoder {
@@ -61,7 +65,10 @@ class Decoder {
   // Appends one token; writes its logits.
   void step(int32_t token, float* logits_out);
 
-  // Validates, then applies to later steps; on error the previous policy stays.
+  // Validates, then applies to later steps; on error the previous policy stays. A FiRST
+  // policy routes whole sequences: set mid-sequence, it routes from the next sequence on (every
+  // layer runs until then), and leaving it mid-sequence is refused when it skipped layers
+  // (their K/V are missing).
   void set_policy(const SkipPolicy& policy);
   SkipPolicy policy() const;
 

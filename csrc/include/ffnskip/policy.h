@@ -13,10 +13,21 @@ struct SkipPolicy {
   SkipRule rule;
   // StaticFFN: the FFN blocks skipped; LayerDrop: the layers dropped. Sorted, unique.
   std::vector<int32_t> layers;
+  // FiRST: one router per layer, weights [num_layers, hidden_size] row-major and biases.
+  std::vector<float> router_weight;
+  std::vector<float> router_bias;
 
-  // Throws std::invalid_argument naming the offending field.
-  void validate(int num_layers) const;
+  // Throws std::invalid_argument naming the offending field. hidden_size 0 skips the router
+  // shape check (for rules checked without a model).
+  void validate(int num_layers, int hidden_size = 0) const;
 };
+
+// FiRST routers average the first pass's input norm over at most this many tokens (the
+// prompt's first prefill chunk on CUDA), on every backend.
+constexpr int kRouterPromptTokens = 512;
+
+// log(t / (1 - t)) for a FiRST threshold t in [0, 1] (+-infinity at the ends).
+float router_threshold_logit(float threshold);
 
 enum class AttentionMode : uint8_t {
   Run,     // attention sub-block as usual
@@ -34,10 +45,14 @@ enum class FFNMode : uint8_t {
 struct LayerPlan {
   AttentionMode attention = AttentionMode::Run;
   FFNMode ffn = FFNMode::Run;
+  // FiRST: the whole layer runs or not as its router decided for the current sequence; the
+  // pass that starts the sequence (position 0) routes it.
+  bool routed = false;
 };
 
 // What `layer` does in a prefill pass (decode = false) or a decode step (decode = true).
-// Prefill never skips, except layer drop, whose layers do not exist for any token.
+// Prefill never skips, except layer drop, whose layers do not exist for any token, and FiRST,
+// whose decisions hold for the prompt too.
 LayerPlan plan_layer(const SkipPolicy& policy, int layer, bool decode);
 
 // The FFN-SkipLLM decisions for `tokens` decode steps given every layer's score

@@ -21,13 +21,15 @@ enum class PolicyKind : int32_t {
   RandomFFN = 3,   // K random eligible FFN blocks per decode token (seeded)
   LayerDrop = 4,   // whole layers removed for every token, prefill included (no K/V)
   EarlyExit = 5,   // layers >= exit_layer skipped; their K/V come from the exit hidden state
+  FiRST = 6,       // per-sequence layer routers decide at the first pass which layers run
 };
 
 // Scalar parameters of a policy (per-layer sets live in SkipPolicy::layers, see policy.h).
 struct SkipRule {
   PolicyKind kind = PolicyKind::Dense;
   int32_t num_layers = 0;
-  float threshold = 0.95f;          // FFNSkip: skip needs prev_score > threshold
+  float threshold = 0.95f;          // FFNSkip: skip needs prev_score > threshold;
+                                    // FiRST: a layer runs when its gate >= threshold
   int32_t warmup_tokens = 32;       // FFNSkip: first decode tokens run dense
   int32_t full_token_interval = 6;  // FFNSkip: every n-th token after warm-up dense; 0: never
   int32_t max_skips = 0;            // FFNSkip: K, the longest run of skips; RandomFFN: K
@@ -112,6 +114,13 @@ FFNSKIP_HD inline bool random_skip(const SkipRule& r, int64_t decode_index, int 
     rank += (other < key || (other == key && j < layer)) ? 1 : 0;
   }
   return rank < r.max_skips;
+}
+
+// FiRST: the gate of layer l is sigmoid(w_l . m_l + b_l), m_l the mean over the prompt of the
+// layer's input RMSNorm. It is compared in logit space (g >= t  <=>  logit >= log(t / (1 - t)))
+// so host and device agree exactly on either side of t, whatever their expf rounds to.
+FFNSKIP_HD inline bool router_keeps_layer(float router_logit, float threshold_logit) {
+  return router_logit >= threshold_logit;
 }
 
 }  // namespace ffnskip
