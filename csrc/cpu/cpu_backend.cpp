@@ -15,6 +15,7 @@
 #include "linear.h"
 #include "norm.h"
 #include "rope.h"
+#include "simd.h"
 #include "thread_pool.h"
 
 namespace ffnskip {
@@ -315,6 +316,7 @@ class CpuBackend final : public Backend {
 
 std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& config, const ModelView& model,
                                           int max_seq_len, int num_threads, DType dtype) {
+  cpu::kernel_isa();  // a bad FFNSKIP_CPU_ISA fails here rather than inside a step
   if (dtype == DType::F16) {
     throw std::invalid_argument(
         "dtype float16 is not supported by the CPU backend (float32 or bfloat16)");

@@ -1,6 +1,6 @@
 // Portable SIMD vectors through GCC/Clang vector extensions: the same source becomes AVX-512,
-// AVX2 or SSE code depending on the target of the function it is inlined into, which the
-// kernels choose at run time with target_clones.
+// AVX2 or SSE code depending on the target of the function it is inlined into. The kernels are
+// compiled once per instruction set below and one is chosen at run time.
 #pragma once
 
 #include <cstring>
@@ -30,11 +30,23 @@ __attribute__((always_inline)) inline float reduce_add(vfloat v) {
   return s;
 }
 
+// Instruction sets the kernels are compiled for: x86-64-v4 (AVX-512 F/BW/DQ/VL),
+// x86-64-v3 (AVX2, FMA, F16C) and the build's baseline.
+enum class Isa { Default, Avx2, Avx512 };
+
+// The best instruction set this CPU and OS support, or a lower one named by the environment
+// variable FFNSKIP_CPU_ISA (avx512, avx2, default) so tests can cover every path on one
+// machine. Read once per process; throws std::invalid_argument for an unknown name or one the
+// CPU lacks (then again on the next call).
+Isa kernel_isa();
+const char* isa_name(Isa isa);
+
 }  // namespace ffnskip::cpu
 
-// Run-time dispatch between instruction sets for the hot kernels.
+// The target attributes of the per-instruction-set copies of a kernel. The arch= levels are
+// detected by CPU features (arch=haswell would only ever match a Haswell).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FFNSKIP_MULTIVERSION __attribute__((target_clones("avx512f", "arch=haswell", "default")))
-#else
-#define FFNSKIP_MULTIVERSION
+#define FFNSKIP_X86_DISPATCH 1
+#define FFNSKIP_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define FFNSKIP_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
 #endif
