@@ -14,42 +14,62 @@ namespace {
 // Tokens whose inputs stay cache-resident while a slice of weight rows streams past them.
 constexpr int64_t kTokenBlock = 64;
 
-typedef uint16_t vbf16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 typedef uint32_t vu32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
-__attribute__((always_inline)) inline vfloat load_weights(const float* p) { return load(p); }
+// How a storage type widens to fp32. A block of kParts * kLanes weights becomes kParts
+// vectors, each multiplied by the vector of x at the same offset in the block; `at` widens one
+// weight of the scalar tail (x is in its natural order there).
+struct F32Weights {
+  using Stored = float;
+  static constexpr int kParts = 1;
+  __attribute__((always_inline)) static void widen(const float* p, vfloat* out) {
+    out[0] = load(p);
+  }
+  static float at(const float* p) { return *p; }
+};
 
-__attribute__((always_inline)) inline vfloat load_weights(const uint16_t* p) {
-  vbf16 half;
-  std::memcpy(&half, p, sizeof(half));
-  const vu32 wide = __builtin_convertvector(half, vu32) << 16;
-  vfloat f;
-  std::memcpy(&f, &wide, sizeof(f));
-  return f;
-}
+// 32 bf16 weights read as 16 u32 lanes hold the even-indexed weights in their low halves and
+// the odd ones in their high halves, so a shift and a mask widen them (the usual zero-extend
+// and shift take a cross-lane shuffle per 16). x is stored de-interleaved to match: the 16
+// even elements of each block of 32, then the 16 odd ones. Activations stay fp32.
+struct BF16Weights {
+  using Stored = uint16_t;
+  static constexpr int kParts = 2;
+  __attribute__((always_inline)) static void widen(const uint16_t* p, vfloat* out) {
+    vu32 pairs;
+    std::memcpy(&pairs, p, sizeof(pairs));
+    out[0] = bits_as<vfloat>(pairs << 16);
+    out[1] = bits_as<vfloat>(pairs & 0xFFFF0000u);
+  }
+  static float at(const uint16_t* p) { return bf16_to_float(*p); }
+};
 
-__attribute__((always_inline)) inline float weight_at(const float* p) { return *p; }
-__attribute__((always_inline)) inline float weight_at(const uint16_t* p) {
-  return bf16_to_float(*p);
-}
-
-// R weight rows times T tokens: R*T accumulators, each weight vector loaded once per T tokens.
+// R weight rows times T tokens: R*T accumulators, each weight block widened once per T tokens.
 template <int R, int T, typename W>
 __attribute__((always_inline)) inline void tile(const LinearWeights& w, int64_t row,
                                                 const float* x, float* y, bool accumulate) {
+  constexpr int P = W::kParts;
+  constexpr int64_t kBlock = P * kLanes;
   const int64_t in = w.in;
-  const W* wr = static_cast<const W*>(w.weight) + row * in;
+  const typename W::Stored* wr = static_cast<const typename W::Stored*>(w.weight) + row * in;
   vfloat acc[R][T] = {};
   int64_t i = 0;
-  for (; i + kLanes <= in; i += kLanes) {
-    vfloat xv[T];
+  for (; i + kBlock <= in; i += kBlock) {
+    vfloat xv[T][P];
 #pragma GCC unroll 8
-    for (int t = 0; t < T; ++t) xv[t] = load(x + t * in + i);
+    for (int t = 0; t < T; ++t) {
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) xv[t][p] = load(x + t * in + i + p * kLanes);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const vfloat wv = load_weights(wr + r * in + i);
+      vfloat wv[P];
+      W::widen(wr + r * in + i, wv);
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) {
 #pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) acc[r][t] += wv * xv[t];
+        for (int t = 0; t < T; ++t) acc[r][t] += wv[p] * xv[t][p];
+      }
     }
   }
 #pragma GCC unroll 8
@@ -58,7 +78,7 @@ __attribute__((always_inline)) inline void tile(const LinearWeights& w, int64_t 
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {
       float s = reduce_add(acc[r][t]);
-      for (int64_t j = i; j < in; ++j) s += weight_at(wr + r * in + j) * x[t * in + j];
+      for (int64_t j = i; j < in; ++j) s += W::at(wr + r * in + j) * x[t * in + j];
       float& dst = y[t * w.out + row + r];
       dst = accumulate ? dst + (s + b) : s + b;
     }
@@ -95,10 +115,13 @@ template <Isa I>
 __attribute__((always_inline)) inline void linear_rows(const LinearWeights& w, const float* x,
                                                        int64_t n, float* y, int64_t row_begin,
                                                        int64_t row_end, bool accumulate) {
-  if (w.type == WeightType::BF16) {
-    token_blocks<uint16_t>(w, x, n, y, row_begin, row_end, accumulate);
-  } else {
-    token_blocks<float>(w, x, n, y, row_begin, row_end, accumulate);
+  switch (w.type) {
+    case WeightType::F32:
+      token_blocks<F32Weights>(w, x, n, y, row_begin, row_end, accumulate);
+      break;
+    case WeightType::BF16:
+      token_blocks<BF16Weights>(w, x, n, y, row_begin, row_end, accumulate);
+      break;
   }
 }
 
@@ -191,6 +214,26 @@ Isa isa_from_environment() {
                               ": expected avx512, avx2 or default");
 }
 
+// x with each full block of 32 elements de-interleaved for BF16Weights; the tail as it is.
+const float* deinterleave_pairs(const float* x, int64_t n, int64_t in) {
+  constexpr int64_t kBlock = 2 * kLanes;
+  thread_local std::vector<float> out;  // grows to the largest input, then never allocates
+  out.resize(static_cast<size_t>(n * in));
+  for (int64_t t = 0; t < n; ++t) {
+    const float* src = x + t * in;
+    float* dst = out.data() + t * in;
+    int64_t i = 0;
+    for (; i + kBlock <= in; i += kBlock) {
+      for (int64_t j = 0; j < kLanes; ++j) {
+        dst[i + j] = src[i + 2 * j];
+        dst[i + kLanes + j] = src[i + 2 * j + 1];
+      }
+    }
+    std::copy(src + i, src + in, dst + i);
+  }
+  return out.data();
+}
+
 }  // namespace
 
 Isa kernel_isa() {
@@ -225,9 +268,10 @@ LinearWeights LinearWeights::rows(int64_t first, int64_t count) const {
 void linear(ThreadPool& pool, const LinearWeights& w, const float* x, int64_t n, float* y,
             Output mode) {
   const bool accumulate = mode == Output::Accumulate;
+  const float* xs = w.type == WeightType::BF16 ? deinterleave_pairs(x, n, w.in) : x;
   const auto rows = kernels().linear_rows;
   pool.parallel_for(w.out, [&](int64_t begin, int64_t end, int) {
-    rows(w, x, n, y, begin, end, accumulate);
+    rows(w, xs, n, y, begin, end, accumulate);
   });
 }
 

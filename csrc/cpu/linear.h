@@ -12,17 +12,21 @@ namespace ffnskip::cpu {
 
 enum class WeightType { F32, BF16 };
 
+template <typename To, typename From>
+__attribute__((always_inline)) inline To bits_as(From from) {
+  static_assert(sizeof(To) == sizeof(From));
+  To to;
+  std::memcpy(&to, &from, sizeof(to));
+  return to;
+}
+
 // bf16 is the top half of an fp32: widening is a shift, narrowing rounds to nearest even.
 inline float bf16_to_float(uint16_t bits) {
-  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
-  float f;
-  std::memcpy(&f, &wide, sizeof(f));
-  return f;
+  return bits_as<float>(static_cast<uint32_t>(bits) << 16);
 }
 
 inline uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t u = bits_as<uint32_t>(f);
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // finite inputs only
 }
 
