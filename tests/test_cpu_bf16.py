@@ -1,5 +1,5 @@
-"""bf16 weight storage on the CPU: fp32 activations and accumulation over rounded weights, on
-every instruction set the kernels are compiled for."""
+"""16-bit weight storage on the CPU (bf16, fp16): fp32 activations and accumulation over
+rounded weights, on every instruction set the kernels are compiled for."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import ffnskip_ext
 from conftest import TINY_VARIANTS, hf_greedy, hf_logits
 
-HALF = {"bfloat16": torch.bfloat16}
+HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 ISAS = ("default", "avx2", "avx512")  # lowest first
 PROMPT = 10  # prefill length: two 4-token tiles and two single tokens
 
@@ -142,9 +142,3 @@ def test_half_keeps_greedy_choices_of_fp32_on_smollm2(dtype) -> None:
         agree += int(np.argmax(logits)) == token
         logits = half.step(token)
     assert agree / len(reference.token_ids) >= 0.9, agree
-
-
-def test_float16_on_cpu_is_a_clear_error(tiny_model_dir) -> None:
-    _, path = tiny_model_dir("llama_mha_tied")
-    with pytest.raises(ValueError, match="float16 is not supported by the CPU backend"):
-        ffnskip_ext.Decoder.from_pretrained(path, dtype="float16")

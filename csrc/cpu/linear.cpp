@@ -7,6 +7,10 @@
 
 #include "simd.h"
 
+#ifdef FFNSKIP_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
 namespace ffnskip::cpu {
 
 namespace {
@@ -14,6 +18,7 @@ namespace {
 // Tokens whose inputs stay cache-resident while a slice of weight rows streams past them.
 constexpr int64_t kTokenBlock = 64;
 
+typedef uint16_t vu16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 typedef uint32_t vu32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
 // How a storage type widens to fp32. A block of kParts * kLanes weights becomes kParts
@@ -42,6 +47,46 @@ struct BF16Weights {
     out[1] = bits_as<vfloat>(pairs & 0xFFFF0000u);
   }
   static float at(const uint16_t* p) { return bf16_to_float(*p); }
+};
+
+#ifdef FFNSKIP_X86_DISPATCH
+// F16C conversions. Not always_inline: the intrinsics may only be inlined into code compiled
+// for their target, which the kernel templates are not until they are inlined into a
+// per-instruction-set entry point; `flatten` there inlines these.
+FFNSKIP_TARGET_AVX512 inline vfloat widen_f16_avx512(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return bits_as<vfloat>(_mm512_maskz_cvtph_ps(0xFFFF, h));  // maskz: no -Wmaybe-uninitialized
+}
+
+FFNSKIP_TARGET_AVX2 inline vfloat widen_f16_avx2(const uint16_t* p) {
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  vfloat v;
+  std::memcpy(&v, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+  return v;
+}
+#endif
+
+template <Isa I>
+struct F16Weights {
+  using Stored = uint16_t;
+  static constexpr int kParts = 1;
+  __attribute__((always_inline)) static void widen(const uint16_t* p, vfloat* out) {
+#ifdef FFNSKIP_X86_DISPATCH
+    if constexpr (I == Isa::Avx512) {
+      out[0] = widen_f16_avx512(p);
+      return;
+    } else if constexpr (I == Isa::Avx2) {
+      out[0] = widen_f16_avx2(p);
+      return;
+    }
+#endif
+    vu16 h;
+    std::memcpy(&h, p, sizeof(h));
+    out[0] = widen_f16<vfloat>(__builtin_convertvector(h, vu32));
+  }
+  static float at(const uint16_t* p) { return f16_to_float(*p); }
 };
 
 // R weight rows times T tokens: R*T accumulators, each weight block widened once per T tokens.
@@ -121,6 +166,9 @@ __attribute__((always_inline)) inline void linear_rows(const LinearWeights& w, c
       break;
     case WeightType::BF16:
       token_blocks<BF16Weights>(w, x, n, y, row_begin, row_end, accumulate);
+      break;
+    case WeightType::F16:
+      token_blocks<F16Weights<I>>(w, x, n, y, row_begin, row_end, accumulate);
       break;
   }
 }
@@ -250,14 +298,16 @@ const char* isa_name(Isa isa) {
   return "default";
 }
 
-std::vector<uint16_t> to_bf16(const float* data, int64_t count) {
+std::vector<uint16_t> to_half(const float* data, int64_t count, WeightType type) {
   std::vector<uint16_t> out(static_cast<size_t>(count));
-  for (int64_t i = 0; i < count; ++i) out[i] = float_to_bf16(data[i]);
+  for (int64_t i = 0; i < count; ++i) {
+    out[i] = type == WeightType::BF16 ? float_to_bf16(data[i]) : float_to_f16(data[i]);
+  }
   return out;
 }
 
 LinearWeights LinearWeights::rows(int64_t first, int64_t count) const {
-  const size_t element = type == WeightType::BF16 ? sizeof(uint16_t) : sizeof(float);
+  const size_t element = type == WeightType::F32 ? sizeof(float) : sizeof(uint16_t);
   LinearWeights part = *this;
   part.weight = static_cast<const char*>(weight) + first * in * element;
   part.bias = bias ? bias + first : nullptr;
