@@ -12,6 +12,7 @@
 // final norm and the LM head, not the embedding table, at the storage type's size), the
 // bandwidth, and on CUDA that bandwidth as a fraction of a device-to-device copy measured in
 // the same run; per policy, the speedup over dense against the ideal from bytes not read.
+// On the CPU, FFNSKIP_CPU_ISA=avx2 or default measures a lower instruction set's kernels.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "../csrc/core/cuda_loader.h"
+#include "../csrc/cpu/simd.h"
 #include "ffnskip/decoder.h"
 
 using namespace ffnskip;
@@ -259,6 +261,7 @@ int main(int argc, char** argv) {
                 preset_name.c_str(), device.c_str(), dtype_name(dtype), c.num_layers,
                 c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.vocab_size,
                 prompt, tokens);
+    if (!cuda) std::printf("cpu_isa=%s threads=%d\n", cpu::isa_name(cpu::kernel_isa()), threads);
     double copy_gbs = 0;
     if (cuda) {
       const CudaInfo info = cuda_info();

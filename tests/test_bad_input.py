@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -140,6 +143,21 @@ def test_invalid_decoder_options(tiny_model_dir, kwargs, message) -> None:
     _, path = tiny_model_dir("llama_mha_tied")
     with pytest.raises(ValueError, match=message):
         ffnskip_ext.Decoder.from_pretrained(path, **kwargs)
+
+
+@pytest.mark.parametrize("isa", ["avx9", "AVX2"])
+def test_unknown_cpu_isa_is_a_clear_error(tiny_model_dir, isa) -> None:
+    """FFNSKIP_CPU_ISA is read once per process, so in a child process."""
+    _, path = tiny_model_dir("llama_mha_tied")
+    code = (
+        "import sys, ffnskip_ext\n"
+        "try:\n    ffnskip_ext.Decoder.from_pretrained(sys.argv[1])\n"
+        "except ValueError as e:\n    print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, FFNSKIP_CPU_ISA=isa))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"FFNSKIP_CPU_ISA={isa}: expected avx512, avx2 or default" in done.stdout
 
 
 def test_cuda_without_cuda_build_is_a_clear_error(tiny_model_dir) -> None:

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../core/cuda_loader.h"
+#include "../cpu/simd.h"
 #include "ffnskip/decoder.h"
 
 namespace py = pybind11;
@@ -166,8 +167,10 @@ PYBIND11_MODULE(_core, m) {
                     py::arg("cuda_runtime") = text(i.runtime_version),
                     py::arg("cuda_driver") = text(i.driver_version),
                     py::arg("cublas") = text(i.cublas_version),
-                    py::arg("gpu") = text(i.device_name), py::arg("cuda_error") = text(i.error));
-  }, "CUDA build and machine: compiled or not, CUDA runtime, driver and cuBLAS versions, GPU.");
+                    py::arg("gpu") = text(i.device_name), py::arg("cuda_error") = text(i.error),
+                    py::arg("cpu_isa") = cpu::isa_name(cpu::kernel_isa()));
+  }, "CUDA build and machine: compiled or not, CUDA runtime, driver and cuBLAS versions, GPU; "
+     "the instruction set of the CPU kernels (avx512, avx2 or default).");
 
   m.def(
       "validate_config", [](const py::object& config) { to_model_config(config).validate(); },

@@ -16,6 +16,7 @@
 #include "linear.h"
 #include "norm.h"
 #include "rope.h"
+#include "simd.h"
 #include "thread_pool.h"
 
 namespace ffnskip {
@@ -31,19 +32,19 @@ std::vector<float> copy_of(const TensorView& t) {
 // A matrix in the backend's storage precision (the other vector stays empty).
 struct WeightMatrix {
   std::vector<float> f32;
-  std::vector<uint16_t> bf16;
+  std::vector<uint16_t> half;  // bf16 or fp16 bits
   cpu::WeightType type;
 
   WeightMatrix(std::vector<float> values, cpu::WeightType storage) : type(storage) {
-    if (type == cpu::WeightType::BF16) {
-      bf16 = cpu::to_bf16(values.data(), static_cast<int64_t>(values.size()));
-    } else {
+    if (type == cpu::WeightType::F32) {
       f32 = std::move(values);
+    } else {
+      half = cpu::to_half(values.data(), static_cast<int64_t>(values.size()), type);
     }
   }
 
   const void* data() const {
-    return type == cpu::WeightType::BF16 ? static_cast<const void*>(bf16.data()) : f32.data();
+    return type == cpu::WeightType::F32 ? static_cast<const void*>(f32.data()) : half.data();
   }
 
   // Row `row` (`width` values) widened to fp32.
@@ -52,8 +53,8 @@ struct WeightMatrix {
       std::memcpy(out, f32.data() + row * width, sizeof(float) * width);
       return;
     }
-    const uint16_t* src = bf16.data() + row * width;
-    for (int64_t i = 0; i < width; ++i) out[i] = cpu::bf16_to_float(src[i]);
+    const uint16_t* src = half.data() + row * width;
+    for (int64_t i = 0; i < width; ++i) out[i] = cpu::half_to_float(src[i], type);
   }
 };
 
@@ -404,12 +405,10 @@ class CpuBackend final : public Backend {
 
 std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& config, const ModelView& model,
                                           int max_seq_len, int num_threads, DType dtype) {
-  if (dtype == DType::F16) {
-    throw std::invalid_argument(
-        "dtype float16 is not supported by the CPU backend (float32 or bfloat16)");
-  }
-  const cpu::WeightType storage =
-      dtype == DType::BF16 ? cpu::WeightType::BF16 : cpu::WeightType::F32;
+  cpu::kernel_isa();  // a bad FFNSKIP_CPU_ISA fails here rather than inside a step
+  cpu::WeightType storage = cpu::WeightType::F32;
+  if (dtype == DType::BF16) storage = cpu::WeightType::BF16;
+  if (dtype == DType::F16) storage = cpu::WeightType::F16;
   return std::make_unique<CpuBackend>(config, model, max_seq_len, num_threads, storage);
 }
 

@@ -1,4 +1,5 @@
-// The CPU backend: fp32 weights and activations, a persistent thread pool, a preallocated KV cache.
+// The CPU backend: fp32, bf16 or fp16 weights, fp32 activations, a persistent thread pool, a
+// preallocated KV cache.
 #pragma once
 
 #include <memory>

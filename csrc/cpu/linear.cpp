@@ -1,8 +1,15 @@
 #include "linear.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
 
 #include "simd.h"
+
+#ifdef FFNSKIP_X86_DISPATCH
+#include <immintrin.h>
+#endif
 
 namespace ffnskip::cpu {
 
@@ -11,42 +18,103 @@ namespace {
 // Tokens whose inputs stay cache-resident while a slice of weight rows streams past them.
 constexpr int64_t kTokenBlock = 64;
 
-typedef uint16_t vbf16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint16_t vu16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 typedef uint32_t vu32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
-__attribute__((always_inline)) inline vfloat load_weights(const float* p) { return load(p); }
+// How a storage type widens to fp32. A block of kParts * kLanes weights becomes kParts
+// vectors, each multiplied by the vector of x at the same offset in the block; `at` widens one
+// weight of the scalar tail (x is in its natural order there).
+struct F32Weights {
+  using Stored = float;
+  static constexpr int kParts = 1;
+  __attribute__((always_inline)) static void widen(const float* p, vfloat* out) {
+    out[0] = load(p);
+  }
+  static float at(const float* p) { return *p; }
+};
 
-__attribute__((always_inline)) inline vfloat load_weights(const uint16_t* p) {
-  vbf16 half;
-  std::memcpy(&half, p, sizeof(half));
-  const vu32 wide = __builtin_convertvector(half, vu32) << 16;
-  vfloat f;
-  std::memcpy(&f, &wide, sizeof(f));
-  return f;
+// 32 bf16 weights read as 16 u32 lanes hold the even-indexed weights in their low halves and
+// the odd ones in their high halves, so a shift and a mask widen them (the usual zero-extend
+// and shift take a cross-lane shuffle per 16). x is stored de-interleaved to match: the 16
+// even elements of each block of 32, then the 16 odd ones. Activations stay fp32.
+struct BF16Weights {
+  using Stored = uint16_t;
+  static constexpr int kParts = 2;
+  __attribute__((always_inline)) static void widen(const uint16_t* p, vfloat* out) {
+    vu32 pairs;
+    std::memcpy(&pairs, p, sizeof(pairs));
+    out[0] = bits_as<vfloat>(pairs << 16);
+    out[1] = bits_as<vfloat>(pairs & 0xFFFF0000u);
+  }
+  static float at(const uint16_t* p) { return bf16_to_float(*p); }
+};
+
+#ifdef FFNSKIP_X86_DISPATCH
+// F16C conversions. Not always_inline: the intrinsics may only be inlined into code compiled
+// for their target, which the kernel templates are not until they are inlined into a
+// per-instruction-set entry point; `flatten` there inlines these.
+FFNSKIP_TARGET_AVX512 inline vfloat widen_f16_avx512(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return bits_as<vfloat>(_mm512_maskz_cvtph_ps(0xFFFF, h));  // maskz: no -Wmaybe-uninitialized
 }
 
-__attribute__((always_inline)) inline float weight_at(const float* p) { return *p; }
-__attribute__((always_inline)) inline float weight_at(const uint16_t* p) {
-  return bf16_to_float(*p);
+FFNSKIP_TARGET_AVX2 inline vfloat widen_f16_avx2(const uint16_t* p) {
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  vfloat v;
+  std::memcpy(&v, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+  return v;
 }
+#endif
 
-// R weight rows times T tokens: R*T accumulators, each weight vector loaded once per T tokens.
+template <Isa I>
+struct F16Weights {
+  using Stored = uint16_t;
+  static constexpr int kParts = 1;
+  __attribute__((always_inline)) static void widen(const uint16_t* p, vfloat* out) {
+#ifdef FFNSKIP_X86_DISPATCH
+    if constexpr (I == Isa::Avx512) {
+      out[0] = widen_f16_avx512(p);
+      return;
+    } else if constexpr (I == Isa::Avx2) {
+      out[0] = widen_f16_avx2(p);
+      return;
+    }
+#endif
+    vu16 h;
+    std::memcpy(&h, p, sizeof(h));
+    out[0] = widen_f16<vfloat>(__builtin_convertvector(h, vu32));
+  }
+  static float at(const uint16_t* p) { return f16_to_float(*p); }
+};
+
+// R weight rows times T tokens: R*T accumulators, each weight block widened once per T tokens.
 template <int R, int T, typename W>
 __attribute__((always_inline)) inline void tile(const LinearWeights& w, int64_t row,
                                                 const float* x, float* y, bool accumulate) {
+  constexpr int P = W::kParts;
+  constexpr int64_t kBlock = P * kLanes;
   const int64_t in = w.in;
-  const W* wr = static_cast<const W*>(w.weight) + row * in;
+  const typename W::Stored* wr = static_cast<const typename W::Stored*>(w.weight) + row * in;
   vfloat acc[R][T] = {};
   int64_t i = 0;
-  for (; i + kLanes <= in; i += kLanes) {
-    vfloat xv[T];
+  for (; i + kBlock <= in; i += kBlock) {
+    vfloat xv[T][P];
 #pragma GCC unroll 8
-    for (int t = 0; t < T; ++t) xv[t] = load(x + t * in + i);
+    for (int t = 0; t < T; ++t) {
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) xv[t][p] = load(x + t * in + i + p * kLanes);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const vfloat wv = load_weights(wr + r * in + i);
+      vfloat wv[P];
+      W::widen(wr + r * in + i, wv);
+#pragma GCC unroll 2
+      for (int p = 0; p < P; ++p) {
 #pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) acc[r][t] += wv * xv[t];
+        for (int t = 0; t < T; ++t) acc[r][t] += wv[p] * xv[t][p];
+      }
     }
   }
 #pragma GCC unroll 8
@@ -55,7 +123,7 @@ __attribute__((always_inline)) inline void tile(const LinearWeights& w, int64_t 
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {
       float s = reduce_add(acc[r][t]);
-      for (int64_t j = i; j < in; ++j) s += weight_at(wr + r * in + j) * x[t * in + j];
+      for (int64_t j = i; j < in; ++j) s += W::at(wr + r * in + j) * x[t * in + j];
       float& dst = y[t * w.out + row + r];
       dst = accumulate ? dst + (s + b) : s + b;
     }
@@ -88,43 +156,25 @@ __attribute__((always_inline)) inline void token_blocks(const LinearWeights& w, 
   }
 }
 
-FFNSKIP_MULTIVERSION
-void linear_rows(const LinearWeights& w, const float* x, int64_t n, float* y, int64_t row_begin,
-                 int64_t row_end, bool accumulate) {
-  if (w.type == WeightType::BF16) {
-    token_blocks<uint16_t>(w, x, n, y, row_begin, row_end, accumulate);
-  } else {
-    token_blocks<float>(w, x, n, y, row_begin, row_end, accumulate);
+template <Isa I>
+__attribute__((always_inline)) inline void linear_rows(const LinearWeights& w, const float* x,
+                                                       int64_t n, float* y, int64_t row_begin,
+                                                       int64_t row_end, bool accumulate) {
+  switch (w.type) {
+    case WeightType::F32:
+      token_blocks<F32Weights>(w, x, n, y, row_begin, row_end, accumulate);
+      break;
+    case WeightType::BF16:
+      token_blocks<BF16Weights>(w, x, n, y, row_begin, row_end, accumulate);
+      break;
+    case WeightType::F16:
+      token_blocks<F16Weights<I>>(w, x, n, y, row_begin, row_end, accumulate);
+      break;
   }
 }
 
-}  // namespace
-
-std::vector<uint16_t> to_bf16(const float* data, int64_t count) {
-  std::vector<uint16_t> out(static_cast<size_t>(count));
-  for (int64_t i = 0; i < count; ++i) out[i] = float_to_bf16(data[i]);
-  return out;
-}
-
-LinearWeights LinearWeights::rows(int64_t first, int64_t count) const {
-  const size_t element = type == WeightType::BF16 ? sizeof(uint16_t) : sizeof(float);
-  LinearWeights part = *this;
-  part.weight = static_cast<const char*>(weight) + first * in * element;
-  part.bias = bias ? bias + first : nullptr;
-  part.out = count;
-  return part;
-}
-
-void linear(ThreadPool& pool, const LinearWeights& w, const float* x, int64_t n, float* y,
-            Output mode) {
-  const bool accumulate = mode == Output::Accumulate;
-  pool.parallel_for(w.out, [&](int64_t begin, int64_t end, int) {
-    linear_rows(w, x, n, y, begin, end, accumulate);
-  });
-}
-
-FFNSKIP_MULTIVERSION
-float dot(const float* a, const float* b, int64_t len) {
+__attribute__((always_inline)) inline float dot_kernel(const float* a, const float* b,
+                                                       int64_t len) {
   vfloat acc0 = {}, acc1 = {};
   int64_t i = 0;
   for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
@@ -137,12 +187,146 @@ float dot(const float* a, const float* b, int64_t len) {
   return s;
 }
 
-FFNSKIP_MULTIVERSION
-void axpy(float a, const float* x, float* y, int64_t len) {
+__attribute__((always_inline)) inline void axpy_kernel(float a, const float* x, float* y,
+                                                       int64_t len) {
   const vfloat av = splat(a);
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) store(y + i, load(y + i) + av * load(x + i));
   for (; i < len; ++i) y[i] += a * x[i];
 }
+
+struct Kernels {
+  void (*linear_rows)(const LinearWeights&, const float*, int64_t, float*, int64_t, int64_t,
+                      bool);
+  float (*dot)(const float*, const float*, int64_t);
+  void (*axpy)(float, const float*, float*, int64_t);
+};
+
+// The kernels compiled for one instruction set: the templates inlined into functions with its
+// target attribute become its code.
+#define FFNSKIP_KERNELS(isa, target)                                                               \
+  target __attribute__((flatten)) void linear_rows_##isa(                                          \
+      const LinearWeights& w, const float* x, int64_t n, float* y, int64_t row_begin,              \
+      int64_t row_end, bool accumulate) {                                                          \
+    linear_rows<Isa::isa>(w, x, n, y, row_begin, row_end, accumulate);                             \
+  }                                                                                                \
+  target float dot_##isa(const float* a, const float* b, int64_t len) {                            \
+    return dot_kernel(a, b, len);                                                                  \
+  }                                                                                                \
+  target void axpy_##isa(float a, const float* x, float* y, int64_t len) {                         \
+    axpy_kernel(a, x, y, len);                                                                     \
+  }                                                                                                \
+  constexpr Kernels kKernels##isa = {linear_rows_##isa, dot_##isa, axpy_##isa};
+
+FFNSKIP_KERNELS(Default, )
+#ifdef FFNSKIP_X86_DISPATCH
+FFNSKIP_KERNELS(Avx2, FFNSKIP_TARGET_AVX2)
+FFNSKIP_KERNELS(Avx512, FFNSKIP_TARGET_AVX512)
+#endif
+
+const Kernels& kernels() {
+  static const Kernels& chosen = []() -> const Kernels& {
+    switch (kernel_isa()) {
+#ifdef FFNSKIP_X86_DISPATCH
+      case Isa::Avx512: return kKernelsAvx512;
+      case Isa::Avx2: return kKernelsAvx2;
+#endif
+      default: return kKernelsDefault;
+    }
+  }();
+  return chosen;
+}
+
+Isa best_isa() {
+#ifdef FFNSKIP_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return Isa::Avx512;
+  if (__builtin_cpu_supports("x86-64-v3")) return Isa::Avx2;
+#endif
+  return Isa::Default;
+}
+
+Isa isa_from_environment() {
+  const Isa best = best_isa();
+  const char* requested = std::getenv("FFNSKIP_CPU_ISA");
+  if (requested == nullptr || *requested == '\0') return best;
+  for (const Isa isa : {Isa::Default, Isa::Avx2, Isa::Avx512}) {
+    if (std::string(requested) != isa_name(isa)) continue;
+    if (isa > best) {
+      throw std::invalid_argument(std::string("FFNSKIP_CPU_ISA=") + requested +
+                                  ", but this CPU supports at most " + isa_name(best));
+    }
+    return isa;
+  }
+  throw std::invalid_argument(std::string("FFNSKIP_CPU_ISA=") + requested +
+                              ": expected avx512, avx2 or default");
+}
+
+// x with each full block of 32 elements de-interleaved for BF16Weights; the tail as it is.
+const float* deinterleave_pairs(const float* x, int64_t n, int64_t in) {
+  constexpr int64_t kBlock = 2 * kLanes;
+  thread_local std::vector<float> out;  // grows to the largest input, then never allocates
+  out.resize(static_cast<size_t>(n * in));
+  for (int64_t t = 0; t < n; ++t) {
+    const float* src = x + t * in;
+    float* dst = out.data() + t * in;
+    int64_t i = 0;
+    for (; i + kBlock <= in; i += kBlock) {
+      for (int64_t j = 0; j < kLanes; ++j) {
+        dst[i + j] = src[i + 2 * j];
+        dst[i + kLanes + j] = src[i + 2 * j + 1];
+      }
+    }
+    std::copy(src + i, src + in, dst + i);
+  }
+  return out.data();
+}
+
+}  // namespace
+
+Isa kernel_isa() {
+  static const Isa isa = isa_from_environment();
+  return isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return "avx512";
+    case Isa::Avx2: return "avx2";
+    case Isa::Default: break;
+  }
+  return "default";
+}
+
+std::vector<uint16_t> to_half(const float* data, int64_t count, WeightType type) {
+  std::vector<uint16_t> out(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) {
+    out[i] = type == WeightType::BF16 ? float_to_bf16(data[i]) : float_to_f16(data[i]);
+  }
+  return out;
+}
+
+LinearWeights LinearWeights::rows(int64_t first, int64_t count) const {
+  const size_t element = type == WeightType::F32 ? sizeof(float) : sizeof(uint16_t);
+  LinearWeights part = *this;
+  part.weight = static_cast<const char*>(weight) + first * in * element;
+  part.bias = bias ? bias + first : nullptr;
+  part.out = count;
+  return part;
+}
+
+void linear(ThreadPool& pool, const LinearWeights& w, const float* x, int64_t n, float* y,
+            Output mode) {
+  const bool accumulate = mode == Output::Accumulate;
+  const float* xs = w.type == WeightType::BF16 ? deinterleave_pairs(x, n, w.in) : x;
+  const auto rows = kernels().linear_rows;
+  pool.parallel_for(w.out, [&](int64_t begin, int64_t end, int) {
+    rows(w, xs, n, y, begin, end, accumulate);
+  });
+}
+
+float dot(const float* a, const float* b, int64_t len) { return kernels().dot(a, b, len); }
+
+void axpy(float a, const float* x, float* y, int64_t len) { kernels().axpy(a, x, y, len); }
 
 }  // namespace ffnskip::cpu

@@ -1,6 +1,6 @@
 // Portable SIMD vectors through GCC/Clang vector extensions: the same source becomes AVX-512,
-// AVX2 or SSE code depending on the target of the function it is inlined into, which the
-// kernels choose at run time with target_clones.
+// AVX2 or SSE code depending on the target of the function it is inlined into. The kernels are
+// compiled once per instruction set below and one is chosen at run time.
 #pragma once
 
 #include <cstring>
@@ -24,17 +24,38 @@ __attribute__((always_inline)) inline vfloat splat(float x) {
   return vfloat{} + x;
 }
 
+// Pairwise: the halves are added until one lane is left, 4 dependent adds instead of 15.
 __attribute__((always_inline)) inline float reduce_add(vfloat v) {
-  float s = 0.0f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
+  typedef float v8 __attribute__((vector_size(8 * sizeof(float))));
+  typedef float v4 __attribute__((vector_size(4 * sizeof(float))));
+  v8 lo8, hi8;
+  std::memcpy(&lo8, &v, sizeof(lo8));
+  std::memcpy(&hi8, reinterpret_cast<const char*>(&v) + sizeof(lo8), sizeof(hi8));
+  const v8 s8 = lo8 + hi8;
+  v4 lo4, hi4;
+  std::memcpy(&lo4, &s8, sizeof(lo4));
+  std::memcpy(&hi4, reinterpret_cast<const char*>(&s8) + sizeof(lo4), sizeof(hi4));
+  const v4 s4 = lo4 + hi4;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
+
+// Instruction sets the kernels are compiled for: x86-64-v4 (AVX-512 F/BW/DQ/VL),
+// x86-64-v3 (AVX2, FMA, F16C) and the build's baseline.
+enum class Isa { Default, Avx2, Avx512 };
+
+// The best instruction set this CPU and OS support, or a lower one named by the environment
+// variable FFNSKIP_CPU_ISA (avx512, avx2, default) so tests can cover every path on one
+// machine. Read once per process; throws std::invalid_argument for an unknown name or one the
+// CPU lacks (then again on the next call).
+Isa kernel_isa();
+const char* isa_name(Isa isa);
 
 }  // namespace ffnskip::cpu
 
-// Run-time dispatch between instruction sets for the hot kernels.
+// The target attributes of the per-instruction-set copies of a kernel. The arch= levels are
+// detected by CPU features (arch=haswell would only ever match a Haswell).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FFNSKIP_MULTIVERSION __attribute__((target_clones("avx512f", "arch=haswell", "default")))
-#else
-#define FFNSKIP_MULTIVERSION
+#define FFNSKIP_X86_DISPATCH 1
+#define FFNSKIP_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define FFNSKIP_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
 #endif
