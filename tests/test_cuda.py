@@ -307,6 +307,44 @@ def test_skip_decisions_equal_cpu_backend(tiny_model_dir, dtype) -> None:
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_first_routing_on_the_device_equals_cpu(tiny_model_dir, dtype) -> None:
+    """Issue 8: FiRST routes on the device (router kernel at the first pass, flags read by the
+    layers' kernels, cuBLAS prefill outputs added through the gated residual kernel) as the CPU
+    does: the same layers for prompts of one token, a few tokens and several prefill chunks, in
+    prefill and in graph-replayed decode steps; routers with saturated gates so that bf16
+    rounding cannot move a decision."""
+    from ffnskip_ext.first import Routers
+
+    model, path = tiny_model_dir("llama_gqa_untied_h72")
+    layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    rng = np.random.default_rng(3)
+    routers = Routers(rng.normal(0, 4, (layers, hidden)).astype(np.float32),
+                      rng.normal(0, 1, layers).astype(np.float32))
+    cpu = ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=1100)
+    cuda = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", dtype=dtype,
+                                               max_seq_len=1100)
+    policy = ffnskip_ext.FiRSTPolicy(routers)
+    cpu.set_policy(policy)
+    cuda.set_policy(policy)
+    kinds = set()
+    for length in (1, 7, 1030):
+        prompt = rng.integers(0, model.config.vocab_size, size=length).tolist()
+        feed = rng.integers(0, model.config.vocab_size, size=20).tolist()
+        ours, ref = decisions_trace(cuda, prompt, feed), decisions_trace(cpu, prompt, feed)
+        cpu_stats, cuda_stats = cpu.stats(), cuda.stats()
+        np.testing.assert_array_equal(cuda_stats.layer_active, cpu_stats.layer_active)
+        np.testing.assert_allclose(cuda_stats.router_gate, cpu_stats.router_gate, atol=2e-2)
+        for key in ("ffn_skipped", "layer_skipped"):
+            np.testing.assert_array_equal(ours[key], ref[key], err_msg=f"{length}: {key}")
+        kinds.add(tuple(cpu_stats.layer_active))
+        if dtype == "float32":
+            a, b = teacher_forced(cuda, prompt, feed), teacher_forced(cpu, prompt, feed)
+            assert max_error(a, b) <= 1e-3 * float(np.ptp(b))
+    assert any(not all(k) for k in kinds), "the prompts should route some layer off"
+
+
+@needs_gpu
 def test_out_of_gpu_memory_is_a_clear_error_and_frees_everything(tiny_model_dir) -> None:
     _, path = tiny_model_dir("llama_mha_tied")
     free_before = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None

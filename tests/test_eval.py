@@ -15,6 +15,7 @@ from ffnskip_ext.eval.cli import parse_limits
 from ffnskip_ext.eval.harness import EvalSettings, PolicySpec, evaluate, load_items, read_rows
 from ffnskip_ext.eval.report import PLOTS, write_report
 from ffnskip_ext.eval.tasks import TASKS, bundled_path, load_task, select
+from ffnskip_ext.first import Routers
 
 # --- metrics -------------------------------------------------------------------------------
 
@@ -211,8 +212,15 @@ def sweep_args(tiny_chat_model_dir, tmp_path_factory):
     passages.write_text("".join(json.dumps(
         {"id": f"p{i}", "passage": f"Passage {i} is short. It has two sentences.",
          "summary": f"Passage {i} is short."}) + "\n" for i in range(3)))
+    # FiRST routers whose gates depend on the prompt, so thresholds can reach the targets.
+    config = json.loads((tiny_chat_model_dir / "config.json").read_text())
+    rng = np.random.default_rng(0)
+    layers, hidden = config["num_hidden_layers"], config["hidden_size"]
+    routers = Routers(rng.normal(0, 1, (layers, hidden)).astype(np.float32),
+                      rng.normal(0, 1, layers).astype(np.float32))
+    router_file = routers.save(tmp_path_factory.mktemp("routers") / "routers.safetensors")
     return ["eval", "--model", str(tiny_chat_model_dir), *SWEEP_ARGS,
-            "--task-file", f"summarization={passages}"]
+            "--task-file", f"summarization={passages}", "--routers", router_file]
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +234,7 @@ def test_sweep_end_to_end(sweep_dir) -> None:
     rows = read_rows(sweep_dir)
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     assert policies == ["dense", "ffn_skip@20", "static_ffn@20", "random_ffn@20",
-                        "layer_drop@20", "early_exit@20"]
+                        "layer_drop@20", "early_exit@20", "first@20", "first_w@20"]
     assert len(rows) == len(policies) * len(TASKS)
     sizes = {r["task"]: r["n"] for r in rows if r["policy"] == "dense"}
     assert sizes == {"qa": 3, "summarization": 1, "chat": 1, "perplexity": 2}
@@ -238,6 +246,8 @@ def test_sweep_end_to_end(sweep_dir) -> None:
             assert stats["skip_ratio"] == pytest.approx(0.25)
         if row["method"] in ("layer_drop", "early_exit"):
             assert stats["layer_skip_ratio"] == pytest.approx(0.25)
+        if row["method"] in ("first", "first_w"):  # whole layers, routed per prompt
+            assert stats["layer_skip_ratio"] == pytest.approx(stats["skip_ratio"])
         if row["policy"] == "dense":
             m = row["metrics"]
             assert m.get("identical", 1.0) == 1.0 and m.get("rouge_l_dense", 1.0) == 1.0
@@ -257,6 +267,10 @@ def test_sweep_end_to_end(sweep_dir) -> None:
         part in command for part in ("--sweep", "--targets 0.2", "--limit 1,qa=3,perplexity=2",
                                      f"--out {sweep_dir}", "--no-plots"))
     assert "## At ~20% skip" in report and "early_exit@20" in report
+    first = [r for r in rows if r["method"] in ("first", "first_w")]
+    assert sum(r["stats"]["layer_skip_ratio"] for r in first) > 0
+    table = next(line for line in report.splitlines() if line.startswith("| first@20 |"))
+    assert "%" in table.split("|")[5]  # weights not read, from run.json's weight counts
 
 
 def test_resume_finishes_an_interrupted_run(sweep_dir, sweep_args) -> None:

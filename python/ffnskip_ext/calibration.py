@@ -1,4 +1,5 @@
-"""Calibration of FFN-SkipLLM for a target skip ratio, and Block Influence for layer drop.
+"""Calibration of FFN-SkipLLM for a target skip ratio, Block Influence for layer drop, and
+FiRST router thresholds for a target layer-skip ratio.
 
 The procedure is ours (the paper only says "calibrate"; see skip-methods.md):
 1. decode the calibration prompts densely (greedy), recording every layer's score;
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .decoder import Decoder
 from .generate import Message, encode_prompt, generate
-from .policies import DensePolicy, FFNSkipPolicy, Policy, simulate_ffn_skip
+from .policies import DensePolicy, FFNSkipPolicy, FiRSTPolicy, Policy, simulate_ffn_skip
 
 DEFAULT_BUDGETS = (1, 2, 4, 8, None)
 
@@ -83,6 +84,7 @@ def dense_references(
     max_new_tokens: int, progress: bool = True,
 ) -> list[Reference]:
     previous = decoder.policy
+    decoder.reset()  # leaving a FiRST policy needs an empty cache
     decoder.set_policy(DensePolicy())
     decoder.enable_trace(True)
     refs = []
@@ -108,6 +110,7 @@ def dense_references(
 
 def teacher_forced(decoder: Decoder, policy: Policy, refs: Sequence[Reference]) -> Candidate:
     """Skip ratio and greedy agreement of `policy` fed the dense tokens."""
+    decoder.reset()
     decoder.set_policy(policy)
     decoder.reset_stats()
     agree = total = 0
@@ -220,6 +223,7 @@ def block_influence(decoder: Decoder, token_sequences: Sequence[Sequence[int]]) 
     """Block Influence per layer, BI_l = 1 - mean_t cos(x_l, x_{l+1}) over every token of the
     sequences (ShortGPT), measured densely; layer drop removes the lowest-BI layers."""
     previous = decoder.policy
+    decoder.reset()  # leaving a FiRST policy needs an empty cache
     decoder.set_policy(DensePolicy())
     decoder.enable_trace(True)
     decoder.clear_trace()
@@ -244,3 +248,47 @@ def block_influence(decoder: Decoder, token_sequences: Sequence[Sequence[int]]) 
 def rank_layers_for_drop(influence: np.ndarray, count: int) -> list[int]:
     """The `count` layers with the lowest Block Influence, sorted."""
     return sorted(int(i) for i in np.argsort(influence, kind="stable")[:count])
+
+
+def first_layer_skip(decoder: Decoder, policy: Policy,
+                     prompts: Sequence[Sequence[int]]) -> float:
+    """Mean share of layers a FiRST policy routes off, over prompts (each its own sequence)."""
+    previous = decoder.policy
+    decoder.reset()
+    decoder.set_policy(policy)
+    skipped = []
+    try:
+        for prompt in prompts:
+            decoder.reset()
+            decoder.prefill(list(prompt))
+            skipped.append(1.0 - float(decoder.stats().layer_active.mean()))
+    finally:
+        decoder.reset()
+        decoder.set_policy(previous)
+    return float(np.mean(skipped))
+
+
+def calibrate_first(decoder: Decoder, routers: Any, prompts: Sequence[Sequence[int]],
+                    target_layer_skip: float, tolerance: float = 0.04,
+                    steps: int = 24) -> FiRSTPolicy:
+    """The FiRST policy with these routers whose threshold skips ``target_layer_skip`` of the
+    layers on average over the prompts (token ids): bisection of the threshold in logit space,
+    where the skipped share grows with it. Raises ValueError when no threshold comes within
+    ``tolerance`` (routers whose gates cluster can only reach some ratios)."""
+    low, high = -30.0, 30.0  # threshold logits: every layer kept .. every layer skipped
+    best: tuple[float, FiRSTPolicy] | None = None
+    for _ in range(steps):
+        mid = (low + high) / 2
+        policy = FiRSTPolicy(routers, float(1.0 / (1.0 + np.exp(-mid))))
+        ratio = first_layer_skip(decoder, policy, prompts)
+        if best is None or abs(ratio - target_layer_skip) < abs(best[0] - target_layer_skip):
+            best = (ratio, policy)
+        if ratio < target_layer_skip:
+            low = mid
+        else:
+            high = mid
+    assert best is not None
+    if abs(best[0] - target_layer_skip) > tolerance:
+        raise ValueError(f"no FiRST threshold skips {target_layer_skip:.3f} +- {tolerance} of "
+                         f"the layers on the calibration prompts (closest {best[0]:.3f})")
+    return best[1]

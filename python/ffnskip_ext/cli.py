@@ -26,7 +26,12 @@ def _generate(args: argparse.Namespace) -> int:
     from .policies import load_policy
 
     decoder, tokenizer = _load(args)
-    if args.policy:
+    if args.policy == "first":  # the routers trained for this model, next to it
+        from .models import default_model_path
+        from .policies import FiRSTPolicy
+
+        decoder.set_policy(FiRSTPolicy.for_model(args.model or default_model_path()))
+    elif args.policy:
         decoder.set_policy(load_policy(args.policy))
     if args.raw:
         prompt: str | list[dict[str, str]] = args.prompt
@@ -80,6 +85,37 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_routers(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from .first import train_routers
+    from .models import default_model_path
+
+    if args.model and args.model_option and args.model != args.model_option:
+        raise ValueError("give the model once: as MODEL or as --model")
+    model = args.model or args.model_option or default_model_path()
+    start = time.perf_counter()
+    routers = train_routers(
+        model, data=args.data, epochs=args.epochs, lr=args.lr, max_tokens=args.max_tokens,
+        target_usage=args.target_usage, usage_weight=args.usage_weight, penalty=args.penalty,
+        batch_size=args.batch_size, seed=args.seed, straight_through=args.straight_through,
+        threshold=args.threshold, out=args.out, num_threads=args.threads,
+    )
+    report = json.loads(routers.metadata["training"])
+    print(f"wrote {routers.path}: {routers.num_layers} routers, trained in "
+          f"{time.perf_counter() - start:.0f} s on {report['settings']['examples']} examples",
+          file=sys.stderr)
+    for epoch in report["history"]:
+        print(f"  epoch {epoch['epoch']}: loss {epoch['loss']:.4f}, cross-entropy "
+              f"{epoch['ce']:.4f}, mean gate {epoch['mean_gate']:.3f}", file=sys.stderr)
+    for kind, kept in report["kept"].items():
+        print(f"  {kind}: {kept['kept_layers']:.1f} of {routers.num_layers} layers kept at "
+              f"threshold {args.threshold} (min {kept['min_kept']}, max {kept['max_kept']}), "
+              f"mean gate {kept['mean_gate']:.3f}, {kept['examples']} prompts", file=sys.stderr)
+    return 0
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -94,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from a prompt")
     gen.add_argument("prompt")
     _add_model_options(gen)
-    gen.add_argument("--policy", help="skip policy: a JSON file, 'ffn-skip' or 'dense'")
+    gen.add_argument("--policy", help="skip policy: a JSON file, 'ffn-skip', 'dense' or 'first' "
+                                         "(FiRST routers next to the model)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
@@ -114,6 +151,29 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--warmup-tokens", type=int, default=32)
     cal.add_argument("--tolerance", type=float, default=0.02)
     cal.set_defaults(func=_calibrate)
+
+    tr = sub.add_parser("train-routers", help="train FiRST layer routers for a model")
+    tr.add_argument("model", nargs="?", metavar="MODEL",
+                    help="HF model directory or .gguf file (default: SmolLM2-135M)")
+    tr.add_argument("--model", dest="model_option", help=argparse.SUPPRESS)
+    tr.add_argument("--data", help='JSONL of {"prompt", "completion"} or {"text"} rows '
+                                   "(default: the bundled tasks' train split)")
+    tr.add_argument("--epochs", type=int, default=3)
+    tr.add_argument("--lr", type=float, default=1e-2)
+    tr.add_argument("--max-tokens", type=int, default=384, help="tokens per example at most")
+    tr.add_argument("--target-usage", type=float, default=None,
+                    help="share of layers the routers should keep on, e.g. 0.8")
+    tr.add_argument("--usage-weight", type=float, default=1.0)
+    tr.add_argument("--penalty", type=float, default=0.01, help="weight of the mean gate")
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--straight-through", action="store_true",
+                    help="train on the hard decisions (the soft gates' gradient)")
+    tr.add_argument("--threshold", type=float, default=0.5,
+                    help="decision threshold (straight-through training, kept-layer report)")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", help="router file (default: next to the model)")
+    tr.add_argument("--threads", type=int, default=None, help="torch and engine threads")
+    tr.set_defaults(func=_train_routers)
     from .eval.cli import add_eval_parser
     add_eval_parser(sub)
     return parser

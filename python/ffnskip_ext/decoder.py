@@ -30,6 +30,10 @@ class DecodeStats:
     ffn_skipped: np.ndarray  # [layers] FFN blocks skipped
     ffn_skipped_after_warmup: np.ndarray
     layer_skipped: np.ndarray  # [layers] attention dropped or reduced to K/V only
+    # The current sequence rather than counters:
+    layer_active: np.ndarray  # [layers] bool: the layer runs (FiRST routes per sequence)
+    router_gate: np.ndarray  # [layers] FiRST gates of this sequence, NaN until routed
+    kv_cache_bytes: int  # KV cache allocated now (FiRST releases skipped layers' on the CPU)
 
     @property
     def skip_ratio(self) -> float:

@@ -12,9 +12,12 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .first import Routers
 
 POLICY_FORMAT_VERSION = 1
 
@@ -190,9 +193,64 @@ class EarlyExit(Policy):
         return {"kind": self.kind, "exit_layer": self.exit_layer}
 
 
+@dataclasses.dataclass(frozen=True)
+class FiRSTPolicy(Policy):
+    """FiRST: per-layer routers decide from the prompt which layers the sequence runs.
+
+    In the first pass of a sequence (the prefill after ``reset()``), layer l's router sees the
+    mean over the prompt of the layer's input RMSNorm, ``g_l = sigmoid(w_l . m_l + b_l)``; the
+    layer is skipped for the prompt and every decode token when ``g_l < threshold``. Skipped
+    layers write no KV cache (on the CPU their cache is released). ``routers`` is a router
+    file (``ffnskip train-routers`` writes one next to the model) or a ``Routers`` value.
+    Set mid-sequence, it routes from the next sequence (after ``reset()``); leaving it
+    mid-sequence is refused when it skipped layers, whose K/V are missing.
+    """
+
+    kind: ClassVar[str] = "first"
+    routers: Routers | str | os.PathLike[str] = ""
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        from .first import Routers, load_routers
+
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ValueError(f"threshold must be a number, got {t!r}")
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {t}")
+        if not isinstance(self.routers, Routers):
+            if not isinstance(self.routers, (str, os.PathLike)) or not os.fspath(self.routers):
+                raise ValueError(f"routers must be a router file or Routers, got {self.routers!r}")
+            object.__setattr__(self, "routers", load_routers(self.routers))
+
+    @classmethod
+    def for_model(cls, model_path: str | os.PathLike[str], threshold: float = 0.5) -> FiRSTPolicy:
+        """The routers trained for a model, from their default place next to it."""
+        from .first import default_router_path
+
+        return cls(default_router_path(model_path), threshold)
+
+    def engine_args(self, num_layers: int) -> dict[str, Any]:
+        routers: Routers = self.routers  # type: ignore[assignment]
+        if routers.num_layers != num_layers:
+            raise ValueError(f"routers: trained for {routers.num_layers} layers, "
+                             f"the model has {num_layers}")
+        return {"kind": self.kind, "threshold": float(self.threshold),
+                "router_weight": routers.weight, "router_bias": routers.bias}
+
+    def to_dict(self) -> dict[str, Any]:
+        routers: Routers = self.routers  # type: ignore[assignment]
+        if routers.path is None:
+            raise ValueError("routers: save them to a file first (Routers.save); a policy file "
+                             "names its router file")
+        return {"kind": self.kind, "version": POLICY_FORMAT_VERSION,
+                "routers": os.fspath(routers.path), "threshold": self.threshold}
+
+
 POLICY_TYPES: dict[str, type[Policy]] = {
     cls.kind: cls
-    for cls in (DensePolicy, FFNSkipPolicy, StaticFFNSkip, RandomFFNSkip, LayerDrop, EarlyExit)
+    for cls in (DensePolicy, FFNSkipPolicy, StaticFFNSkip, RandomFFNSkip, LayerDrop, EarlyExit,
+                FiRSTPolicy)
 }
 
 

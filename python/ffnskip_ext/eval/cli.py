@@ -16,6 +16,8 @@ from .tasks import TASKS
 SPECS_FILE = "policies.json"
 # Calibration and Block Influence use the train split; these many windows feed Block Influence.
 INFLUENCE_WINDOWS = 2
+# Train-split questions and chats (each) on which FiRST thresholds are calibrated.
+FIRST_ROUTING_PROMPTS = 8
 
 
 def add_eval_parser(subparsers: Any) -> None:
@@ -29,8 +31,8 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("--policies", nargs="+", metavar="JSON",
                    help="policy JSON files to evaluate (named after the file)")
     p.add_argument("--sweep", action="store_true",
-                   help="dense, FFN-SkipLLM (calibrated), static/random FFN skip, layer drop "
-                        "and early exit matched at --targets")
+                   help="dense, FFN-SkipLLM (calibrated), static/random FFN skip, layer drop, "
+                        "early exit and FiRST (with routers) matched at --targets")
     p.add_argument("--targets", default="0.1,0.2,0.3", help="sweep skip ratios")
     p.add_argument("--limit", help="items per task: N, or TASK=N,... (e.g. 20,qa=60)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
@@ -45,6 +47,8 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("--calibration-prompts", type=int, default=4,
                    help="train-split chat prompts for FFN-SkipLLM calibration")
     p.add_argument("--calibration-tokens", type=int, default=40)
+    p.add_argument("--routers", help="FiRST router file for the sweep (default: the one next "
+                                     "to the model, when there is one)")
     p.add_argument("--ppl-window", type=int, default=128, help="perplexity window in tokens")
     p.add_argument("--speed-tokens", type=int, default=32,
                    help="tokens per timing round of every policy (0: no timing rounds)")
@@ -85,6 +89,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         with_dense,
     )
     from .report import RUN_FILE, SPEED_FILE, write_report
+    from .sweep import weight_counts
 
     started = time.perf_counter()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -115,7 +120,8 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         run["notes"] = previous.get("notes", [])
         run["setup_seconds"] = previous.get("setup_seconds", 0.0)
     decoder, tokenizer = _load(args)
-    run.update(num_layers=decoder.config.num_layers, dtype=decoder.dtype)
+    run.update(num_layers=decoder.config.num_layers, dtype=decoder.dtype,
+               weights=weight_counts(decoder.config))
 
     saved = _read_json(specs_path) if args.resume else None
     if saved is not None:  # resuming: the same policies, no second calibration
@@ -164,10 +170,29 @@ def _build_specs(args: argparse.Namespace, decoder: Any, tokenizer: Any,
                              seed=args.seed, ppl_window=args.ppl_window, task_files=files)
         windows = load_items(prose, tokenizer)["perplexity"]
         targets = [float(t) for t in args.targets.split(",") if t.strip()]
+        routers = _sweep_routers(args, notes)
+        routing = [[{"role": "user", "content": q.question}] for q in select(
+            load_task("qa", files.get("qa")), "train", FIRST_ROUTING_PROMPTS, args.seed)]
+        routing += [[{"role": "user", "content": c.turns[0]}] for c in select(
+            load_task("chat", files.get("chat")), "train", FIRST_ROUTING_PROMPTS, args.seed)]
         specs = sweep_specs(decoder, tokenizer, targets, prompts, [w.tokens for w in windows],
                             seed=args.seed, warmup_tokens=args.warmup_tokens,
-                            calibration_tokens=args.calibration_tokens, log=notes.append)
+                            calibration_tokens=args.calibration_tokens, log=notes.append,
+                            routers=routers, routing_prompts=routing)
     return specs + [_policy_spec(path) for path in args.policies or []], notes
+
+
+def _sweep_routers(args: argparse.Namespace, notes: list[str]) -> Any:
+    """The FiRST routers of --routers, or those next to the model; None (and a note) when
+    there are none."""
+    from ..first import default_router_path, load_routers
+    from ..models import default_model_path
+
+    path = args.routers or default_router_path(args.model or default_model_path())
+    if not os.path.exists(path) and not args.routers:
+        notes.append(f"no FiRST routers at {path}: FiRST left out (ffnskip train-routers)")
+        return None
+    return load_routers(path)
 
 
 def _task_file(entry: str) -> tuple[str, str]:

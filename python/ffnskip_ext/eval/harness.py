@@ -318,14 +318,15 @@ def measure_speed(decoder: Decoder, tokenizer: Any, specs: Sequence[PolicySpec],
     try:
         for _ in tqdm(range(rounds), desc="speed rounds", disable=not progress):
             for spec in specs:
-                decoder.set_policy(spec.policy)
                 decoder.reset()
+                decoder.set_policy(spec.policy)
                 token = int(np.argmax(decoder.prefill(prompt)))
                 start = time.perf_counter()
                 for _ in range(tokens):
                     token = int(np.argmax(decoder.step(token)))
                 speeds[spec.name].append(tokens / (time.perf_counter() - start))
     finally:
+        decoder.reset()
         decoder.set_policy(previous)
     return {name: float(np.median(values)) for name, values in speeds.items()}
 
@@ -380,6 +381,7 @@ def evaluate(
                 with open(os.path.join(out_dir, ROWS_FILE), "a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
     finally:
+        decoder.reset()
         decoder.set_policy(previous_policy)
     return rows
 
@@ -407,6 +409,7 @@ def previous_rows(out_dir: str | os.PathLike[str], resume: bool,
 def _run_row(decoder: Decoder, tokenizer: Any, spec: PolicySpec, task: str,
              items: Sequence[Any], settings: EvalSettings,
              dense: list[dict[str, Any]] | None, progress: bool) -> dict[str, Any]:
+    decoder.reset()  # a FiRST policy routes from the next sequence on
     decoder.set_policy(spec.policy)
     decoder.reset_stats()
     run = _Run(decoder, tokenizer)

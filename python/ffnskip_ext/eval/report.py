@@ -55,6 +55,7 @@ class PolicySummary:
     policy: dict[str, Any]
     ffn_skip: float  # skipped FFN blocks / (decode tokens x layers), over all tasks
     layer_skip: float
+    weights_not_read: float  # share of a dense step's weights not read; NaN: sizes unknown
     task_tokens_per_s: float  # decode steps / their time over the rows
     speed: float  # interleaved timing (``harness.measure_speed``), NaN when not measured
     values: dict[tuple[str, str], float]  # (task, metric) -> value
@@ -66,9 +67,23 @@ class PolicySummary:
         return self.values.get((column.task, column.metric), math.nan)
 
 
-def summarize_policies(rows: Sequence[dict[str, Any]],
-                       speeds: dict[str, float] | None = None) -> list[PolicySummary]:
-    """Per policy, in the order policies first appear in ``rows``."""
+def not_read(method: str, ffn_skipped: float, layer_skipped: float,
+             weights: dict[str, int] | None) -> float:
+    """Share of a dense decode step's weights (``sweep.weight_counts``) left unread, from the
+    skipped FFN blocks and layers summed over the steps, per step. Early exit's skipped layers
+    still read their K/V projections."""
+    if not weights:
+        return math.nan
+    attention = weights["attention_qo"] + (0 if method == "early_exit" else weights["attention_kv"])
+    step = weights["layers"] * (weights["attention_qo"] + weights["attention_kv"]
+                                + weights["ffn"]) + weights["head"]
+    return (ffn_skipped * weights["ffn"] + layer_skipped * attention) / step
+
+
+def summarize_policies(rows: Sequence[dict[str, Any]], speeds: dict[str, float] | None = None,
+                       weights: dict[str, int] | None = None) -> list[PolicySummary]:
+    """Per policy, in the order policies first appear in ``rows``; ``weights`` as in
+    run.json (``sweep.weight_counts``) gives the weights-not-read share."""
     names = list(dict.fromkeys(r["policy"] for r in rows))
     out = []
     for name in names:
@@ -87,6 +102,8 @@ def summarize_policies(rows: Sequence[dict[str, Any]],
             policy=own[0]["policy_spec"],
             ffn_skip=float(ffn.sum()) / (tokens * len(ffn)) if tokens else 0.0,
             layer_skip=float(layer.sum()) / (tokens * len(layer)) if tokens else 0.0,
+            weights_not_read=not_read(own[0]["method"], float(ffn.sum()) / tokens,
+                                      float(layer.sum()) / tokens, weights) if tokens else 0.0,
             task_tokens_per_s=steps / seconds if seconds > 0 else math.nan,
             speed=(speeds or {}).get(name, math.nan),
             values=values,
@@ -111,12 +128,13 @@ def _fmt(value: float, digits: int) -> str:
 
 
 def _table(summaries: Sequence[PolicySummary], columns: Sequence[Column]) -> list[str]:
-    head = ["policy", "target", "FFN skip", "layer skip", "tok/s", "tok/s tasks",
-            *(c.header for c in columns)]
+    head = ["policy", "target", "FFN skip", "layer skip", "weights not read", "tok/s",
+            "tok/s tasks", *(c.header for c in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         target = "-" if s.target is None else f"{s.target:.0%}"
-        cells = [s.name, target, f"{s.ffn_skip:.1%}", f"{s.layer_skip:.1%}",
+        weights = "n/a" if math.isnan(s.weights_not_read) else f"{s.weights_not_read:.1%}"
+        cells = [s.name, target, f"{s.ffn_skip:.1%}", f"{s.layer_skip:.1%}", weights,
                  _fmt(s.speed, 1), _fmt(s.task_tokens_per_s, 1),
                  *(_fmt(s.value(c), c.digits) for c in columns)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -169,7 +187,7 @@ def write_report(out_dir: str, plots: bool = True) -> str:
     if os.path.exists(speed_path):
         with open(speed_path, encoding="utf-8") as f:
             speeds = json.load(f)
-    summaries = summarize_policies(rows, speeds)
+    summaries = summarize_policies(rows, speeds, run.get("weights"))
     columns = [c for c in COLUMNS if any(not math.isnan(s.value(c)) for s in summaries)]
     made = _plots(out_dir, summaries, columns) if plots else []
     sizes = {r["task"]: r["n"] for r in rows if r["policy"] == DENSE}
@@ -188,7 +206,9 @@ def write_report(out_dir: str, plots: bool = True) -> str:
         f"{run['settings']['chat_max_new_tokens']} tokens. Compute time of the rows and "
         f"setup (calibration, Block Influence): {wall / 60:.1f} min.", "",
         "Columns: FFN skip = skipped FFN blocks / (decode tokens x layers) over every task "
-        "(warm-up included); layer skip = share of layers not run in full; tok/s = greedy "
+        "(warm-up included); layer skip = share of layers not run in full; weights not read = "
+        "share of the weights a dense decode step reads (layers and LM head) that the "
+        "policy's decode steps did not read; tok/s = greedy "
         "decode tokens per second on one prompt, the median of rounds that alternate between "
         "the policies; tok/s tasks = decode steps per second over the task rows, which ran "
         "minutes apart (on a shared machine both are rough, the second more so); "
@@ -269,9 +289,14 @@ def _plot_quality(plt: Any, summaries: Sequence[PolicySummary],
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     dense = next((s for s in summaries if s.name == DENSE), None)
     methods = list(dict.fromkeys(s.method for s in summaries if s.method != DENSE))
+    by_weights = not any(math.isnan(s.weights_not_read) for s in summaries)
+
+    def _x(s: PolicySummary) -> float:
+        return s.weights_not_read if by_weights else s.ffn_skip
+
     for ax, column in zip(axes.flat, columns, strict=False):
         for method in methods:
-            points = sorted((s.ffn_skip, s.value(column)) for s in summaries
+            points = sorted((_x(s), s.value(column)) for s in summaries
                             if s.method == method and not math.isnan(s.value(column)))
             if dense is not None and not math.isnan(dense.value(column)):
                 points = [(0.0, dense.value(column)), *points]
@@ -279,7 +304,8 @@ def _plot_quality(plt: Any, summaries: Sequence[PolicySummary],
                 ax.plot(*zip(*points, strict=True), marker="o", label=method)
         ax.set_title(column.header + ("" if column.higher_is_better else " (lower is better)"),
                      fontsize=9)
-        ax.set_xlabel("measured FFN skip ratio", fontsize=8)
+        ax.set_xlabel("weights not read per decode step" if by_weights
+                      else "measured FFN skip ratio", fontsize=8)
         if column.metric == "perplexity":
             ax.set_yscale("log")
         ax.grid(alpha=0.3)

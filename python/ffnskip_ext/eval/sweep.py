@@ -7,9 +7,10 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..calibration import block_influence, calibrate, rank_layers_for_drop
+from ..calibration import block_influence, calibrate, calibrate_first, rank_layers_for_drop
+from ..config import ModelConfig
 from ..decoder import Decoder
-from ..generate import Message
+from ..generate import Message, encode_prompt
 from ..policies import EarlyExit, LayerDrop, RandomFFNSkip, StaticFFNSkip
 from .harness import DENSE_SPEC, PolicySpec
 
@@ -31,11 +32,34 @@ How methods are matched at a target ratio r on an L-layer model, with k = round(
   budgets ceil(1.5 r L) and unlimited, teacher-forced on calibration prompts, to reach r
   over all decode tokens (warm-up included), and keeps the candidate that agrees best with
   dense decoding. Its ratio on the evaluated tasks is measured, not fixed, and it is lower
-  on short answers, where warm-up tokens are a larger share.
+  on short answers, where warm-up tokens are a larger share;
+- ``first`` (FiRST, matched by layers): trained routers (``ffnskip train-routers``) with the
+  threshold bisected so that the calibration prompts route r of the layers off on average:
+  the layer-skip ratio of layer drop and early exit, decided per prompt;
+- ``first_w`` (FiRST, matched by weights): the same routers, thresholded to skip
+  r x F / (A + F) of the layers, where F and A are one layer's FFN and attention weights, so
+  that it leaves as many weights unread per token as the FFN methods at r.
 
-The FFN skip ratio (skipped FFN blocks / (decode tokens x L)) is the common axis; layer-level
-methods skip attention work as well, so at the same ratio they remove more compute.
+The FFN skip ratio (skipped FFN blocks / (decode tokens x L)) is the common axis of the FFN
+methods; layer-level methods skip attention work as well, so at the same ratio they remove
+more compute. The "weights not read" column puts every method on one axis: the share of the
+weights a dense decode step reads (layers and LM head) that the policy's steps did not read.
 """
+
+
+def weight_counts(config: ModelConfig) -> dict[str, int]:
+    """Weights a dense decode step reads, by part: per layer the attention's q/o and k/v
+    projections and the FFN, and the LM head."""
+    hidden, q, kv = config.hidden_size, config.num_heads * config.head_dim, (
+        config.num_kv_heads * config.head_dim)
+    return {"attention_qo": 2 * hidden * q, "attention_kv": 2 * hidden * kv,
+            "ffn": 3 * hidden * config.intermediate_size, "head": config.vocab_size * hidden,
+            "layers": config.num_layers}
+
+
+def ffn_share_of_layer(config: ModelConfig) -> float:
+    counts = weight_counts(config)
+    return counts["ffn"] / (counts["ffn"] + counts["attention_qo"] + counts["attention_kv"])
 
 
 def skipped_blocks(target: float, num_layers: int) -> int:
@@ -67,9 +91,13 @@ def sweep_specs(
     calibration_tokens: int = 40,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    routers: Any = None,
+    routing_prompts: Sequence[Sequence[Message]] = (),
 ) -> list[PolicySpec]:
-    """Dense plus every method at every target; a target FFN-SkipLLM cannot reach on the
-    calibration prompts is reported through ``log`` and left out."""
+    """Dense plus every method at every target (FiRST with ``routers``, a ``Routers``); a
+    target FFN-SkipLLM or FiRST cannot reach on the calibration prompts is reported through
+    ``log`` and left out. FiRST thresholds are calibrated on ``routing_prompts`` (default: the
+    calibration prompts)."""
     layers = decoder.config.num_layers
     influence = block_influence(decoder, influence_sequences)
     specs = [DENSE_SPEC]
@@ -97,4 +125,14 @@ def sweep_specs(
                        "layer_drop", target),
             PolicySpec(f"early_exit@{label}", EarlyExit(layers - k), "early_exit", target),
         ]
+        if routers is not None:
+            prompt_ids = [encode_prompt(tokenizer, p)
+                          for p in routing_prompts or calibration_prompts]
+            share = ffn_share_of_layer(decoder.config)
+            for method, layer_target in (("first", target), ("first_w", target * share)):
+                try:
+                    policy = calibrate_first(decoder, routers, prompt_ids, layer_target)
+                    specs.append(PolicySpec(f"{method}@{label}", policy, method, target))
+                except ValueError as e:
+                    log(f"FiRST ({method}) at {target:.0%} left out: {e}")
     return specs
