@@ -177,23 +177,27 @@ def test_perplexity_is_decoded_step_by_step_under_the_policy(model, tiny_chat_mo
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     decoder, tokenizer = model
-    settings = EvalSettings(limits={"perplexity": 2}, ppl_window=24)
+    settings = EvalSettings(limits={"perplexity": 2}, ppl_window=24, ppl_prompt=5)
     specs = [PolicySpec("static", ffnskip_ext.StaticFFNSkip([3, 4]), "static_ffn", 0.25)]
     rows = evaluate(decoder, tokenizer, specs, settings, progress=False)
     assert [r["policy"] for r in rows] == ["dense", "static"]
     dense, static = rows
     windows = load_items(settings, tokenizer)["perplexity"]
-    # every position after the first is a decode step: len - 2 steps per window
-    assert dense["stats"]["decode_tokens"] == sum(len(w.tokens) - 2 for w in windows)
+    assert all(len(w.tokens) == 24 for w in windows)
+    # 5 prompt tokens prefilled, then every later position but the last is a decode step
+    assert dense["stats"]["decode_tokens"] == 2 * (24 - 5 - 1)
+    assert dense["metrics"]["predicted_tokens"] == 2 * (24 - 5)
     assert static["stats"]["skip_ratio"] == pytest.approx(2 / 8)
-    # dense perplexity equals an uncached transformers forward over the same windows
+    # dense perplexity equals an uncached transformers forward over the same windows, scored
+    # from the prompt's last token on
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir).eval()
     nll = count = 0
     with torch.inference_mode():
         for w in windows:
             logp = torch.log_softmax(hf(torch.tensor([w.tokens])).logits[0].double(), -1)
-            nll -= logp[torch.arange(len(w.tokens) - 1), torch.tensor(w.tokens[1:])].sum().item()
-            count += len(w.tokens) - 1
+            targets = torch.tensor(w.tokens[5:])
+            nll -= logp[torch.arange(4, len(w.tokens) - 1), targets].sum().item()
+            count += len(targets)
     assert dense["metrics"]["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-3)
     assert dense["metrics"]["token_agreement"] == 1.0
     assert 0 <= static["metrics"]["token_agreement"] <= 1
@@ -295,3 +299,9 @@ def test_report_plots(sweep_dir) -> None:
     for name in PLOTS.values():
         assert (sweep_dir / name).stat().st_size > 0
         assert f"]({name})" in (sweep_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("window", "prompt"), [(1, 1), (24, 0), (24, 24)])
+def test_perplexity_settings_are_checked(window: int, prompt: int) -> None:
+    with pytest.raises(ValueError, match="ppl_"):
+        EvalSettings(limits={"perplexity": 1}, ppl_window=window, ppl_prompt=prompt)

@@ -50,6 +50,9 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("--routers", help="FiRST router file for the sweep (default: the one next "
                                      "to the model, when there is one)")
     p.add_argument("--ppl-window", type=int, default=128, help="perplexity window in tokens")
+    p.add_argument("--ppl-prompt", type=int, default=None,
+                   help="tokens of each perplexity window prefilled as its prompt, not scored "
+                   "(default: a quarter of the window)")
     p.add_argument("--speed-tokens", type=int, default=32,
                    help="tokens per timing round of every policy (0: no timing rounds)")
     p.add_argument("--speed-rounds", type=int, default=3)
@@ -99,7 +102,8 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     files = dict(_task_file(entry) for entry in args.task_file or [])
     settings = EvalSettings(
         limits=parse_limits(args.limit, tasks), split=None if args.split == "all" else args.split,
-        seed=args.seed, ppl_window=args.ppl_window, task_files=files,
+        seed=args.seed, ppl_window=args.ppl_window, ppl_prompt=_ppl_prompt(args),
+        task_files=files,
     )
     if not args.sweep and not args.policies:
         raise ValueError("nothing to evaluate: give --sweep and/or --policies")
@@ -148,6 +152,10 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _ppl_prompt(args: argparse.Namespace) -> int:
+    return args.ppl_prompt if args.ppl_prompt is not None else max(1, args.ppl_window // 4)
+
+
 def _build_specs(args: argparse.Namespace, decoder: Any, tokenizer: Any,
                  files: dict[str, str]) -> tuple[list[Any], list[str]]:
     """The sweep's policies (calibrated on train-split chat prompts, Block Influence on
@@ -167,7 +175,8 @@ def _build_specs(args: argparse.Namespace, decoder: Any, tokenizer: Any,
         if not chat:
             notes.append("no train-split chat items: calibrated on the default prompts")
         prose = EvalSettings(limits={"perplexity": INFLUENCE_WINDOWS}, split="train",
-                             seed=args.seed, ppl_window=args.ppl_window, task_files=files)
+                             seed=args.seed, ppl_window=args.ppl_window,
+                             ppl_prompt=_ppl_prompt(args), task_files=files)
         windows = load_items(prose, tokenizer)["perplexity"]
         targets = [float(t) for t in args.targets.split(",") if t.strip()]
         routers = _sweep_routers(args, notes)

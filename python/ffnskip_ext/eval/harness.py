@@ -16,10 +16,12 @@ Per task (``samples`` keeps the per-item outputs, ``metrics`` the means):
   in a repeated n-gram loop;
 - generation tasks also get ``first_divergence`` (mean index of the first token that
   differs from the dense output) and ``identical`` (share of outputs equal to dense);
-- ``perplexity``: windows of ``ppl_window`` tokens of prose; the first token is prefilled
-  and every later one is fed with ``step`` under the policy (no prefill shortcut), summing
-  -log softmax of the next token; ``token_agreement`` is the share of positions whose argmax
-  equals the dense model's argmax there (teacher forced, so positions stay aligned).
+- ``perplexity``: windows of ``ppl_window`` tokens of prose; the first ``ppl_prompt`` tokens
+  are prefilled under the policy as the window's prompt (FiRST routes on them), and every
+  later one is fed with ``step`` under the policy (no prefill shortcut), summing -log softmax
+  of the next token from the prompt's last token on; ``token_agreement`` is the share of
+  those positions whose argmax equals the dense model's argmax there (teacher forced, so
+  positions stay aligned).
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class EvalSettings:
     summary_max_new_tokens: int = 64
     chat_max_new_tokens: int = 48
     ppl_window: int = 128
+    ppl_prompt: int = 32
     task_files: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -96,6 +99,8 @@ class EvalSettings:
             raise ValueError(f"task file for unknown task(s): {', '.join(sorted(unknown))}")
         if self.ppl_window < 2:
             raise ValueError(f"ppl_window must be >= 2, got {self.ppl_window}")
+        if not 1 <= self.ppl_prompt < self.ppl_window:
+            raise ValueError(f"ppl_prompt must be in [1, ppl_window), got {self.ppl_prompt}")
 
     @property
     def tasks(self) -> list[str]:
@@ -239,12 +244,13 @@ def _run_perplexity(run: _Run, items: Sequence[Window], settings: EvalSettings,
     samples = []
     for item in bar(items):
         run.decoder.reset()
-        logits = run.decoder.prefill(list(item.tokens[:1]))
+        prompt = min(settings.ppl_prompt, len(item.tokens) - 1)  # a short text's window
+        logits = run.decoder.prefill(list(item.tokens[:prompt]))
         nll, argmax = 0.0, []
-        for i, token in enumerate(item.tokens[1:]):
+        for i, token in enumerate(item.tokens[prompt:], start=prompt):
             nll -= _log_softmax_at(logits, token)
             argmax.append(int(np.argmax(logits)))
-            if i + 2 < len(item.tokens):  # the last token's logits predict nothing
+            if i + 1 < len(item.tokens):  # the last token's logits predict nothing
                 logits = run.step(token)
         samples.append({"id": item.id, "nll": nll, "count": len(argmax), "argmax": argmax})
     return samples, None

@@ -199,7 +199,9 @@ def write_report(out_dir: str, plots: bool = True) -> str:
         f"greedy decoding, seed {run['settings']['seed']}, split "
         f"`{run['settings']['split']}`. Subset sizes: "
         + ", ".join(f"{t} {n}" for t, n in sizes.items())
-        + f" (perplexity: windows of {run['settings']['ppl_window']} tokens; chat: "
+        + f" (perplexity: windows of {run['settings']['ppl_window']} tokens, the first "
+        f"{run['settings'].get('ppl_prompt', 1)} prefilled as the window's prompt, not "
+        "scored; chat: "
         "every turn is an answer). Generation lengths: QA "
         f"{run['settings']['qa_max_new_tokens']}, summary "
         f"{run['settings']['summary_max_new_tokens']}, chat "
@@ -219,7 +221,8 @@ def write_report(out_dir: str, plots: bool = True) -> str:
         "(for dense itself: the mean output length; FFN-SkipLLM's warm-up tokens are dense by "
         "construction); "
         "TF agreement = share of prose positions whose greedy token equals dense's "
-        "(teacher forced); PPL = perplexity, each position decoded under the policy.", "",
+        "(teacher forced); PPL = perplexity, each position after the window's prompt decoded "
+        "under the policy.", "",
     ]
     discussion = os.path.join(out_dir, DISCUSSION_FILE)
     if os.path.exists(discussion):
