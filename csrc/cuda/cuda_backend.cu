@@ -647,6 +647,9 @@ class CudaBackend final : public Backend {
   uint8_t* record_ffn_skipped() {
     return reinterpret_cast<uint8_t*>(step_out_ + out_layout_.ffn_skipped);
   }
+  uint8_t* record_layer_skipped() {
+    return reinterpret_cast<uint8_t*>(step_out_ + out_layout_.layer_skipped);
+  }
 
   // Copies the pass's position and tokens to device memory, where the kernels (and a replayed
   // graph) read them.
@@ -786,7 +789,7 @@ class CudaBackend final : public Backend {
     r.layer_off = layer_off_ + layer;
     r.gate = router_gate_ + layer;
     r.ffn_skipped = record_ffn_skipped() + layer;
-    r.layer_skipped = record_ffn_skipped() + config_.num_layers + layer;
+    r.layer_skipped = record_layer_skipped() + layer;
     launch_route_layer(r, stream_.get());
   }
 
@@ -795,14 +798,16 @@ class CudaBackend final : public Backend {
   void run_every_layer() {
     const size_t layers = static_cast<size_t>(config_.num_layers);
     CUDA_CHECK(cudaMemsetAsync(layer_off_, 0, sizeof(int32_t) * layers, stream_.get()));
-    const std::vector<float> nan_gates(layers, std::numeric_limits<float>::quiet_NaN());
-    CUDA_CHECK(cudaMemcpyAsync(router_gate_, nan_gates.data(), sizeof(float) * layers,
+    const std::vector<float> nans(layers, std::numeric_limits<float>::quiet_NaN());
+    CUDA_CHECK(cudaMemcpyAsync(router_gate_, nans.data(), sizeof(float) * layers,
                                cudaMemcpyHostToDevice, stream_.get()));
     if (policy_.rule.kind == PolicyKind::FiRST) {  // no flag or score of the last sequence
-      CUDA_CHECK(cudaMemsetAsync(record_ffn_skipped(), 0, 2 * layers, stream_.get()));
-      const std::vector<float> nan_scores(2 * layers, std::numeric_limits<float>::quiet_NaN());
-      CUDA_CHECK(cudaMemcpyAsync(record_score(), nan_scores.data(), sizeof(float) * 2 * layers,
-                                 cudaMemcpyHostToDevice, stream_.get()));
+      CUDA_CHECK(cudaMemsetAsync(record_ffn_skipped(), 0, layers, stream_.get()));
+      CUDA_CHECK(cudaMemsetAsync(record_layer_skipped(), 0, layers, stream_.get()));
+      for (float* scores : {record_score(), record_layer_score()}) {
+        CUDA_CHECK(cudaMemcpyAsync(scores, nans.data(), sizeof(float) * layers,
+                                   cudaMemcpyHostToDevice, stream_.get()));
+      }
     }
   }
 
