@@ -20,8 +20,10 @@ Prefill: one pass over --prefill-tokens tokens from an empty cache. Rounds alter
 the engines so that machine noise hits all of them; medians are reported.
 Bytes per decode token: every weight matrix (q, k, v, o, gate, up, down of every layer and the
 LM head, which SmolLM2 ties to the embedding) in --dtype plus the norm vectors in fp32.
-Read bandwidth: NumPy sums over a 1 GiB float32 buffer split across --threads threads (NumPy
-releases the GIL), best of 5, measured in the same run.
+Read bandwidth: ``ffnskip_ext.measure_read_bandwidth``, --threads threads streaming their shares
+of a 1 GiB buffer through the CPU kernels' vector loads, best of 5 passes, probed before every
+round of the run; the table divides by the best probe (this machine's bandwidth drifts by
++-20% within minutes, so one probe can read below what a decode round then reaches).
 
     python benchmarks/bench_cpu_compare.py [--dtype float32|bfloat16|float16] [--threads N]
         [--tokens 64] [--rounds 3] [--prefill-tokens 512] [--model PATH]
@@ -41,7 +43,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from multiprocessing.pool import ThreadPool
 from typing import Any, Protocol
 
 import gguf
@@ -278,23 +279,6 @@ def check_same_weights(
 # --------------------------------------------------------------------------- measurements
 
 
-def read_bandwidth(threads: int, total_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of ``threads`` threads each summing its share of a float32 buffer."""
-    n = total_bytes // 4 // threads
-    parts = [np.ones(n, dtype=np.float32) for _ in range(threads)]
-
-    def read(a: np.ndarray) -> float:  # rows of 16 Ki floats: a vectorised, streaming add
-        return float(a.reshape(-1, 16384).sum(axis=0).sum())
-
-    with ThreadPool(threads) as pool:
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            pool.map(read, parts)
-            best = min(best, time.perf_counter() - start)
-    return threads * n * 4 / best
-
-
 def weight_bytes_per_token(config: ModelConfig, dtype: str) -> int:
     """Bytes of weights one decode step reads: matrices in ``dtype``, vectors in fp32."""
     from ffnskip_ext.checkpoint import expected_shapes
@@ -333,10 +317,12 @@ def prefill_rate(engine: Engine, ids: Sequence[int]) -> float:
 
 
 def interleaved(
-    engines: Sequence[Engine], rounds: int, measure: Callable[[Engine], float]
+    engines: Sequence[Engine], rounds: int, measure: Callable[[Engine], float],
+    before_round: Callable[[], object],
 ) -> dict[str, list[float]]:
     rates: dict[str, list[float]] = {e.name: [] for e in engines}
     for i in range(rounds):
+        before_round()
         for engine in engines if i % 2 == 0 else engines[::-1]:  # no engine always goes first
             time.sleep(0.2)  # let the previous engine's spinning threads go to sleep
             rates[engine.name].append(measure(engine))
@@ -560,17 +546,24 @@ def main() -> None:
     for e in engines:  # warm-up: page in weights, wake threads, pick kernels
         decode_rate(e, prompt, WARMUP_TOKENS)
         prefill_rate(e, long_prompt)
-    bandwidth = read_bandwidth(args.threads)
-    decode = interleaved(engines, args.rounds, lambda e: decode_rate(e, prompt, args.tokens))
-    prefill = interleaved(engines, args.rounds, lambda e: prefill_rate(e, long_prompt))
+    probes: list[float] = []
+
+    def probe() -> None:
+        probes.append(ffnskip_ext.measure_read_bandwidth(1 << 30, args.threads, 5))
+
+    decode = interleaved(engines, args.rounds, lambda e: decode_rate(e, prompt, args.tokens),
+                         probe)
+    prefill = interleaved(engines, args.rounds, lambda e: prefill_rate(e, long_prompt), probe)
+    bandwidth = max(probes)
 
     for line in machine_description(args.threads):
         report(line)
     report(f"model: {os.path.basename(path)} ({args.dtype} weights), prompt {len(prompt)} tokens, "
            f"{args.tokens} decode tokens x {args.rounds} rounds, prefill {len(long_prompt)} "
            f"tokens x {args.rounds} rounds")
-    report(f"read bandwidth ({args.threads} threads, NumPy sum over 1 GiB, best of 5): "
-           f"{bandwidth / 1e9:.1f} GB/s")
+    report(f"read bandwidth ({args.threads} threads, vector sum over 1 GiB, best of 5 passes, "
+           f"probed before each round): best {bandwidth / 1e9:.1f} GB/s, probes "
+           f"{[round(b / 1e9, 1) for b in probes]}")
     print_table(report, engines, decode, prefill, weight_bytes_per_token(config, args.dtype),
                 bandwidth)
     if args.out:

@@ -8,10 +8,12 @@
 //   static:F       StaticFFNSkip of round(F * layers) FFN blocks, a contiguous middle window
 //   ffnskip-never  FFNSkipPolicy(threshold=1.0): scores and decisions on, nothing skipped,
 //                  i.e. the cost of the gating itself
-// Prints tokens/s, the bytes of weights read per token (every layer weight the step runs, the
-// final norm and the LM head, not the embedding table, at the storage type's size), the
-// bandwidth, and on CUDA that bandwidth as a fraction of a device-to-device copy measured in
-// the same run; per policy, the speedup over dense against the ideal from bytes not read.
+// Prints decode tokens/s, the bytes of weights read per token (every layer weight the step
+// runs, the final norm and the LM head, not the embedding table, at the storage type's size),
+// the bandwidth as a fraction of the bandwidth measured in the same run (CUDA: a
+// device-to-device copy; CPU: the threads streaming a 1 GiB buffer through the kernels' vector
+// loads), the prefill rate of the --prompt tokens, and per policy the speedup over dense
+// against the ideal from bytes not read.
 // On the CPU, FFNSKIP_CPU_ISA=avx2 or default measures a lower instruction set's kernels.
 #include <algorithm>
 #include <chrono>
@@ -26,6 +28,7 @@
 #include <vector>
 
 #include "../csrc/core/cuda_loader.h"
+#include "../csrc/cpu/bandwidth.h"
 #include "../csrc/cpu/simd.h"
 #include "ffnskip/decoder.h"
 
@@ -172,6 +175,7 @@ struct PolicyResult {
   double tokens_per_s = 0;
   double skipped_fraction = 0;  // FFN blocks skipped / (tokens * layers)
   double bytes_per_token = 0;
+  double prefill_tokens_per_s = 0;  // the prompt's prefill, from an empty cache
 };
 
 // Times `tokens` decode steps after a prefill of `prompt` tokens and one untimed step.
@@ -182,7 +186,10 @@ PolicyResult run_policy(Decoder& decoder, const std::string& name, int prompt, i
   std::vector<int32_t> prompt_ids(prompt);
   for (int i = 0; i < prompt; ++i) prompt_ids[i] = (i * 7919) % c.vocab_size;
   std::vector<float> logits(c.vocab_size);
+  const auto prefill_start = std::chrono::steady_clock::now();
   decoder.prefill(prompt_ids.data(), prompt, logits.data());
+  const double prefill_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - prefill_start).count();
   decoder.step(1, logits.data());  // warm-up (on CUDA: captures the decode graph)
   decoder.reset_stats();
 
@@ -201,6 +208,7 @@ PolicyResult run_policy(Decoder& decoder, const std::string& name, int prompt, i
   PolicyResult result;
   result.name = name;
   result.tokens_per_s = tokens / seconds;
+  result.prefill_tokens_per_s = prompt / prefill_seconds;
   result.skipped_fraction =
       static_cast<double>(skipped) / (static_cast<double>(tokens) * c.num_layers);
   const double skipped_per_token = static_cast<double>(skipped) / tokens;
@@ -261,14 +269,17 @@ int main(int argc, char** argv) {
                 preset_name.c_str(), device.c_str(), dtype_name(dtype), c.num_layers,
                 c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.vocab_size,
                 prompt, tokens);
-    if (!cuda) std::printf("cpu_isa=%s threads=%d\n", cpu::isa_name(cpu::kernel_isa()), threads);
-    double copy_gbs = 0;
+    double peak_gbs = 0;  // the bandwidth the "of_peak" column divides by
     if (cuda) {
       const CudaInfo info = cuda_info();
-      copy_gbs = cuda_copy_bandwidth(size_t{1} << 30, 20) / 1e9;
+      peak_gbs = cuda_copy_bandwidth(size_t{1} << 30, 20) / 1e9;
       std::printf("gpu=%s cuda_runtime=%s driver=%s cublas=%s d2d_copy=%.0f GB/s\n",
                   info.device_name.c_str(), info.runtime_version.c_str(),
-                  info.driver_version.c_str(), info.cublas_version.c_str(), copy_gbs);
+                  info.driver_version.c_str(), info.cublas_version.c_str(), peak_gbs);
+    } else {
+      peak_gbs = cpu::measure_read_bandwidth(int64_t{1} << 30, threads, 5) / 1e9;
+      std::printf("cpu_isa=%s threads=%d read_bandwidth=%.1f GB/s\n",
+                  cpu::isa_name(cpu::kernel_isa()), threads, peak_gbs);
     }
 
     std::vector<PolicyResult> results;
@@ -279,17 +290,13 @@ int main(int argc, char** argv) {
     for (const auto& r : results) {
       if (r.name == "dense") dense = &r;
     }
-    std::printf("%-14s %10s %9s %9s %10s %9s %9s %9s\n", "policy", "tokens/s", "ms/token",
-                "ffn_skip", "MB/token", "GB/s", "of_copy", "speedup");
+    std::printf("%-14s %10s %9s %9s %10s %9s %9s %10s %9s\n", "policy", "tokens/s", "ms/token",
+                "ffn_skip", "MB/token", "GB/s", "of_peak", "prefill/s", "speedup");
     for (const auto& r : results) {
       const double gbs = r.bytes_per_token * r.tokens_per_s / 1e9;
       std::printf("%-14s %10.2f %9.3f %8.1f%% %10.1f %9.1f", r.name.c_str(), r.tokens_per_s,
                   1e3 / r.tokens_per_s, 100 * r.skipped_fraction, r.bytes_per_token / 1e6, gbs);
-      if (cuda) {
-        std::printf(" %8.1f%%", 100 * gbs / copy_gbs);
-      } else {
-        std::printf(" %9s", "-");
-      }
+      std::printf(" %8.1f%% %10.1f", 100 * gbs / peak_gbs, r.prefill_tokens_per_s);
       if (dense != nullptr) {
         // Ideal: time proportional to the bytes read.
         const double speedup = r.tokens_per_s / dense->tokens_per_s;

@@ -39,6 +39,16 @@ def test_tiny_model_matches_transformers(tiny_model_dir, variant: str) -> None:
     assert decoder.position == len(prompt) + DECODE_STEPS
 
 
+@pytest.mark.parametrize("length", [63, 64, 150])
+def test_long_prefill_matches_transformers(tiny_model_dir, length: int) -> None:
+    """Prompts around and past the 64-token blocks of the CPU GEMM, with tokens left over
+    after its 4-token tiles: every position's K/V feeds the last token's logits."""
+    model, path = tiny_model_dir("llama_gqa_untied_h72")
+    prompt = np.random.default_rng(length).integers(0, model.config.vocab_size, size=length)
+    logits = ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=160).prefill(prompt.tolist())
+    assert_logits_close(logits, hf_logits(model, prompt.tolist())[-1], f"prefill of {length}")
+
+
 def test_prefill_in_chunks_equals_one_prefill(tiny_model_dir) -> None:
     model, path = tiny_model_dir("llama_gqa_untied_h72")
     tokens = np.random.default_rng(2).integers(0, model.config.vocab_size, size=40).tolist()

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../core/cuda_loader.h"
+#include "../cpu/bandwidth.h"
 #include "../cpu/simd.h"
 #include "ffnskip/decoder.h"
 
@@ -171,6 +172,16 @@ PYBIND11_MODULE(_core, m) {
                     py::arg("cpu_isa") = cpu::isa_name(cpu::kernel_isa()));
   }, "CUDA build and machine: compiled or not, CUDA runtime, driver and cuBLAS versions, GPU; "
      "the instruction set of the CPU kernels (avx512, avx2 or default).");
+
+  m.def(
+      "measure_read_bandwidth",
+      [](int64_t bytes, int num_threads, int repeats) {
+        py::gil_scoped_release release;
+        return cpu::measure_read_bandwidth(bytes, num_threads, repeats);
+      },
+      py::arg("bytes") = int64_t{1} << 30, py::arg("num_threads") = 0, py::arg("repeats") = 5,
+      "Memory read bandwidth in bytes/s: the best of `repeats` passes of `num_threads` threads "
+      "(0: all) streaming a `bytes` buffer through the CPU kernels' vector loads.");
 
   m.def(
       "validate_config", [](const py::object& config) { to_model_config(config).validate(); },

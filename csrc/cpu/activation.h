@@ -3,9 +3,11 @@
 
 #include <cstdint>
 
+#include "thread_pool.h"
+
 namespace ffnskip::cpu {
 
-// out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]
-void swiglu(const float* gate_up, int64_t n, int64_t inter, float* out);
+// out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]; tokens are split across the pool.
+void swiglu(ThreadPool& pool, const float* gate_up, int64_t n, int64_t inter, float* out);
 
 }  // namespace ffnskip::cpu

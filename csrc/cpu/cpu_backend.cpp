@@ -280,7 +280,7 @@ class CpuBackend final : public Backend {
     if (score) std::copy(x_.begin(), x_.begin() + hidden, before_ffn_.begin());
     cpu::rms_norm(x_.data(), w.ffn_norm.data(), n, hidden, config_.rms_norm_eps, xn_.data());
     cpu::linear(pool_, w.gate_up.view, xn_.data(), n, gate_up_.data());
-    cpu::swiglu(gate_up_.data(), n, inter, act_.data());
+    cpu::swiglu(pool_, gate_up_.data(), n, inter, act_.data());
     cpu::linear(pool_, w.down.view, act_.data(), n, x_.data(), cpu::Output::Accumulate);
     if (score) {
       record_score(state_, cosine(before_ffn_.data(), x_.data()));

@@ -15,8 +15,11 @@ namespace ffnskip::cpu {
 
 namespace {
 
-// Tokens whose inputs stay cache-resident while a slice of weight rows streams past them.
+// Tokens whose inputs stay cache-resident (L2) while a slice of weight rows streams past them.
 constexpr int64_t kTokenBlock = 64;
+// The many-token register tile: kTileRows weight rows times kTileTokens tokens.
+constexpr int kTileRows = 4;
+constexpr int kTileTokens = 4;
 
 typedef uint16_t vu16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 typedef uint32_t vu32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
@@ -108,6 +111,9 @@ __attribute__((always_inline)) inline void tile(const LinearWeights& w, int64_t 
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
+      // A decode step reads each weight once, and the hardware prefetcher starts over at each
+      // tile (a bf16 row of 576 is 18 cache lines): fetch the next tile's rows meanwhile.
+      if constexpr (T == 1) __builtin_prefetch(wr + (r + R) * in + i);
       vfloat wv[P];
       W::widen(wr + r * in + i, wv);
 #pragma GCC unroll 2
@@ -140,18 +146,30 @@ __attribute__((always_inline)) inline void rows_for_tokens(const LinearWeights& 
   for (; row < row_end; ++row) tile<1, T, W>(w, row, x, y, accumulate);
 }
 
+// Within a block of tokens, each tile of weight rows stays in L1 while every group of
+// kTileTokens tokens (their inputs in L2) passes it: the rows come from memory once per block.
 template <typename W>
 __attribute__((always_inline)) inline void token_blocks(const LinearWeights& w, const float* x,
                                                         int64_t n, float* y, int64_t row_begin,
                                                         int64_t row_end, bool accumulate) {
+  constexpr int R = kTileRows, T = kTileTokens;
+  const int64_t in = w.in, out = w.out;
   for (int64_t t0 = 0; t0 < n; t0 += kTokenBlock) {
     const int64_t t_end = std::min(n, t0 + kTokenBlock);
-    int64_t t = t0;
-    for (; t + 4 <= t_end; t += 4) {
-      rows_for_tokens<4, 4, W>(w, row_begin, row_end, x + t * w.in, y + t * w.out, accumulate);
+    const int64_t t_tiled = t0 + (t_end - t0) / T * T;
+    int64_t row = row_begin;
+    for (; row + R <= row_end; row += R) {
+      for (int64_t t = t0; t < t_tiled; t += T) {
+        tile<R, T, W>(w, row, x + t * in, y + t * out, accumulate);
+      }
     }
-    for (; t < t_end; ++t) {
-      rows_for_tokens<8, 1, W>(w, row_begin, row_end, x + t * w.in, y + t * w.out, accumulate);
+    for (; row < row_end; ++row) {
+      for (int64_t t = t0; t < t_tiled; t += T) {
+        tile<1, T, W>(w, row, x + t * in, y + t * out, accumulate);
+      }
+    }
+    for (int64_t t = t_tiled; t < t_end; ++t) {  // one token (decode), or a block's last few
+      rows_for_tokens<8, 1, W>(w, row_begin, row_end, x + t * in, y + t * out, accumulate);
     }
   }
 }
@@ -171,28 +189,6 @@ __attribute__((always_inline)) inline void linear_rows(const LinearWeights& w, c
       token_blocks<F16Weights<I>>(w, x, n, y, row_begin, row_end, accumulate);
       break;
   }
-}
-
-__attribute__((always_inline)) inline float dot_kernel(const float* a, const float* b,
-                                                       int64_t len) {
-  vfloat acc0 = {}, acc1 = {};
-  int64_t i = 0;
-  for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
-    acc0 += load(a + i) * load(b + i);
-    acc1 += load(a + i + kLanes) * load(b + i + kLanes);
-  }
-  for (; i + kLanes <= len; i += kLanes) acc0 += load(a + i) * load(b + i);
-  float s = reduce_add(acc0 + acc1);
-  for (; i < len; ++i) s += a[i] * b[i];
-  return s;
-}
-
-__attribute__((always_inline)) inline void axpy_kernel(float a, const float* x, float* y,
-                                                       int64_t len) {
-  const vfloat av = splat(a);
-  int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes) store(y + i, load(y + i) + av * load(x + i));
-  for (; i < len; ++i) y[i] += a * x[i];
 }
 
 struct Kernels {

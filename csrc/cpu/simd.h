@@ -3,6 +3,7 @@
 // compiled once per instruction set below and one is chosen at run time.
 #pragma once
 
+#include <cstdint>
 #include <cstring>
 
 namespace ffnskip::cpu {
@@ -39,6 +40,29 @@ __attribute__((always_inline)) inline float reduce_add(vfloat v) {
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+// Dot product and y += a * x over float arrays of any length.
+__attribute__((always_inline)) inline float dot_kernel(const float* a, const float* b,
+                                                       int64_t len) {
+  vfloat acc0 = {}, acc1 = {};
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
+    acc0 += load(a + i) * load(b + i);
+    acc1 += load(a + i + kLanes) * load(b + i + kLanes);
+  }
+  for (; i + kLanes <= len; i += kLanes) acc0 += load(a + i) * load(b + i);
+  float s = reduce_add(acc0 + acc1);
+  for (; i < len; ++i) s += a[i] * b[i];
+  return s;
+}
+
+__attribute__((always_inline)) inline void axpy_kernel(float a, const float* x, float* y,
+                                                       int64_t len) {
+  const vfloat av = splat(a);
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) store(y + i, load(y + i) + av * load(x + i));
+  for (; i < len; ++i) y[i] += a * x[i];
+}
+
 // Instruction sets the kernels are compiled for: x86-64-v4 (AVX-512 F/BW/DQ/VL),
 // x86-64-v3 (AVX2, FMA, F16C) and the build's baseline.
 enum class Isa { Default, Avx2, Avx512 };
@@ -58,4 +82,27 @@ const char* isa_name(Isa isa);
 #define FFNSKIP_X86_DISPATCH 1
 #define FFNSKIP_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
 #define FFNSKIP_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
+#endif
+
+// Defines `name`_default, _avx2 and _avx512: copies of the always-inline kernel `name` compiled
+// for each instruction set (everything inlined into them takes their target), and
+// `name`_for_isa() returning the copy for kernel_isa(). `params` and `args` are parenthesised.
+#ifdef FFNSKIP_X86_DISPATCH
+#define FFNSKIP_ISA_VARIANTS(ret, name, params, args)                                     \
+  __attribute__((flatten)) ret name##_default params { return name args; }                \
+  FFNSKIP_TARGET_AVX2 __attribute__((flatten)) ret name##_avx2 params { return name args; } \
+  FFNSKIP_TARGET_AVX512 __attribute__((flatten)) ret name##_avx512 params {               \
+    return name args;                                                                     \
+  }                                                                                       \
+  inline auto name##_for_isa() {                                                          \
+    switch (::ffnskip::cpu::kernel_isa()) {                                               \
+      case ::ffnskip::cpu::Isa::Avx512: return &name##_avx512;                            \
+      case ::ffnskip::cpu::Isa::Avx2: return &name##_avx2;                                \
+      default: return &name##_default;                                                    \
+    }                                                                                     \
+  }
+#else
+#define FFNSKIP_ISA_VARIANTS(ret, name, params, args)                      \
+  __attribute__((flatten)) ret name##_default params { return name args; } \
+  inline auto name##_for_isa() { return &name##_default; }
 #endif

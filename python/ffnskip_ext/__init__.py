@@ -1,6 +1,6 @@
 """ffnskip_ext: LLaMA-family decoding with adaptive compute skipping."""
 
-from ._core import build_info, cuda_available
+from ._core import build_info, cuda_available, measure_read_bandwidth
 from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .decoder import Decoder, DecodeStats
@@ -42,4 +42,5 @@ __all__ = [
     "encode_prompt",
     "load_checkpoint",
     "load_tokenizer",
+    "measure_read_bandwidth",
 ]
