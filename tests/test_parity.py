@@ -39,11 +39,18 @@ def test_tiny_model_matches_transformers(tiny_model_dir, variant: str) -> None:
     assert decoder.position == len(prompt) + DECODE_STEPS
 
 
-@pytest.mark.parametrize("length", [63, 64, 150])
-def test_long_prefill_matches_transformers(tiny_model_dir, length: int) -> None:
-    """Prompts around and past the 64-token blocks of the CPU GEMM, with tokens left over
-    after its 4-token tiles: every position's K/V feeds the last token's logits."""
-    model, path = tiny_model_dir("llama_gqa_untied_h72")
+LONG_PREFILLS = [("llama_gqa_untied_h72", n) for n in (12, 63, 64, 150)] + [
+    (variant, 150) for variant in sorted(TINY_VARIANTS) if variant != "llama_gqa_untied_h72"
+]
+
+
+@pytest.mark.parametrize(("variant", "length"), LONG_PREFILLS)
+def test_long_prefill_matches_transformers(tiny_model_dir, variant: str, length: int) -> None:
+    """Prompts that take the CPU's many-token GEMMs (AVX-512: 32-row panels x 12-token groups,
+    rows and tokens left over; otherwise 4x4 tiles in 64-token blocks), on every tiny variant
+    (biases, tied heads, widths that are no multiple of 32): every position's K/V feeds the
+    last token's logits."""
+    model, path = tiny_model_dir(variant)
     prompt = np.random.default_rng(length).integers(0, model.config.vocab_size, size=length)
     logits = ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=160).prefill(prompt.tolist())
     assert_logits_close(logits, hf_logits(model, prompt.tolist())[-1], f"prefill of {length}")

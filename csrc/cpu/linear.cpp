@@ -61,6 +61,12 @@ FFNSKIP_TARGET_AVX512 inline vfloat widen_f16_avx512(const uint16_t* p) {
   return bits_as<vfloat>(_mm512_maskz_cvtph_ps(0xFFFF, h));  // maskz: no -Wmaybe-uninitialized
 }
 
+// One float broadcast to every lane straight from memory (a generic-vector splat costs an add
+// or a lane-by-lane build in GCC's code for this target).
+FFNSKIP_TARGET_AVX512 inline vfloat broadcast_avx512(const float* p) {
+  return bits_as<vfloat>(_mm512_set1_ps(*p));
+}
+
 FFNSKIP_TARGET_AVX2 inline vfloat widen_f16_avx2(const uint16_t* p) {
   const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
@@ -174,26 +180,121 @@ __attribute__((always_inline)) inline void token_blocks(const LinearWeights& w, 
   }
 }
 
+// The AVX-512 outer-product kernel's tile (below): kPanelRows weight rows x kPanelTokens tokens.
+constexpr int kPanelRows = 2 * kLanes;
+constexpr int kPanelTokens = 12;
+
+// The inputs of a linear in the layouts its kernels read.
+struct LinearInput {
+  const float* x;   // [n, in], natural order
+  const float* xs;  // x, or for bf16 weights each block of 32 de-interleaved (BF16Weights)
+  const float* xt;  // the panel path's token groups, [n / kPanelTokens][in][kPanelTokens]; or
+                    // null where that path is not taken
+  int64_t n;
+};
+
+#ifdef FFNSKIP_X86_DISPATCH
+// Many tokens with AVX-512 (one vfloat per register): y[t, rows] as outer products. A panel of
+// kPanelRows weight rows is transposed and widened to fp32 once, [in][kPanelRows], then every
+// group of kPanelTokens tokens broadcasts its inputs against it: two panel loads per 24 FMAs
+// and no horizontal sums, where the dot-product tiles above need both.
+
+template <typename W>
+__attribute__((always_inline)) inline void pack_panel(const LinearWeights& w, int64_t row,
+                                                      float* panel) {
+  const typename W::Stored* src = static_cast<const typename W::Stored*>(w.weight) + row * w.in;
+  for (int64_t k = 0; k < w.in; ++k) {
+    for (int r = 0; r < kPanelRows; ++r) panel[k * kPanelRows + r] = W::at(src + r * w.in + k);
+  }
+}
+
+// T tokens' outputs for one panel; token t's input k is x[t * t_stride + k * k_stride].
+template <int T>
+__attribute__((always_inline)) inline void panel_tokens(const LinearWeights& w, int64_t row,
+                                                        const float* panel, const float* x,
+                                                        int64_t t_stride, int64_t k_stride,
+                                                        float* y, bool accumulate) {
+  vfloat acc[T][2] = {};
+  for (int64_t k = 0; k < w.in; ++k) {
+    const vfloat p0 = load(panel + k * kPanelRows);
+    const vfloat p1 = load(panel + k * kPanelRows + kLanes);
+#pragma GCC unroll 12
+    for (int t = 0; t < T; ++t) {
+      const vfloat xv = broadcast_avx512(x + t * t_stride + k * k_stride);
+      acc[t][0] += xv * p0;
+      acc[t][1] += xv * p1;
+    }
+  }
+  const vfloat b0 = w.bias ? load(w.bias + row) : vfloat{};
+  const vfloat b1 = w.bias ? load(w.bias + row + kLanes) : vfloat{};
+#pragma GCC unroll 12
+  for (int t = 0; t < T; ++t) {
+    float* dst = y + t * w.out + row;
+    store(dst, accumulate ? load(dst) + (acc[t][0] + b0) : acc[t][0] + b0);
+    store(dst + kLanes, accumulate ? load(dst + kLanes) + (acc[t][1] + b1) : acc[t][1] + b1);
+  }
+}
+
+// Rows [row_begin, row_end) in whole panels; returns the first row it left (fewer than
+// kPanelRows remain).
+template <typename W>
+__attribute__((always_inline)) inline int64_t panel_rows(const LinearWeights& w,
+                                                         const LinearInput& input, float* y,
+                                                         int64_t row_begin, int64_t row_end,
+                                                         bool accumulate) {
+  thread_local std::vector<float> panel;  // grows to the widest input, then never allocates
+  panel.resize(static_cast<size_t>(w.in * kPanelRows));
+  const int64_t in = w.in, out = w.out, n = input.n;
+  const int64_t grouped = n / kPanelTokens * kPanelTokens;
+  int64_t row = row_begin;
+  for (; row + kPanelRows <= row_end; row += kPanelRows) {
+    pack_panel<W>(w, row, panel.data());
+    for (int64_t t = 0; t < grouped; t += kPanelTokens) {
+      panel_tokens<kPanelTokens>(w, row, panel.data(), input.xt + t * in, 1, kPanelTokens,
+                                 y + t * out, accumulate);
+    }
+    for (int64_t t = grouped; t < n; ++t) {
+      panel_tokens<1>(w, row, panel.data(), input.x + t * in, in, 1, y + t * out, accumulate);
+    }
+  }
+  return row;
+}
+
+#endif
+
+template <Isa I, typename W>
+__attribute__((always_inline)) inline void rows_of_type(const LinearWeights& w,
+                                                        const LinearInput& input, float* y,
+                                                        int64_t row_begin, int64_t row_end,
+                                                        bool accumulate) {
+#ifdef FFNSKIP_X86_DISPATCH
+  if constexpr (I == Isa::Avx512) {
+    if (input.xt) row_begin = panel_rows<W>(w, input, y, row_begin, row_end, accumulate);
+  }
+#endif
+  token_blocks<W>(w, input.xs, input.n, y, row_begin, row_end, accumulate);
+}
+
 template <Isa I>
-__attribute__((always_inline)) inline void linear_rows(const LinearWeights& w, const float* x,
-                                                       int64_t n, float* y, int64_t row_begin,
-                                                       int64_t row_end, bool accumulate) {
+__attribute__((always_inline)) inline void linear_rows(const LinearWeights& w,
+                                                       const LinearInput& input, float* y,
+                                                       int64_t row_begin, int64_t row_end,
+                                                       bool accumulate) {
   switch (w.type) {
     case WeightType::F32:
-      token_blocks<F32Weights>(w, x, n, y, row_begin, row_end, accumulate);
+      rows_of_type<I, F32Weights>(w, input, y, row_begin, row_end, accumulate);
       break;
     case WeightType::BF16:
-      token_blocks<BF16Weights>(w, x, n, y, row_begin, row_end, accumulate);
+      rows_of_type<I, BF16Weights>(w, input, y, row_begin, row_end, accumulate);
       break;
     case WeightType::F16:
-      token_blocks<F16Weights<I>>(w, x, n, y, row_begin, row_end, accumulate);
+      rows_of_type<I, F16Weights<I>>(w, input, y, row_begin, row_end, accumulate);
       break;
   }
 }
 
 struct Kernels {
-  void (*linear_rows)(const LinearWeights&, const float*, int64_t, float*, int64_t, int64_t,
-                      bool);
+  void (*linear_rows)(const LinearWeights&, const LinearInput&, float*, int64_t, int64_t, bool);
   float (*dot)(const float*, const float*, int64_t);
   void (*axpy)(float, const float*, float*, int64_t);
 };
@@ -202,9 +303,9 @@ struct Kernels {
 // target attribute become its code.
 #define FFNSKIP_KERNELS(isa, target)                                                               \
   target __attribute__((flatten)) void linear_rows_##isa(                                          \
-      const LinearWeights& w, const float* x, int64_t n, float* y, int64_t row_begin,              \
+      const LinearWeights& w, const LinearInput& input, float* y, int64_t row_begin,               \
       int64_t row_end, bool accumulate) {                                                          \
-    linear_rows<Isa::isa>(w, x, n, y, row_begin, row_end, accumulate);                             \
+    linear_rows<Isa::isa>(w, input, y, row_begin, row_end, accumulate);                            \
   }                                                                                                \
   target float dot_##isa(const float* a, const float* b, int64_t len) {                            \
     return dot_kernel(a, b, len);                                                                  \
@@ -278,6 +379,22 @@ const float* deinterleave_pairs(const float* x, int64_t n, int64_t in) {
   return out.data();
 }
 
+// x's whole groups of kPanelTokens tokens, each transposed to [in][kPanelTokens] (the panel
+// kernel's broadcasts then read consecutive floats).
+const float* token_groups(const float* x, int64_t n, int64_t in) {
+  thread_local std::vector<float> out;  // grows to the largest input, then never allocates
+  const int64_t groups = n / kPanelTokens;
+  out.resize(static_cast<size_t>(groups * kPanelTokens * in));
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* src = x + g * kPanelTokens * in;
+    float* dst = out.data() + g * kPanelTokens * in;
+    for (int64_t k = 0; k < in; ++k) {
+      for (int t = 0; t < kPanelTokens; ++t) dst[k * kPanelTokens + t] = src[t * in + k];
+    }
+  }
+  return out.data();
+}
+
 }  // namespace
 
 Isa kernel_isa() {
@@ -314,10 +431,15 @@ LinearWeights LinearWeights::rows(int64_t first, int64_t count) const {
 void linear(ThreadPool& pool, const LinearWeights& w, const float* x, int64_t n, float* y,
             Output mode) {
   const bool accumulate = mode == Output::Accumulate;
-  const float* xs = w.type == WeightType::BF16 ? deinterleave_pairs(x, n, w.in) : x;
+  LinearInput input{x, x, nullptr, n};
+  if (w.type == WeightType::BF16) input.xs = deinterleave_pairs(x, n, w.in);
+  if (kernel_isa() == Isa::Avx512 && n >= kPanelTokens) input.xt = token_groups(x, n, w.in);
   const auto rows = kernels().linear_rows;
-  pool.parallel_for(w.out, [&](int64_t begin, int64_t end, int) {
-    rows(w, xs, n, y, begin, end, accumulate);
+  // Threads take whole panels of rows, so which kernel computes a row (and hence its rounding)
+  // does not depend on the thread count.
+  const int64_t panels = (w.out + kPanelRows - 1) / kPanelRows;
+  pool.parallel_for(panels, [&](int64_t begin, int64_t end, int) {
+    rows(w, input, y, begin * kPanelRows, std::min(w.out, end * kPanelRows), accumulate);
   });
 }
 
