@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
+#include "linear.h"
 #include "simd.h"
 
 namespace ffnskip::cpu {
@@ -43,10 +45,88 @@ __attribute__((always_inline)) inline void attend_head(const HeadQuery& a) {
 
 FFNSKIP_ISA_VARIANTS(void, attend_head, (const HeadQuery& a), (a))
 
+// From this many new tokens on (prefill), attention runs as two GEMMs per KV head and block of
+// kQueryBlock tokens: scores = Q K^T over the keys the block can see, a causal softmax, then
+// P V. The GEMMs also multiply the masked-out upper triangle (zeros), but at GEMM speed, where
+// one dot product per (query, key) spends most of its time on horizontal sums.
+constexpr int kManyQueries = 16;
+constexpr int kQueryBlock = 64;
+
+void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const float* q, int n,
+                        int pos, const float* k_cache, const float* v_cache, float* out) {
+  const int group = shape.num_heads / shape.num_kv_heads;
+  const int64_t d = shape.head_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  // Per calling thread; they grow to the largest pass, then never allocate.
+  thread_local std::vector<float> keys, values_t, queries, scores, heads_out;
+  keys.resize(static_cast<size_t>((pos + n) * d));
+  for (int g = 0; g < shape.num_kv_heads; ++g) {
+    const int64_t kv_offset = g * d;
+    for (int64_t j = 0; j < pos + n; ++j) {  // this head's keys, contiguous: GEMM weight rows
+      std::memcpy(keys.data() + j * d, k_cache + j * shape.kv_stride + kv_offset,
+                  sizeof(float) * d);
+    }
+    for (int t0 = 0; t0 < n; t0 += kQueryBlock) {
+      const int tokens = std::min(kQueryBlock, n - t0);
+      const int64_t len = pos + t0 + tokens;  // keys the block's last query sees
+      const int64_t rows = static_cast<int64_t>(tokens) * group;  // query row t * group + h
+      queries.resize(static_cast<size_t>(rows * d));
+      for (int t = 0; t < tokens; ++t) {
+        for (int h = 0; h < group; ++h) {
+          std::memcpy(queries.data() + (t * group + h) * d,
+                      q + (t0 + t) * shape.q_stride + (g * group + h) * d, sizeof(float) * d);
+        }
+      }
+      scores.resize(static_cast<size_t>(rows * len));
+      linear(pool, {keys.data(), nullptr, len, d, WeightType::F32}, queries.data(), rows,
+             scores.data());
+      float* const probabilities = scores.data();  // workers must not name the thread_local
+      pool.parallel_for(rows, [&](int64_t begin, int64_t end, int) {
+        for (int64_t row = begin; row < end; ++row) {
+          float* p = probabilities + row * len;
+          const int64_t visible = pos + t0 + row / group + 1;
+          float max_score = -INFINITY;
+          for (int64_t j = 0; j < visible; ++j) {
+            p[j] *= scale;
+            max_score = std::max(max_score, p[j]);
+          }
+          float sum = 0.0f;
+          for (int64_t j = 0; j < visible; ++j) {
+            p[j] = std::exp(p[j] - max_score);
+            sum += p[j];
+          }
+          const float inv_sum = 1.0f / sum;
+          for (int64_t j = 0; j < visible; ++j) p[j] *= inv_sum;
+          std::fill(p + visible, p + len, 0.0f);
+        }
+      });
+      values_t.resize(static_cast<size_t>(d * len));  // V^T: GEMM weight rows of length len
+      for (int64_t j = 0; j < len; ++j) {
+        const float* v = v_cache + j * shape.kv_stride + kv_offset;
+        for (int64_t e = 0; e < d; ++e) values_t[e * len + j] = v[e];
+      }
+      heads_out.resize(static_cast<size_t>(rows * d));
+      linear(pool, {values_t.data(), nullptr, d, len, WeightType::F32}, scores.data(), rows,
+             heads_out.data());
+      for (int t = 0; t < tokens; ++t) {
+        for (int h = 0; h < group; ++h) {
+          std::memcpy(out + (t0 + t) * static_cast<int64_t>(shape.num_heads) * d +
+                          (g * group + h) * d,
+                      heads_out.data() + (t * group + h) * d, sizeof(float) * d);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void attention(ThreadPool& pool, const AttentionShape& shape, const float* q, int n, int pos,
                const float* k_cache, const float* v_cache, float* scratch, float* out) {
+  if (n >= kManyQueries) {
+    attention_as_gemms(pool, shape, q, n, pos, k_cache, v_cache, out);
+    return;
+  }
   const auto attend = attend_head_for_isa();
   const int group = shape.num_heads / shape.num_kv_heads;
   const int head_dim = shape.head_dim;
