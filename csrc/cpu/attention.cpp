@@ -25,6 +25,7 @@ struct HeadQuery {
 };
 
 // softmax(q K^T * scale) V for one query of one head.
+template <Isa>
 __attribute__((always_inline)) inline void attend_head(const HeadQuery& a) {
   float max_score = -INFINITY;
   for (int64_t j = 0; j < a.len; ++j) {

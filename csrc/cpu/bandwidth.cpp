@@ -14,6 +14,7 @@ namespace ffnskip::cpu {
 namespace {
 
 // Four independent accumulators so the adds never wait on each other: loads set the pace.
+template <Isa>
 __attribute__((always_inline)) inline float sum_kernel(const float* p, int64_t len) {
   vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t i = 0;

@@ -142,14 +142,15 @@ __attribute__((always_inline)) inline void tile(const LinearWeights& w, int64_t 
   }
 }
 
-template <int R, int T, typename W>
-__attribute__((always_inline)) inline void rows_for_tokens(const LinearWeights& w,
-                                                           int64_t row_begin, int64_t row_end,
-                                                           const float* x, float* y,
-                                                           bool accumulate) {
+// Every row of [row_begin, row_end) for one token, R rows at a time.
+template <int R, typename W>
+__attribute__((always_inline)) inline void rows_for_token(const LinearWeights& w,
+                                                          int64_t row_begin, int64_t row_end,
+                                                          const float* x, float* y,
+                                                          bool accumulate) {
   int64_t row = row_begin;
-  for (; row + R <= row_end; row += R) tile<R, T, W>(w, row, x, y, accumulate);
-  for (; row < row_end; ++row) tile<1, T, W>(w, row, x, y, accumulate);
+  for (; row + R <= row_end; row += R) tile<R, 1, W>(w, row, x, y, accumulate);
+  for (; row < row_end; ++row) tile<1, 1, W>(w, row, x, y, accumulate);
 }
 
 // Within a block of tokens, each tile of weight rows stays in L1 while every group of
@@ -175,7 +176,7 @@ __attribute__((always_inline)) inline void token_blocks(const LinearWeights& w, 
       }
     }
     for (int64_t t = t_tiled; t < t_end; ++t) {  // one token (decode), or a block's last few
-      rows_for_tokens<8, 1, W>(w, row_begin, row_end, x + t * in, y + t * out, accumulate);
+      rows_for_token<8, W>(w, row_begin, row_end, x + t * in, y + t * out, accumulate);
     }
   }
 }
@@ -293,46 +294,26 @@ __attribute__((always_inline)) inline void linear_rows(const LinearWeights& w,
   }
 }
 
-struct Kernels {
-  void (*linear_rows)(const LinearWeights&, const LinearInput&, float*, int64_t, int64_t, bool);
-  float (*dot)(const float*, const float*, int64_t);
-  void (*axpy)(float, const float*, float*, int64_t);
-};
+FFNSKIP_ISA_VARIANTS(void, linear_rows,
+                     (const LinearWeights& w, const LinearInput& input, float* y,
+                      int64_t row_begin, int64_t row_end, bool accumulate),
+                     (w, input, y, row_begin, row_end, accumulate))
 
-// The kernels compiled for one instruction set: the templates inlined into functions with its
-// target attribute become its code.
-#define FFNSKIP_KERNELS(isa, target)                                                               \
-  target __attribute__((flatten)) void linear_rows_##isa(                                          \
-      const LinearWeights& w, const LinearInput& input, float* y, int64_t row_begin,               \
-      int64_t row_end, bool accumulate) {                                                          \
-    linear_rows<Isa::isa>(w, input, y, row_begin, row_end, accumulate);                            \
-  }                                                                                                \
-  target float dot_##isa(const float* a, const float* b, int64_t len) {                            \
-    return dot_kernel(a, b, len);                                                                  \
-  }                                                                                                \
-  target void axpy_##isa(float a, const float* x, float* y, int64_t len) {                         \
-    axpy_kernel(a, x, y, len);                                                                     \
-  }                                                                                                \
-  constexpr Kernels kKernels##isa = {linear_rows_##isa, dot_##isa, axpy_##isa};
-
-FFNSKIP_KERNELS(Default, )
-#ifdef FFNSKIP_X86_DISPATCH
-FFNSKIP_KERNELS(Avx2, FFNSKIP_TARGET_AVX2)
-FFNSKIP_KERNELS(Avx512, FFNSKIP_TARGET_AVX512)
-#endif
-
-const Kernels& kernels() {
-  static const Kernels& chosen = []() -> const Kernels& {
-    switch (kernel_isa()) {
-#ifdef FFNSKIP_X86_DISPATCH
-      case Isa::Avx512: return kKernelsAvx512;
-      case Isa::Avx2: return kKernelsAvx2;
-#endif
-      default: return kKernelsDefault;
-    }
-  }();
-  return chosen;
+// The exported dot and axpy, in the instruction set of the other kernels.
+template <Isa>
+__attribute__((always_inline)) inline float dot_any(const float* a, const float* b,
+                                                    int64_t len) {
+  return dot_kernel(a, b, len);
 }
+FFNSKIP_ISA_VARIANTS(float, dot_any, (const float* a, const float* b, int64_t len), (a, b, len))
+
+template <Isa>
+__attribute__((always_inline)) inline void axpy_any(float a, const float* x, float* y,
+                                                    int64_t len) {
+  axpy_kernel(a, x, y, len);
+}
+FFNSKIP_ISA_VARIANTS(void, axpy_any, (float a, const float* x, float* y, int64_t len),
+                     (a, x, y, len))
 
 Isa best_isa() {
 #ifdef FFNSKIP_X86_DISPATCH
@@ -434,7 +415,7 @@ void linear(ThreadPool& pool, const LinearWeights& w, const float* x, int64_t n,
   LinearInput input{x, x, nullptr, n};
   if (w.type == WeightType::BF16) input.xs = deinterleave_pairs(x, n, w.in);
   if (kernel_isa() == Isa::Avx512 && n >= kPanelTokens) input.xt = token_groups(x, n, w.in);
-  const auto rows = kernels().linear_rows;
+  const auto rows = linear_rows_for_isa();
   // Threads take whole panels of rows, so which kernel computes a row (and hence its rounding)
   // does not depend on the thread count.
   const int64_t panels = (w.out + kPanelRows - 1) / kPanelRows;
@@ -443,8 +424,8 @@ void linear(ThreadPool& pool, const LinearWeights& w, const float* x, int64_t n,
   });
 }
 
-float dot(const float* a, const float* b, int64_t len) { return kernels().dot(a, b, len); }
+float dot(const float* a, const float* b, int64_t len) { return dot_any_for_isa()(a, b, len); }
 
-void axpy(float a, const float* x, float* y, int64_t len) { kernels().axpy(a, x, y, len); }
+void axpy(float a, const float* x, float* y, int64_t len) { axpy_any_for_isa()(a, x, y, len); }
 
 }  // namespace ffnskip::cpu

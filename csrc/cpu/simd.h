@@ -84,25 +84,28 @@ const char* isa_name(Isa isa);
 #define FFNSKIP_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
 #endif
 
-// Defines `name`_default, _avx2 and _avx512: copies of the always-inline kernel `name` compiled
-// for each instruction set (everything inlined into them takes their target), and
-// `name`_for_isa() returning the copy for kernel_isa(). `params` and `args` are parenthesised.
+// Defines `name`_Default, _Avx2 and _Avx512: copies of the always-inline kernel template
+// `name<Isa>` compiled for each instruction set (everything inlined into them takes their
+// target; the template argument lets a kernel pick ISA-specific code), and `name`_for_isa()
+// returning the copy for kernel_isa(). `params` and `args` are parenthesised.
+#define FFNSKIP_ISA_VARIANT(target, ret, name, isa, params, args) \
+  target __attribute__((flatten)) ret name##_##isa params {        \
+    return name<::ffnskip::cpu::Isa::isa> args;                   \
+  }
 #ifdef FFNSKIP_X86_DISPATCH
-#define FFNSKIP_ISA_VARIANTS(ret, name, params, args)                                     \
-  __attribute__((flatten)) ret name##_default params { return name args; }                \
-  FFNSKIP_TARGET_AVX2 __attribute__((flatten)) ret name##_avx2 params { return name args; } \
-  FFNSKIP_TARGET_AVX512 __attribute__((flatten)) ret name##_avx512 params {               \
-    return name args;                                                                     \
-  }                                                                                       \
-  inline auto name##_for_isa() {                                                          \
-    switch (::ffnskip::cpu::kernel_isa()) {                                               \
-      case ::ffnskip::cpu::Isa::Avx512: return &name##_avx512;                            \
-      case ::ffnskip::cpu::Isa::Avx2: return &name##_avx2;                                \
-      default: return &name##_default;                                                    \
-    }                                                                                     \
+#define FFNSKIP_ISA_VARIANTS(ret, name, params, args)                         \
+  FFNSKIP_ISA_VARIANT(, ret, name, Default, params, args)                     \
+  FFNSKIP_ISA_VARIANT(FFNSKIP_TARGET_AVX2, ret, name, Avx2, params, args)     \
+  FFNSKIP_ISA_VARIANT(FFNSKIP_TARGET_AVX512, ret, name, Avx512, params, args) \
+  inline auto name##_for_isa() {                                              \
+    switch (::ffnskip::cpu::kernel_isa()) {                                   \
+      case ::ffnskip::cpu::Isa::Avx512: return &name##_Avx512;                \
+      case ::ffnskip::cpu::Isa::Avx2: return &name##_Avx2;                    \
+      default: return &name##_Default;                                        \
+    }                                                                         \
   }
 #else
-#define FFNSKIP_ISA_VARIANTS(ret, name, params, args)                      \
-  __attribute__((flatten)) ret name##_default params { return name args; } \
-  inline auto name##_for_isa() { return &name##_default; }
+#define FFNSKIP_ISA_VARIANTS(ret, name, params, args)     \
+  FFNSKIP_ISA_VARIANT(, ret, name, Default, params, args) \
+  inline auto name##_for_isa() { return &name##_Default; }
 #endif
