@@ -102,7 +102,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     files = dict(_task_file(entry) for entry in args.task_file or [])
     settings = EvalSettings(
         limits=parse_limits(args.limit, tasks), split=None if args.split == "all" else args.split,
-        seed=args.seed, ppl_window=args.ppl_window, ppl_prompt=_ppl_prompt(args),
+        seed=args.seed, ppl_window=args.ppl_window, ppl_prompt=args.ppl_prompt,
         task_files=files,
     )
     if not args.sweep and not args.policies:
@@ -152,10 +152,6 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _ppl_prompt(args: argparse.Namespace) -> int:
-    return args.ppl_prompt if args.ppl_prompt is not None else max(1, args.ppl_window // 4)
-
-
 def _build_specs(args: argparse.Namespace, decoder: Any, tokenizer: Any,
                  files: dict[str, str]) -> tuple[list[Any], list[str]]:
     """The sweep's policies (calibrated on train-split chat prompts, Block Influence on
@@ -176,7 +172,7 @@ def _build_specs(args: argparse.Namespace, decoder: Any, tokenizer: Any,
             notes.append("no train-split chat items: calibrated on the default prompts")
         prose = EvalSettings(limits={"perplexity": INFLUENCE_WINDOWS}, split="train",
                              seed=args.seed, ppl_window=args.ppl_window,
-                             ppl_prompt=_ppl_prompt(args), task_files=files)
+                             ppl_prompt=args.ppl_prompt, task_files=files)
         windows = load_items(prose, tokenizer)["perplexity"]
         targets = [float(t) for t in args.targets.split(",") if t.strip()]
         routers = _sweep_routers(args, notes)

@@ -84,7 +84,7 @@ class EvalSettings:
     summary_max_new_tokens: int = 64
     chat_max_new_tokens: int = 48
     ppl_window: int = 128
-    ppl_prompt: int = 32
+    ppl_prompt: int | None = None  # None: a quarter of the window
     task_files: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -99,6 +99,8 @@ class EvalSettings:
             raise ValueError(f"task file for unknown task(s): {', '.join(sorted(unknown))}")
         if self.ppl_window < 2:
             raise ValueError(f"ppl_window must be >= 2, got {self.ppl_window}")
+        if self.ppl_prompt is None:
+            object.__setattr__(self, "ppl_prompt", max(1, self.ppl_window // 4))
         if not 1 <= self.ppl_prompt < self.ppl_window:
             raise ValueError(f"ppl_prompt must be in [1, ppl_window), got {self.ppl_prompt}")
 
