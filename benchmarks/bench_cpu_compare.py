@@ -256,12 +256,12 @@ def check_same_weights(
     path: str, config: ModelConfig, weights: dict[str, np.ndarray], dtype: str
 ) -> str:
     """Compare every tensor of the written GGUF with our loader's (rounded to ``dtype``)."""
-    from ffnskip_ext.checkpoint import _gguf_name  # HF name -> GGUF name
+    from ffnskip_ext.loaders.gguf import gguf_name  # HF name -> GGUF name
 
     tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
     types: dict[str, int] = {}
     for name, w in weights.items():
-        tensor = tensors[_gguf_name(name)]
+        tensor = tensors[gguf_name(name)]
         types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
         ours = gguf.quants.dequantize(gguf.quants.quantize(w, tensor.tensor_type),
                                       tensor.tensor_type)
@@ -281,7 +281,7 @@ def check_same_weights(
 
 def weight_bytes_per_token(config: ModelConfig, dtype: str) -> int:
     """Bytes of weights one decode step reads: matrices in ``dtype``, vectors in fp32."""
-    from ffnskip_ext.checkpoint import expected_shapes
+    from ffnskip_ext.loaders import expected_shapes
 
     itemsize = 4 if dtype == "float32" else 2
     total = 0

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "../csrc/core/cuda_loader.h"
+#include "../csrc/core/skip_rule.h"
 #include "../csrc/cpu/bandwidth.h"
 #include "../csrc/cpu/simd.h"
 #include "ffnskip/decoder.h"

@@ -32,7 +32,7 @@ struct Shape {
   const char* name;
   int rows;
   int cols;
-  bool swiglu;  // interleaved gate/up rows, SwiGLU epilogue
+  bool swiglu;  // stacked gate/up rows, SwiGLU epilogue
 };
 
 const Shape kShapes[] = {

@@ -154,9 +154,11 @@ function(ffnskip_add_cuda_backend core_target)
   )
   _ffnskip_cuda_compile_settings(ffnskip_cuda_kernels)
   add_library(ffnskip_cuda SHARED
-    ${cuda_dir}/cuda_backend.cu $<TARGET_OBJECTS:ffnskip_cuda_kernels>)
+    ${cuda_dir}/cuda_backend.cu ${cuda_dir}/device.cu ${cuda_dir}/device_model.cu
+    ${cuda_dir}/entry_points.cu
+    $<TARGET_OBJECTS:ffnskip_cuda_kernels>)
   _ffnskip_cuda_compile_settings(ffnskip_cuda)
-  # The core's static archive supplies plan_layer() and rope_inv_freq(); its symbols stay
+  # The core's static archive supplies stacked_bias() and rope_inv_freq(); its symbols stay
   # private to this library.
   target_link_libraries(ffnskip_cuda PRIVATE ${core_target} "${FFNSKIP_CUBLAS_LIBRARY}")
   target_link_options(ffnskip_cuda PRIVATE "LINKER:--exclude-libs,ALL" "LINKER:--no-undefined")
@@ -169,9 +171,12 @@ function(ffnskip_add_cuda_backend core_target)
 
   # The loader accepts only a library built against the same interface headers (their hash;
   # editing one of them re-runs the configuration).
-  set(interface_headers "${cuda_dir}/cuda_backend.h")
-  foreach(header backend.h config.h decoder.h policy.h skip_rule.h weights.h)
+  set(interface_headers "${cuda_dir}/entry_points.h")
+  foreach(header config.h decoder.h policy.h weights.h)
     list(APPEND interface_headers "${PROJECT_SOURCE_DIR}/csrc/include/ffnskip/${header}")
+  endforeach()
+  foreach(header backend.h model_view.h plan.h skip_rule.h)
+    list(APPEND interface_headers "${PROJECT_SOURCE_DIR}/csrc/core/${header}")
   endforeach()
   set(interface_text "")
   foreach(header IN LISTS interface_headers)

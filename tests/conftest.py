@@ -86,7 +86,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def smollm2_path() -> str:
-    from ffnskip_ext.models import default_model_path
+    from ffnskip_ext.loaders.models import default_model_path
 
     try:
         return default_model_path()

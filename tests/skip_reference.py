@@ -1,4 +1,4 @@
-"""An independent transcription of the FFN-SkipLLM rule in shared/docs/skip-methods.md,
+"""An independent transcription of the FFN-SkipLLM rule of docs/methods.md,
 used as the reference the engine is tested against."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import ffnskip_ext
-from ffnskip_ext.calibration import (
+from ffnskip_ext.tuning.calibration import (
     block_influence,
     calibrate,
     dense_references,

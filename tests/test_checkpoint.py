@@ -29,9 +29,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from ffnskip_ext.checkpoint import expected_shapes, load_checkpoint, weights_from_hf_model
 from ffnskip_ext.config import ModelConfig
-from ffnskip_ext.tokenizer import load_tokenizer
+from ffnskip_ext.loaders import expected_shapes, load_checkpoint, weights_from_hf_model
+from ffnskip_ext.runtime.tokenizer import load_tokenizer
 
 Q = gguf.GGMLQuantizationType
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -314,7 +314,7 @@ def test_first_routing_on_the_device_equals_cpu(tiny_model_dir, dtype) -> None:
     does: the same layers for prompts of one token, a few tokens and several prefill chunks, in
     prefill and in graph-replayed decode steps; routers with saturated gates so that bf16
     rounding cannot move a decision."""
-    from ffnskip_ext.first import Routers
+    from ffnskip_ext import Routers
 
     model, path = tiny_model_dir("llama_gqa_untied_h72")
     layers, hidden = model.config.num_hidden_layers, model.config.hidden_size

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 import ffnskip_ext
+from ffnskip_ext import Routers
 from ffnskip_ext.cli import main
+from ffnskip_ext.cli.eval import parse_limits
 from ffnskip_ext.eval import metrics
-from ffnskip_ext.eval.cli import parse_limits
 from ffnskip_ext.eval.harness import EvalSettings, PolicySpec, evaluate, load_items, read_rows
 from ffnskip_ext.eval.report import PLOTS, write_report
 from ffnskip_ext.eval.tasks import TASKS, bundled_path, load_task, select
-from ffnskip_ext.first import Routers
 
 # --- metrics -------------------------------------------------------------------------------
 

@@ -10,8 +10,16 @@ import pytest
 import torch
 import transformers
 
-from ffnskip_ext import Decoder, DensePolicy, FFNSkipPolicy, FiRSTPolicy, LayerDrop, load_policy
-from ffnskip_ext.first import Routers, reference_decisions
+from ffnskip_ext import (
+    Decoder,
+    DensePolicy,
+    FFNSkipPolicy,
+    FiRSTPolicy,
+    LayerDrop,
+    Routers,
+    load_policy,
+)
+from ffnskip_ext.training.first import reference_decisions
 
 LAYERS, HIDDEN = 6, 64
 PROMPT = [1, 5, 9, 33, 70, 101, 7, 250]

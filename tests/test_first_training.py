@@ -14,15 +14,13 @@ import torch
 
 from conftest import hf_logits
 from ffnskip_ext.cli import main
-from ffnskip_ext.first import (
+from ffnskip_ext.runtime.routers import (
     ROUTER_FORMAT,
     Routers,
     default_router_path,
     load_routers,
-    read_examples,
-    reference_decisions,
-    train_routers,
 )
+from ffnskip_ext.training.first import read_examples, reference_decisions, train_routers
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11]
 
@@ -262,7 +260,7 @@ def test_cli_train_routers(tiny_chat_model_dir, data_file, tmp_path, capsys) -> 
 def test_router_files_need_no_torch(tmp_path) -> None:
     path = _random_routers().save(tmp_path / "r.safetensors")
     script = ("import sys; sys.modules['torch'] = None\n"
-              "from ffnskip_ext.first import load_routers, Routers\n"
+              "from ffnskip_ext.runtime.routers import load_routers, Routers\n"
               f"r = load_routers({str(path)!r}); print(r.num_layers, r.hidden_size)\n"
               "Routers.constant(2, 4, 0.5)")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

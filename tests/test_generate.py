@@ -10,7 +10,7 @@ import pytest
 
 import ffnskip_ext
 from conftest import smollm2_path
-from ffnskip_ext.sampling import SamplingParams, sample
+from ffnskip_ext.runtime.sampling import SamplingParams, sample
 
 
 class ByteTokenizer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ffnskip_ext.policies import FFNSkipPolicy, simulate_ffn_skip
+from ffnskip_ext.runtime.policies import FFNSkipPolicy, simulate_ffn_skip
 from skip_reference import reference_decisions
 
 L = 8

@@ -10,9 +10,16 @@
 #include <vector>
 
 #include "../core/cuda_loader.h"
+#include "../cpu/activation.h"
+#include "../cpu/attention.h"
 #include "../cpu/bandwidth.h"
-#include "../cpu/simd.h"
+#include "../cpu/isa.h"
+#include "../cpu/linear.h"
+#include "../cpu/norm.h"
+#include "../cpu/rope.h"
+#include "../core/skip_rule.h"
 #include "ffnskip/decoder.h"
+#include "ffnskip/weights.h"
 
 namespace py = pybind11;
 using namespace ffnskip;
@@ -48,12 +55,6 @@ ModelConfig to_model_config(const py::object& obj) {
   return c;
 }
 
-Device to_device(const std::string& name) {
-  if (name == "cpu") return Device::CPU;
-  if (name == "cuda") return Device::CUDA;
-  throw std::invalid_argument("unknown device '" + name + "' (expected 'cpu' or 'cuda')");
-}
-
 // NumPy int64 ids to the core's int32, rejecting values that do not fit instead of wrapping.
 std::vector<int32_t> to_token_ids(const TokenArray& tokens, int vocab_size) {
   if (tokens.ndim() != 1) {
@@ -67,17 +68,6 @@ std::vector<int32_t> to_token_ids(const TokenArray& tokens, int vocab_size) {
     ids[i] = static_cast<int32_t>(data[i]);
   }
   return ids;
-}
-
-PolicyKind to_policy_kind(const std::string& name) {
-  if (name == "dense") return PolicyKind::Dense;
-  if (name == "ffn_skip") return PolicyKind::FFNSkip;
-  if (name == "static_ffn") return PolicyKind::StaticFFN;
-  if (name == "random_ffn") return PolicyKind::RandomFFN;
-  if (name == "layer_drop") return PolicyKind::LayerDrop;
-  if (name == "early_exit") return PolicyKind::EarlyExit;
-  if (name == "first") return PolicyKind::FiRST;
-  throw std::invalid_argument("unknown policy kind '" + name + "'");
 }
 
 std::vector<float> flat_floats(const py::handle& value) {
@@ -95,7 +85,7 @@ SkipPolicy to_skip_policy(const py::kwargs& args, int num_layers) {
   for (const auto& item : args) {
     const auto key = item.first.cast<std::string>();
     const py::handle value = item.second;
-    if (key == "kind") r.kind = to_policy_kind(value.cast<std::string>());
+    if (key == "kind") r.kind = parse_policy_kind(value.cast<std::string>());
     else if (key == "threshold") r.threshold = value.cast<float>();
     else if (key == "warmup_tokens") r.warmup_tokens = value.cast<int>();
     else if (key == "full_token_interval") r.full_token_interval = value.cast<int>();
@@ -143,13 +133,190 @@ std::unique_ptr<Decoder> make_decoder(const py::object& config, const py::dict& 
     views.emplace(name, std::move(view));
   }
   DecoderOptions options;
-  options.device = to_device(device);
+  options.device = parse_device(device);
   options.dtype = parse_dtype(dtype);
   options.max_seq_len = max_seq_len;
   options.num_threads = num_threads;
   const ModelConfig model_config = to_model_config(config);
   py::gil_scoped_release release;
   return std::make_unique<Decoder>(model_config, views, options);
+}
+
+// ---- the per-kernel hooks (tests/test_kernels.py, benchmarks/bench_kernels.py) ----
+
+cpu::Isa to_isa(const std::string& name) {
+  for (const cpu::Isa isa : {cpu::Isa::Default, cpu::Isa::Avx2, cpu::Isa::Avx512}) {
+    if (name != cpu::isa_name(isa)) continue;
+    if (isa > cpu::best_isa()) {
+      throw std::invalid_argument("isa " + name + ": this CPU supports at most " +
+                                  cpu::isa_name(cpu::best_isa()));
+    }
+    return isa;
+  }
+  throw std::invalid_argument("unknown isa '" + name + "' (avx512, avx2 or default)");
+}
+
+cpu::WeightType to_weight_type(const std::string& name) {
+  if (name == "float32") return cpu::WeightType::F32;
+  if (name == "bfloat16") return cpu::WeightType::BF16;
+  if (name == "float16") return cpu::WeightType::F16;
+  throw std::invalid_argument("unknown weight type '" + name + "'");
+}
+
+// A C-contiguous array with the given number of dimensions, or ValueError naming it.
+template <typename T>
+py::array_t<T, py::array::c_style> need_array(const py::handle& value, int ndim,
+                                              const char* name) {
+  auto a = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(value);
+  if (!a || a.ndim() != ndim) {
+    throw std::invalid_argument(std::string(name) + " must be a " + std::to_string(ndim) +
+                                "-D array");
+  }
+  return a;
+}
+
+void bind_kernels(py::module_ k) {
+  py::class_<cpu::ThreadPool>(k, "ThreadPool")
+      .def(py::init<int>(), py::arg("num_threads"))
+      .def_property_readonly("size", &cpu::ThreadPool::size);
+  k.def("isas", [] {
+    py::list out;
+    for (const cpu::Isa isa : {cpu::Isa::Default, cpu::Isa::Avx2, cpu::Isa::Avx512}) {
+      if (isa <= cpu::best_isa()) out.append(cpu::isa_name(isa));
+    }
+    return out;
+  }, "The instruction sets this CPU runs, lowest first.");
+
+  k.def(
+      "linear",
+      [](cpu::ThreadPool& pool, const py::array& weight, const std::string& type,
+         const py::object& bias, const py::handle& x, const py::object& accumulate_into,
+         const std::string& isa) {
+        const cpu::WeightType wt = to_weight_type(type);
+        py::array w = wt == cpu::WeightType::F32
+                          ? py::array(need_array<float>(weight, 2, "weight"))
+                          : py::array(need_array<uint16_t>(weight, 2, "weight"));
+        const auto xs = need_array<float>(x, 2, "x");
+        const int64_t out = w.shape(0), in = w.shape(1), n = xs.shape(0);
+        if (xs.shape(1) != in) throw std::invalid_argument("x must be [n, in]");
+        py::array_t<float> b;  // an empty array unless given
+        if (!bias.is_none()) {
+          b = need_array<float>(bias, 1, "bias");
+          if (b.shape(0) != out) throw std::invalid_argument("bias must be [out]");
+        }
+        py::array_t<float> y({n, out});
+        if (!accumulate_into.is_none()) {
+          const auto y0 = need_array<float>(accumulate_into, 2, "accumulate_into");
+          if (y0.shape(0) != n || y0.shape(1) != out) {
+            throw std::invalid_argument("accumulate_into must be [n, out]");
+          }
+          std::copy(y0.data(), y0.data() + n * out, y.mutable_data());
+        }
+        const cpu::LinearWeights lw{w.data(), bias.is_none() ? nullptr : b.data(), out, in, wt};
+        const cpu::Isa chosen = to_isa(isa);
+        const auto mode = accumulate_into.is_none() ? cpu::Output::Overwrite
+                                                    : cpu::Output::Accumulate;
+        float* dst = y.mutable_data();
+        {
+          py::gil_scoped_release release;
+          cpu::linear(pool, lw, xs.data(), n, dst, mode, chosen);
+        }
+        return y;
+      },
+      py::arg("pool"), py::arg("weight"), py::arg("type"), py::arg("bias"), py::arg("x"),
+      py::arg("accumulate_into"), py::arg("isa"),
+      "y = x W^T + b (+ accumulate_into); weight float32, or the uint16 bits of bf16/fp16.");
+
+  k.def(
+      "attention",
+      [](cpu::ThreadPool& pool, const py::handle& q, const py::handle& k_cache,
+         const py::handle& v_cache, int pos, int num_heads, int num_kv_heads, int head_dim,
+         const std::string& isa) {
+        const auto qs = need_array<float>(q, 2, "q");
+        const auto ks = need_array<float>(k_cache, 2, "k_cache");
+        const auto vs = need_array<float>(v_cache, 2, "v_cache");
+        const int n = static_cast<int>(qs.shape(0));
+        const int64_t kv_dim = static_cast<int64_t>(num_kv_heads) * head_dim;
+        if (qs.shape(1) != static_cast<int64_t>(num_heads) * head_dim || ks.shape(1) != kv_dim ||
+            vs.shape(1) != kv_dim || ks.shape(0) < pos + n || vs.shape(0) != ks.shape(0) ||
+            num_heads % num_kv_heads != 0) {
+          throw std::invalid_argument("attention shapes do not fit");
+        }
+        const cpu::AttentionShape shape{num_heads, num_kv_heads, head_dim, qs.shape(1), kv_dim};
+        std::vector<float> scratch(static_cast<size_t>(pool.size()) * (pos + n));
+        py::array_t<float> out({static_cast<int64_t>(n), qs.shape(1)});
+        float* dst = out.mutable_data();
+        const cpu::Isa chosen = to_isa(isa);
+        {
+          py::gil_scoped_release release;
+          cpu::attention(pool, shape, qs.data(), n, pos, ks.data(), vs.data(), scratch.data(),
+                         dst, chosen);
+        }
+        return out;
+      },
+      py::arg("pool"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"),
+      py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("isa"),
+      "Causal attention of q [n, heads * head_dim] at positions pos.. over the cache rows.");
+
+  k.def(
+      "rope",
+      [](const py::handle& x, int pos, const py::handle& inv_freq, int heads) {
+        auto xs = need_array<float>(x, 2, "x");
+        const auto freqs = need_array<float>(inv_freq, 1, "inv_freq");
+        const int half = static_cast<int>(freqs.shape(0));
+        const int n = static_cast<int>(xs.shape(0));
+        if (xs.shape(1) != static_cast<int64_t>(heads) * 2 * half) {
+          throw std::invalid_argument("x must be [n, heads * 2 * len(inv_freq)]");
+        }
+        py::array_t<float> out({xs.shape(0), xs.shape(1)});
+        std::copy(xs.data(), xs.data() + xs.size(), out.mutable_data());
+        std::vector<float> cos_t(static_cast<size_t>(n) * half), sin_t(cos_t.size());
+        cpu::rope_tables(freqs.data(), half, pos, n, cos_t.data(), sin_t.data());
+        cpu::apply_rope(out.mutable_data(), n, xs.shape(1), heads, 2 * half, cos_t.data(),
+                        sin_t.data());
+        return out;
+      },
+      py::arg("x"), py::arg("pos"), py::arg("inv_freq"), py::arg("heads"),
+      "Rotate-half RoPE of rows at positions pos, pos + 1, ...");
+
+  k.def(
+      "rms_norm",
+      [](const py::handle& x, const py::handle& weight, float eps) {
+        const auto xs = need_array<float>(x, 2, "x");
+        const auto ws = need_array<float>(weight, 1, "weight");
+        if (ws.shape(0) != xs.shape(1)) throw std::invalid_argument("weight must be [dim]");
+        py::array_t<float> out({xs.shape(0), xs.shape(1)});
+        cpu::rms_norm(xs.data(), ws.data(), xs.shape(0), xs.shape(1), eps, out.mutable_data());
+        return out;
+      },
+      py::arg("x"), py::arg("weight"), py::arg("eps"));
+
+  k.def(
+      "swiglu",
+      [](cpu::ThreadPool& pool, const py::handle& gate_up) {
+        const auto g = need_array<float>(gate_up, 2, "gate_up");
+        if (g.shape(1) % 2 != 0) throw std::invalid_argument("gate_up must be [n, 2 * inter]");
+        const int64_t inter = g.shape(1) / 2;
+        py::array_t<float> out({g.shape(0), inter});
+        cpu::swiglu(pool, g.data(), g.shape(0), inter, out.mutable_data());
+        return out;
+      },
+      py::arg("pool"), py::arg("gate_up"), "silu(gate) * up of the stacked [gate | up] rows.");
+
+  k.def(
+      "cosine",
+      [](const py::handle& a, const py::handle& b, const std::string& isa) {
+        const auto as = need_array<float>(a, 1, "a");
+        const auto bs = need_array<float>(b, 1, "b");
+        if (as.shape(0) != bs.shape(0)) throw std::invalid_argument("a and b differ in length");
+        const cpu::Isa chosen = to_isa(isa);
+        const int64_t n = as.shape(0);
+        return cosine_from_sums(cpu::dot(as.data(), bs.data(), n, chosen),
+                                cpu::dot(as.data(), as.data(), n, chosen),
+                                cpu::dot(bs.data(), bs.data(), n, chosen));
+      },
+      py::arg("a"), py::arg("b"), py::arg("isa"),
+      "The skip score cos(a, b) from fp32 dot products, as the CPU backend computes it.");
 }
 
 }  // namespace
@@ -204,7 +371,36 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("scores"), py::arg("first_decode_index") = 0);
 
-  py::class_<Decoder>(m, "Engine")
+  m.attr("ROUTER_PROMPT_TOKENS") = kRouterPromptTokens;
+  m.attr("POLICY_KINDS") = py::tuple(py::cast(policy_kind_names()));
+  m.attr("DTYPES") = py::tuple(py::cast(dtype_names()));
+  m.attr("DEVICES") = py::tuple(py::cast(device_names()));
+
+  m.def(
+      "model_tensors",
+      [](const py::object& config) {
+        py::list out;
+        for (const TensorSpec& t : model_tensors(to_model_config(config))) {
+          out.append(py::make_tuple(t.name, py::tuple(py::cast(t.shape))));
+        }
+        return out;
+      },
+      py::arg("config"),
+      "[(Hugging Face name, shape)] of every tensor the engine reads for a ModelConfig.");
+
+  m.def(
+      "validate_policy",
+      [](int num_layers, const py::kwargs& args) {
+        to_skip_policy(args, num_layers).validate(num_layers);
+      },
+      py::arg("num_layers") = 0,
+      "Raises ValueError naming the first invalid field of a policy (engine keyword arguments); "
+      "num_layers 0 checks only what holds for any model.");
+
+  bind_kernels(m.def_submodule(
+      "kernels", "The CPU kernels one by one, for the per-kernel tests and benchmarks."));
+
+  py::class_<Decoder>(m, "Decoder")
       .def(py::init(&make_decoder), py::arg("config"), py::arg("weights"),
            py::arg("device") = "cpu", py::arg("dtype") = "float32", py::arg("max_seq_len") = 0,
            py::arg("num_threads") = 0)

@@ -9,7 +9,7 @@
 
 #include <climits>
 
-#include "../cuda/cuda_backend.h"
+#include "../cuda/entry_points.h"
 #endif
 
 namespace ffnskip {
@@ -93,7 +93,7 @@ Function cuda_entry(const char* name) {
   return reinterpret_cast<Function>(symbol);
 }
 
-// An entry point of the loaded library, by the name of its declaration in cuda_backend.h.
+// An entry point of the loaded library, by the name of its declaration in entry_points.h.
 #define FFNSKIP_CUDA_ENTRY(name) cuda_entry<decltype(&name)>(#name)
 
 std::string version_text(int version, int major_unit, int minor_unit) {

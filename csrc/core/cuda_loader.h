@@ -10,10 +10,10 @@
 #include <memory>
 #include <string>
 
-#include "ffnskip/backend.h"
+#include "backend.h"
 #include "ffnskip/config.h"
 #include "ffnskip/decoder.h"
-#include "ffnskip/weights.h"
+#include "model_view.h"
 
 namespace ffnskip {
 

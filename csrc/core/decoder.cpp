@@ -6,7 +6,10 @@
 #include <string>
 
 #include "../cpu/cpu_backend.h"
+#include "backend.h"
 #include "cuda_loader.h"
+#include "model_view.h"
+#include "plan.h"
 
 namespace ffnskip {
 
@@ -32,6 +35,25 @@ SkipPolicy dense_policy(int num_layers) {
 }
 
 }  // namespace
+
+const std::vector<std::string>& device_names() {
+  static const std::vector<std::string> names = {"cpu", "cuda"};  // in Device order
+  return names;
+}
+
+Device parse_device(const std::string& name) {
+  const std::vector<std::string>& names = device_names();
+  const auto it = std::find(names.begin(), names.end(), name);
+  if (it == names.end()) {
+    throw std::invalid_argument("unknown device '" + name + "' (expected 'cpu' or 'cuda')");
+  }
+  return static_cast<Device>(it - names.begin());
+}
+
+const std::vector<std::string>& dtype_names() {
+  static const std::vector<std::string> names = {"float32", "float16", "bfloat16"};
+  return names;
+}
 
 DType parse_dtype(const std::string& name) {
   if (name == "float32" || name == "fp32") return DType::F32;
@@ -73,14 +95,8 @@ Decoder::Decoder(const ModelConfig& config, const WeightMap& weights,
                      ? options.max_seq_len
                      : std::min(config_.max_position_embeddings, kDefaultMaxSeqLenCap);
   backend_ = make_backend(config_, model, options, max_seq_len_);
-  policy_ = dense_policy(config_.num_layers);
-  backend_->set_policy(policy_, false);
+  apply_policy(dense_policy(config_.num_layers), false);
   clear_stats();
-  const size_t layers = static_cast<size_t>(config_.num_layers);
-  step_record_.ffn_skipped.assign(layers, 0);
-  step_record_.layer_skipped.assign(layers, 0);
-  step_record_.score.assign(layers, NAN);
-  step_record_.layer_score.assign(layers, NAN);
 }
 
 Decoder::~Decoder() = default;
@@ -93,8 +109,8 @@ int Decoder::position() const {
 void Decoder::reset() {
   std::lock_guard<std::mutex> lock(mutex_);
   position_ = 0;  // the cache is overwritten position by position; nothing else to clear
-  decode_index_ = 0;
-  backend_->reset_state();
+  decode_index_ = 0;  // warm-up restarts
+  backend_->reset_routing();  // FiRST routes the next sequence afresh
 }
 
 void Decoder::check_tokens(const int32_t* tokens, int n) const {
@@ -110,26 +126,27 @@ void Decoder::check_tokens(const int32_t* tokens, int n) const {
 void Decoder::prefill(const int32_t* tokens, int n, float* logits_out) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_tokens(tokens, n);
-  forward(tokens, n, logits_out, nullptr);
+  run(PassKind::Prefill, tokens, n, logits_out);
 }
 
 void Decoder::step(int32_t token, float* logits_out) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_tokens(&token, 1);
-  forward(&token, 1, logits_out, &step_record_);
+  run(PassKind::Decode, &token, 1, logits_out);
   account(step_record_);
 }
 
-// The decode loop shared by every backend.
-void Decoder::forward(const int32_t* tokens, int n, float* logits_out, StepRecord* record) {
-  Backend& backend = *backend_;
-  const int num_layers = config_.num_layers;
-  backend.forward(tokens, n, position_, [&backend, num_layers] {
-    for (int layer = 0; layer < num_layers; ++layer) {
-      backend.attention_block(layer);
-      backend.ffn_block(layer);
-    }
-  }, logits_out, record);
+void Decoder::run(PassKind kind, const int32_t* tokens, int n, float* logits_out) {
+  Pass pass;
+  pass.kind = kind;
+  pass.tokens = tokens;
+  pass.n = n;
+  pass.pos = position_;
+  pass.decode_index = decode_index_;
+  pass.routes = policy_.rule.kind == PolicyKind::FiRST && position_ == 0;
+  pass.record = kind == PassKind::Decode ? &step_record_ : nullptr;
+  pass.logits = logits_out;
+  backend_->run(pass);
   position_ += n;
 }
 
@@ -149,6 +166,18 @@ void Decoder::account(const StepRecord& record) {
   if (tracing_) trace_.push_back(record);
 }
 
+// Compiles the plan and hands it to the backend. A FiRST policy after a FiRST policy keeps the
+// sequence's routing (mid-sequence the decoder changes policies only so, or to toggle tracing,
+// and a new sequence routes afresh anyway); any other change runs every layer again.
+void Decoder::apply_policy(const SkipPolicy& policy, bool tracing) {
+  const bool keeps_routing =
+      policy.rule.kind == PolicyKind::FiRST && policy_.rule.kind == PolicyKind::FiRST;
+  backend_->set_plan(compile_plan(policy, tracing));
+  if (!keeps_routing) backend_->reset_routing();
+  policy_ = policy;
+  tracing_ = tracing;
+}
+
 void Decoder::set_policy(const SkipPolicy& policy) {
   std::lock_guard<std::mutex> lock(mutex_);
   policy.validate(config_.num_layers, config_.hidden_size);
@@ -163,8 +192,7 @@ void Decoder::set_policy(const SkipPolicy& policy) {
           "before leaving the FiRST policy");
     }
   }
-  backend_->set_policy(policy, tracing_);
-  policy_ = policy;
+  apply_policy(policy, tracing_);
 }
 
 SkipPolicy Decoder::policy() const {
@@ -197,8 +225,7 @@ void Decoder::clear_stats() {
 void Decoder::enable_trace(bool enabled) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (enabled == tracing_) return;
-  backend_->set_policy(policy_, enabled);
-  tracing_ = enabled;
+  apply_policy(policy_, enabled);
 }
 
 std::vector<StepRecord> Decoder::trace() const {

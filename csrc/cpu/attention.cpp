@@ -54,7 +54,8 @@ constexpr int kManyQueries = 16;
 constexpr int kQueryBlock = 64;
 
 void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const float* q, int n,
-                        int pos, const float* k_cache, const float* v_cache, float* out) {
+                        int pos, const float* k_cache, const float* v_cache, float* out,
+                        Isa isa) {
   const int group = shape.num_heads / shape.num_kv_heads;
   const int64_t d = shape.head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
@@ -80,7 +81,7 @@ void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const flo
       }
       scores.resize(static_cast<size_t>(rows * len));
       linear(pool, {keys.data(), nullptr, len, d, WeightType::F32}, queries.data(), rows,
-             scores.data());
+             scores.data(), Output::Overwrite, isa);
       float* const probabilities = scores.data();  // workers must not name the thread_local
       pool.parallel_for(rows, [&](int64_t begin, int64_t end, int) {
         for (int64_t row = begin; row < end; ++row) {
@@ -108,7 +109,7 @@ void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const flo
       }
       heads_out.resize(static_cast<size_t>(rows * d));
       linear(pool, {values_t.data(), nullptr, d, len, WeightType::F32}, scores.data(), rows,
-             heads_out.data());
+             heads_out.data(), Output::Overwrite, isa);
       for (int t = 0; t < tokens; ++t) {
         for (int h = 0; h < group; ++h) {
           std::memcpy(out + (t0 + t) * static_cast<int64_t>(shape.num_heads) * d +
@@ -123,12 +124,13 @@ void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const flo
 }  // namespace
 
 void attention(ThreadPool& pool, const AttentionShape& shape, const float* q, int n, int pos,
-               const float* k_cache, const float* v_cache, float* scratch, float* out) {
+               const float* k_cache, const float* v_cache, float* scratch, float* out,
+               Isa isa) {
   if (n >= kManyQueries) {
-    attention_as_gemms(pool, shape, q, n, pos, k_cache, v_cache, out);
+    attention_as_gemms(pool, shape, q, n, pos, k_cache, v_cache, out, isa);
     return;
   }
-  const auto attend = attend_head_for_isa();
+  const auto attend = attend_head_for_isa(isa);
   const int group = shape.num_heads / shape.num_kv_heads;
   const int head_dim = shape.head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 
+#include "isa.h"
 #include "thread_pool.h"
 
 namespace ffnskip::cpu {
@@ -18,6 +19,7 @@ struct AttentionShape {
 // Query t (absolute position pos + t) attends to cache positions 0 .. pos + t.
 // `scratch` holds pool.size() * (pos + n) floats. out is [n, num_heads * head_dim].
 void attention(ThreadPool& pool, const AttentionShape& shape, const float* q, int n, int pos,
-               const float* k_cache, const float* v_cache, float* scratch, float* out);
+               const float* k_cache, const float* v_cache, float* scratch, float* out,
+               Isa isa = kernel_isa());
 
 }  // namespace ffnskip::cpu

@@ -38,7 +38,7 @@ double measure_read_bandwidth(int64_t bytes, int num_threads, int repeats) {
   if (bytes < kMinBytes) throw std::invalid_argument("bandwidth buffer must be >= 64 MiB");
   if (repeats < 1) throw std::invalid_argument("repeats must be >= 1");
   if (num_threads < 0) throw std::invalid_argument("num_threads must be >= 0");
-  const auto sum = sum_kernel_for_isa();
+  const auto sum = sum_kernel_for_isa(kernel_isa());
   const int64_t n = bytes / static_cast<int64_t>(sizeof(float));
   const std::unique_ptr<float[]> buffer(new float[n]);
   ThreadPool pool(num_threads);

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "../core/plan.h"
+#include "../core/skip_rule.h"
 #include "activation.h"
 #include "attention.h"
 #include "linear.h"
@@ -64,32 +66,18 @@ struct StackedLinear {
   std::vector<float> bias;  // empty when none of the parts has a bias
   LinearWeights view;
 
-  StackedLinear(std::initializer_list<LinearView> parts, cpu::WeightType storage)
-      : weight(stacked_rows(parts), storage) {
+  StackedLinear(std::initializer_list<const LinearView*> parts, cpu::WeightType storage)
+      : weight(stacked_rows(parts), storage), bias(stacked_bias(parts)) {
     int64_t out = 0;
-    const int64_t in = parts.begin()->weight.shape[1];
-    bool any_bias = false;
-    for (const auto& p : parts) {
-      out += p.weight.shape[0];
-      any_bias = any_bias || p.bias.data != nullptr;
-    }
-    if (any_bias) {
-      for (const auto& p : parts) {
-        const int64_t rows = p.weight.shape[0];
-        if (p.bias.data) {
-          bias.insert(bias.end(), p.bias.data, p.bias.data + rows);
-        } else {
-          bias.insert(bias.end(), rows, 0.0f);
-        }
-      }
-    }
+    for (const LinearView* p : parts) out += p->weight.shape[0];
+    const int64_t in = (*parts.begin())->weight.shape[1];
     view = {weight.data(), bias.empty() ? nullptr : bias.data(), out, in, storage};
   }
 
-  static std::vector<float> stacked_rows(std::initializer_list<LinearView> parts) {
+  static std::vector<float> stacked_rows(std::initializer_list<const LinearView*> parts) {
     std::vector<float> rows;
-    for (const auto& p : parts) {
-      rows.insert(rows.end(), p.weight.data, p.weight.data + p.weight.numel());
+    for (const LinearView* p : parts) {
+      rows.insert(rows.end(), p->weight.data, p->weight.data + p->weight.numel());
     }
     return rows;
   }
@@ -102,10 +90,10 @@ struct CpuLayer {
   CpuLayer(const LayerView& v, cpu::WeightType storage)
       : attn_norm(copy_of(v.attn_norm)),
         ffn_norm(copy_of(v.ffn_norm)),
-        qkv({v.q, v.k, v.v}, storage),
-        o({v.o}, storage),
-        gate_up({v.gate, v.up}, storage),
-        down({v.down}, storage) {}
+        qkv({&v.q, &v.k, &v.v}, storage),
+        o({&v.o}, storage),
+        gate_up({&v.gate, &v.up}, storage),
+        down({&v.down}, storage) {}
 };
 
 size_t available_memory_bytes() {
@@ -141,67 +129,77 @@ class CpuBackend final : public Backend {
     layer_active_.resize(config.num_layers);
     router_gate_.resize(config.num_layers);
     router_mean_.resize(config.hidden_size);
-    run_every_layer();
+    reset_routing();
     scratch_.resize(static_cast<size_t>(pool_.size()) * max_seq_len);
     before_ffn_.resize(config.hidden_size);
     layer_input_.resize(config.hidden_size);
-    prefill_plan_.resize(config.num_layers);
-    decode_plan_.resize(config.num_layers);
     reserve_tokens(1);
   }
 
-  void forward(const int32_t* tokens, int n, int pos, const LayerLoop& layers, float* logits,
-               StepRecord* record) override {
-    reserve_tokens(n);
-    n_ = n;
-    pos_ = pos;
-    record_ = record;
-    plan_ = record ? &decode_plan_ : &prefill_plan_;
-    if (record) {
-      begin_token(policy_.rule, state_);
-      std::fill(record->ffn_skipped.begin(), record->ffn_skipped.end(), 0);
-      std::fill(record->layer_skipped.begin(), record->layer_skipped.end(), 0);
-      std::fill(record->score.begin(), record->score.end(), NAN);
-      std::fill(record->layer_score.begin(), record->layer_score.end(), NAN);
-    }
-    const int hidden = config_.hidden_size;
-    for (int t = 0; t < n; ++t) {
-      embed_.read_row(tokens[t], hidden, &x_[static_cast<size_t>(t) * hidden]);
-    }
-    cpu::rope_tables(inv_freq_.data(), config_.head_dim / 2, pos, n, cos_.data(), sin_.data());
-    layers();
-    if (record) end_token(state_);
-    const float* last = x_.data() + static_cast<int64_t>(n - 1) * hidden;
-    cpu::rms_norm(last, final_norm_.data(), 1, hidden, config_.rms_norm_eps, xn_.data());
-    cpu::linear(pool_, lm_head_view_, xn_.data(), 1, logits);
+  void set_plan(const ExecutionPlan& plan) override { plan_ = plan; }
+
+  void run(const Pass& pass) override {
+    reserve_tokens(pass.n);
+    forward(*this, pass, plan_);
   }
 
-  void attention_block(int layer) override {
-    const LayerPlan& plan = (*plan_)[layer];
-    const AttentionMode mode = plan.attention;
-    const bool routing = plan.routed && pos_ == 0;
-    if (layer_off(layer) && !routing) {
-      if (record_) record_->layer_skipped[layer] = 1;
+  void reset_routing() override {
+    std::fill(layer_active_.begin(), layer_active_.end(), 1);
+    std::fill(router_gate_.begin(), router_gate_.end(), NAN);
+    for (int l = 0; l < config_.num_layers; ++l) allocate_kv(l);
+  }
+
+  void sequence_layers(std::vector<uint8_t>& active, std::vector<float>& gate) const override {
+    active = layer_active_;
+    gate = router_gate_;
+  }
+
+  int64_t kv_cache_bytes() const override {
+    int64_t layers = 0;
+    for (const LayerCache& c : kv_) layers += c.k ? 1 : 0;
+    return layers * 2 * kv_layer_stride_ * static_cast<int64_t>(sizeof(float));
+  }
+
+  // ---- the sub-blocks of a pass, in the order forward() (plan.h) calls them ----
+
+  void begin_pass(const Pass& pass) {
+    if (pass.record != nullptr) {
+      begin_token(plan_.rule, state_, pass.decode_index);
+      *pass.record = plan_.decode_record;  // same sizes: copies without allocating
+    }
+    const int hidden = config_.hidden_size;
+    for (int t = 0; t < pass.n; ++t) {
+      embed_.read_row(pass.tokens[t], hidden, &x_[static_cast<size_t>(t) * hidden]);
+    }
+    cpu::rope_tables(inv_freq_.data(), config_.head_dim / 2, pass.pos, pass.n, cos_.data(),
+                     sin_.data());
+  }
+
+  // x += Attn(RMSNorm(x)) writing K/V, or only the K/V (early exit), or nothing.
+  void attention_block(const Pass& pass, int layer, const LayerPlan& plan) {
+    StepRecord* record = pass.record;
+    const bool routing = plan.routed && pass.routes;
+    if (!layer_runs(layer, plan) && !routing) {
+      if (record) record->layer_skipped[layer] = 1;
       return;
     }
-    if (mode != AttentionMode::Run && record_) record_->layer_skipped[layer] = 1;
-    if (record_ && compute_scores_) {
+    if (plan.layer_score) {
       std::copy(x_.begin(), x_.begin() + config_.hidden_size, layer_input_.begin());
     }
-    const int n = n_, pos = pos_;
+    const int n = pass.n, pos = pass.pos;
     const CpuLayer& w = layers_[layer];
     const int hidden = config_.hidden_size;
     const int q_dim = config_.q_dim();
     const int kv_dim = config_.kv_dim();
     const int64_t qkv_dim = q_dim + 2 * kv_dim;
     cpu::rms_norm(x_.data(), w.attn_norm.data(), n, hidden, config_.rms_norm_eps, xn_.data());
-    if (routing && !route(layer)) {
-      if (record_) record_->layer_skipped[layer] = 1;
+    if (routing && !route(layer, n)) {
+      if (record) record->layer_skipped[layer] = 1;
       return;
     }
     float* q = qkv_.data();
     float* k = q + q_dim;
-    if (mode == AttentionMode::KVOnly) {
+    if (plan.attention == AttentionMode::KVOnly) {
       // Early exit (decode, n == 1): only the K/V rows of the stacked projection.
       cpu::linear(pool_, w.qkv.view.rows(q_dim, 2 * kv_dim), xn_.data(), 1, k);
     } else {
@@ -221,70 +219,48 @@ class CpuBackend final : public Backend {
       std::memcpy(v_cache + static_cast<int64_t>(pos + t) * kv_dim, row + q_dim + kv_dim,
                   sizeof(float) * kv_dim);
     }
-    if (mode == AttentionMode::KVOnly) return;
+    if (plan.attention == AttentionMode::KVOnly) return;
     const cpu::AttentionShape shape{config_.num_heads, config_.num_kv_heads, config_.head_dim,
                                     qkv_dim, kv_dim};
     cpu::attention(pool_, shape, q, n, pos, k_cache, v_cache, scratch_.data(), attn_.data());
     cpu::linear(pool_, w.o.view, attn_.data(), n, x_.data(), cpu::Output::Accumulate);
   }
 
-  void ffn_block(int layer) override {
-    run_ffn(layer);
-    if (record_ && compute_scores_ && !layer_off(layer)) {
-      record_->layer_score[layer] = cosine(layer_input_.data(), x_.data());
+  // x += FFN(RMSNorm(x)), unless the plan or the rule skips it for this token.
+  void ffn_block(const Pass& pass, int layer, const LayerPlan& plan) {
+    StepRecord* record = pass.record;
+    const bool runs = layer_runs(layer, plan);
+    if (!runs || rule_skips_ffn(plan.ffn, plan_.rule, state_, pass.decode_index, layer)) {
+      if (record) record->ffn_skipped[layer] = 1;
+    } else {
+      run_ffn(pass, layer, plan);
+    }
+    if (plan.layer_score && runs) {
+      record->layer_score[layer] = cosine(layer_input_.data(), x_.data());
     }
   }
 
-  void set_policy(const SkipPolicy& policy, bool compute_scores) override {
-    // FiRST after FiRST keeps the sequence's routing: the decoder changes policies mid-sequence
-    // only so (or to toggle compute_scores), and a new sequence routes afresh anyway.
-    const bool keeps_routing =
-        policy.rule.kind == PolicyKind::FiRST && policy_.rule.kind == PolicyKind::FiRST;
-    policy_ = policy;
-    compute_scores_ = compute_scores;
-    for (int l = 0; l < config_.num_layers; ++l) {
-      prefill_plan_[l] = plan_layer(policy, l, false);
-      decode_plan_[l] = plan_layer(policy, l, true);
-    }
-    threshold_logit_ = router_threshold_logit(policy.rule.threshold);
-    if (!keeps_routing) run_every_layer();
-  }
-
-  void reset_state() override {
-    state_ = SkipState{};
-    run_every_layer();
-  }
-
-  void sequence_layers(std::vector<uint8_t>& active, std::vector<float>& gate) const override {
-    active = layer_active_;
-    gate = router_gate_;
-  }
-
-  int64_t kv_cache_bytes() const override {
-    int64_t layers = 0;
-    for (const LayerCache& c : kv_) layers += c.k ? 1 : 0;
-    return layers * 2 * kv_layer_stride_ * static_cast<int64_t>(sizeof(float));
+  void end_pass(const Pass& pass) {
+    const int hidden = config_.hidden_size;
+    const float* last = x_.data() + static_cast<int64_t>(pass.n - 1) * hidden;
+    cpu::rms_norm(last, final_norm_.data(), 1, hidden, config_.rms_norm_eps, xn_.data());
+    cpu::linear(pool_, lm_head_view_, xn_.data(), 1, pass.logits);
   }
 
  private:
-  void run_ffn(int layer) {
-    if (skip_ffn(layer)) {
-      if (record_) record_->ffn_skipped[layer] = 1;
-      return;
-    }
-    const int n = n_;
+  void run_ffn(const Pass& pass, int layer, const LayerPlan& plan) {
+    const int n = pass.n;
     const CpuLayer& w = layers_[layer];
     const int hidden = config_.hidden_size;
     const int64_t inter = config_.intermediate_size;
-    const bool score = record_ && (compute_scores_ || policy_.rule.kind == PolicyKind::FFNSkip);
-    if (score) std::copy(x_.begin(), x_.begin() + hidden, before_ffn_.begin());
+    if (plan.ffn_score) std::copy(x_.begin(), x_.begin() + hidden, before_ffn_.begin());
     cpu::rms_norm(x_.data(), w.ffn_norm.data(), n, hidden, config_.rms_norm_eps, xn_.data());
     cpu::linear(pool_, w.gate_up.view, xn_.data(), n, gate_up_.data());
     cpu::swiglu(pool_, gate_up_.data(), n, inter, act_.data());
     cpu::linear(pool_, w.down.view, act_.data(), n, x_.data(), cpu::Output::Accumulate);
-    if (score) {
+    if (plan.ffn_score) {
       record_score(state_, cosine(before_ffn_.data(), x_.data()));
-      record_->score[layer] = state_.prev_score;
+      pass.record->score[layer] = state_.prev_score;
     }
   }
 
@@ -294,27 +270,26 @@ class CpuBackend final : public Backend {
                             cpu::dot(b, b, hidden));
   }
 
-  // Dropped by the policy, or routed off for this sequence by FiRST.
-  bool layer_off(int layer) const {
-    const LayerPlan& plan = (*plan_)[layer];
-    return plan.attention == AttentionMode::Skip || (plan.routed && !layer_active_[layer]);
+  // Neither dropped by the plan nor routed off for this sequence by FiRST.
+  bool layer_runs(int layer, const LayerPlan& plan) const {
+    return plan.attention != AttentionMode::Skip && !(plan.routed && !layer_active_[layer]);
   }
 
   // FiRST at the first pass of a sequence: the router of `layer` reads the mean over the
   // pass's tokens (kRouterPromptTokens at most) of the layer's input norm (in xn_) and decides
   // for the whole sequence.
-  bool route(int layer) {
+  bool route(int layer, int n) {
     const int hidden = config_.hidden_size;
-    const int tokens = std::min(n_, kRouterPromptTokens);
+    const int tokens = std::min(n, kRouterPromptTokens);
     std::fill(router_mean_.begin(), router_mean_.end(), 0.0f);
     for (int t = 0; t < tokens; ++t) {
       cpu::axpy(1.0f, xn_.data() + static_cast<int64_t>(t) * hidden, router_mean_.data(), hidden);
     }
     for (float& v : router_mean_) v /= static_cast<float>(tokens);
     const float logit =
-        cpu::dot(policy_.router_weight.data() + static_cast<int64_t>(layer) * hidden,
-                 router_mean_.data(), hidden) + policy_.router_bias[layer];
-    const bool keep = router_keeps_layer(logit, threshold_logit_);
+        cpu::dot(plan_.router_weight.data() + static_cast<int64_t>(layer) * hidden,
+                 router_mean_.data(), hidden) + plan_.router_bias[layer];
+    const bool keep = router_keeps_layer(logit, plan_.threshold_logit);
     router_gate_[layer] = 1.0f / (1.0f + std::exp(-logit));
     layer_active_[layer] = keep ? 1 : 0;
     if (keep) {
@@ -325,13 +300,6 @@ class CpuBackend final : public Backend {
     return keep;
   }
 
-  // Every layer runs (with its cache) until a FiRST pass routes the sequence.
-  void run_every_layer() {
-    std::fill(layer_active_.begin(), layer_active_.end(), 1);
-    std::fill(router_gate_.begin(), router_gate_.end(), NAN);
-    for (int l = 0; l < config_.num_layers; ++l) allocate_kv(l);
-  }
-
   // Uninitialised: positions are written before they are read, and untouched pages cost no
   // memory.
   void allocate_kv(int layer) {
@@ -339,17 +307,6 @@ class CpuBackend final : public Backend {
     if (c.k) return;
     c.k.reset(new float[kv_layer_stride_]);
     c.v.reset(new float[kv_layer_stride_]);
-  }
-
-  bool skip_ffn(int layer) {
-    if ((*plan_)[layer].routed && !layer_active_[layer]) return true;
-    switch ((*plan_)[layer].ffn) {
-      case FFNMode::Run: return false;
-      case FFNMode::Skip: return true;
-      case FFNMode::Adaptive: return adaptive_skip(policy_.rule, state_, layer);
-      case FFNMode::Random: return random_skip(policy_.rule, state_.decode_index, layer);
-    }
-    return false;
   }
 
   // Activation buffers grow to the largest pass seen; decode steps never allocate.
@@ -385,19 +342,11 @@ class CpuBackend final : public Backend {
   std::vector<float> before_ffn_;   // a_l of a decode step, for the saturation score
   std::vector<float> layer_input_;  // x_l of a decode step, for the layer score
 
-  SkipPolicy policy_;
-  bool compute_scores_ = false;
-  std::vector<LayerPlan> prefill_plan_, decode_plan_;
-  SkipState state_;
-  float threshold_logit_ = 0.0f;       // FiRST
+  ExecutionPlan plan_;
+  SkipState state_;                    // the adaptive rule within a decode token
   std::vector<uint8_t> layer_active_;  // FiRST: the current sequence's routing
   std::vector<float> router_gate_;
   std::vector<float> router_mean_;
-
-  // The current pass.
-  int n_ = 0, pos_ = 0;
-  StepRecord* record_ = nullptr;
-  const std::vector<LayerPlan>* plan_ = &prefill_plan_;
   std::vector<float> x_, xn_, qkv_, attn_, gate_up_, act_, cos_, sin_;
 };
 

@@ -4,10 +4,10 @@
 
 #include <memory>
 
-#include "ffnskip/backend.h"
+#include "../core/backend.h"
+#include "../core/model_view.h"
 #include "ffnskip/config.h"
 #include "ffnskip/decoder.h"
-#include "ffnskip/weights.h"
 
 namespace ffnskip {
 

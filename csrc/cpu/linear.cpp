@@ -1,9 +1,7 @@
 #include "linear.h"
 
 #include <algorithm>
-#include <cstdlib>
-#include <stdexcept>
-#include <string>
+#include <vector>
 
 #include "simd.h"
 
@@ -315,31 +313,6 @@ __attribute__((always_inline)) inline void axpy_any(float a, const float* x, flo
 FFNSKIP_ISA_VARIANTS(void, axpy_any, (float a, const float* x, float* y, int64_t len),
                      (a, x, y, len))
 
-Isa best_isa() {
-#ifdef FFNSKIP_X86_DISPATCH
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return Isa::Avx512;
-  if (__builtin_cpu_supports("x86-64-v3")) return Isa::Avx2;
-#endif
-  return Isa::Default;
-}
-
-Isa isa_from_environment() {
-  const Isa best = best_isa();
-  const char* requested = std::getenv("FFNSKIP_CPU_ISA");
-  if (requested == nullptr || *requested == '\0') return best;
-  for (const Isa isa : {Isa::Default, Isa::Avx2, Isa::Avx512}) {
-    if (std::string(requested) != isa_name(isa)) continue;
-    if (isa > best) {
-      throw std::invalid_argument(std::string("FFNSKIP_CPU_ISA=") + requested +
-                                  ", but this CPU supports at most " + isa_name(best));
-    }
-    return isa;
-  }
-  throw std::invalid_argument(std::string("FFNSKIP_CPU_ISA=") + requested +
-                              ": expected avx512, avx2 or default");
-}
-
 // x with each full block of 32 elements de-interleaved for BF16Weights; the tail as it is.
 const float* deinterleave_pairs(const float* x, int64_t n, int64_t in) {
   constexpr int64_t kBlock = 2 * kLanes;
@@ -378,28 +351,6 @@ const float* token_groups(const float* x, int64_t n, int64_t in) {
 
 }  // namespace
 
-Isa kernel_isa() {
-  static const Isa isa = isa_from_environment();
-  return isa;
-}
-
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::Avx512: return "avx512";
-    case Isa::Avx2: return "avx2";
-    case Isa::Default: break;
-  }
-  return "default";
-}
-
-std::vector<uint16_t> to_half(const float* data, int64_t count, WeightType type) {
-  std::vector<uint16_t> out(static_cast<size_t>(count));
-  for (int64_t i = 0; i < count; ++i) {
-    out[i] = type == WeightType::BF16 ? float_to_bf16(data[i]) : float_to_f16(data[i]);
-  }
-  return out;
-}
-
 LinearWeights LinearWeights::rows(int64_t first, int64_t count) const {
   const size_t element = type == WeightType::F32 ? sizeof(float) : sizeof(uint16_t);
   LinearWeights part = *this;
@@ -410,12 +361,12 @@ LinearWeights LinearWeights::rows(int64_t first, int64_t count) const {
 }
 
 void linear(ThreadPool& pool, const LinearWeights& w, const float* x, int64_t n, float* y,
-            Output mode) {
+            Output mode, Isa isa) {
   const bool accumulate = mode == Output::Accumulate;
   LinearInput input{x, x, nullptr, n};
   if (w.type == WeightType::BF16) input.xs = deinterleave_pairs(x, n, w.in);
-  if (kernel_isa() == Isa::Avx512 && n >= kPanelTokens) input.xt = token_groups(x, n, w.in);
-  const auto rows = linear_rows_for_isa();
+  if (isa == Isa::Avx512 && n >= kPanelTokens) input.xt = token_groups(x, n, w.in);
+  const auto rows = linear_rows_for_isa(isa);
   // Threads take whole panels of rows, so which kernel computes a row (and hence its rounding)
   // does not depend on the thread count.
   const int64_t panels = (w.out + kPanelRows - 1) / kPanelRows;
@@ -424,8 +375,12 @@ void linear(ThreadPool& pool, const LinearWeights& w, const float* x, int64_t n,
   });
 }
 
-float dot(const float* a, const float* b, int64_t len) { return dot_any_for_isa()(a, b, len); }
+float dot(const float* a, const float* b, int64_t len, Isa isa) {
+  return dot_any_for_isa(isa)(a, b, len);
+}
 
-void axpy(float a, const float* x, float* y, int64_t len) { axpy_any_for_isa()(a, x, y, len); }
+void axpy(float a, const float* x, float* y, int64_t len, Isa isa) {
+  axpy_any_for_isa(isa)(a, x, y, len);
+}
 
 }  // namespace ffnskip::cpu

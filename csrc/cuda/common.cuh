@@ -15,6 +15,9 @@ constexpr unsigned kFullMask = 0xffffffffu;
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Every storage type of the weights: X(T) once per type, for explicit instantiations.
+#define FFNSKIP_FOR_EACH_STORAGE_TYPE(X) X(float) X(__half) X(__nv_bfloat16)
+
 // fp32 value of a stored element.
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }

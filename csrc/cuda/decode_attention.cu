@@ -197,13 +197,10 @@ void launch_decode_attention(const DecodeAttentionArgs& args, const T* k_cache, 
   CUDA_CHECK_LAUNCH();
 }
 
-template void launch_decode_attention<float>(const DecodeAttentionArgs&, const float*,
-                                             const float*, float*, cudaStream_t);
-template void launch_decode_attention<__half>(const DecodeAttentionArgs&, const __half*,
-                                              const __half*, __half*, cudaStream_t);
-template void launch_decode_attention<__nv_bfloat16>(const DecodeAttentionArgs&,
-                                                     const __nv_bfloat16*,
-                                                     const __nv_bfloat16*, __nv_bfloat16*,
-                                                     cudaStream_t);
+#define FFNSKIP_INSTANTIATE(T)                                                              \
+  template void launch_decode_attention<T>(const DecodeAttentionArgs&, const T*, const T*, T*, \
+                                           cudaStream_t);
+FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
+#undef FFNSKIP_INSTANTIATE
 
 }  // namespace ffnskip::cuda

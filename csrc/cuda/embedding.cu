@@ -27,11 +27,9 @@ void launch_embedding(const T* table, const int32_t* tokens, int n, int hidden, 
   CUDA_CHECK_LAUNCH();
 }
 
-template void launch_embedding<float>(const float*, const int32_t*, int, int, float*,
-                                      cudaStream_t);
-template void launch_embedding<__half>(const __half*, const int32_t*, int, int, float*,
-                                       cudaStream_t);
-template void launch_embedding<__nv_bfloat16>(const __nv_bfloat16*, const int32_t*, int, int,
-                                              float*, cudaStream_t);
+#define FFNSKIP_INSTANTIATE(T) \
+  template void launch_embedding<T>(const T*, const int32_t*, int, int, float*, cudaStream_t);
+FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
+#undef FFNSKIP_INSTANTIATE
 
 }  // namespace ffnskip::cuda

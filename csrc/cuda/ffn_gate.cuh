@@ -1,5 +1,5 @@
 // The skip rule on the device, so that a decode step (captured once as a graph) decides every
-// gated FFN without the host. The rule itself is ffnskip/skip_rule.h.
+// gated FFN without the host. The rule itself is core/skip_rule.h.
 //
 // The decision for FFN `layer` is taken by thread 0 of the FFN's RMSNorm kernel (one block in a
 // decode step, see launch_gated_rmsnorm), which writes a per-layer flag; the FFN's other kernels
@@ -11,18 +11,18 @@
 
 #include <cstdint>
 
+#include "../core/skip_rule.h"
 #include "common.cuh"
-#include "ffnskip/policy.h"
-#include "ffnskip/skip_rule.h"
 
 namespace ffnskip::cuda {
 
 struct FfnGate {
   SkipRule rule;
+  FFNMode mode = FFNMode::Adaptive;  // Adaptive or Random
   SkipState* state = nullptr;
+  const int32_t* decode_index = nullptr;  // device: the step's decode index (pass input)
   int layer = 0;
-  bool random = false;           // random_skip; otherwise adaptive_skip
-  int32_t* skip_flag = nullptr;  // this layer's flag
+  int32_t* skip_flag = nullptr;    // this layer's flag
   uint8_t* ffn_skipped = nullptr;  // the step record's [layers] arrays
   float* score = nullptr;
 };
@@ -31,16 +31,15 @@ struct FfnGate {
 // ffn_skipped[layer], and resets score[layer] to NaN (the score kernel overwrites it when the
 // FFN runs). Returns true when the FFN is skipped.
 __device__ __forceinline__ bool decide_ffn(const FfnGate& g) {
-  const bool skip = g.random ? random_skip(g.rule, g.state->decode_index, g.layer)
-                             : adaptive_skip(g.rule, *g.state, g.layer);
+  const bool skip = rule_skips_ffn(g.mode, g.rule, *g.state, *g.decode_index, g.layer);
   *g.skip_flag = skip ? 1 : 0;
   g.ffn_skipped[g.layer] = skip ? 1 : 0;
   g.score[g.layer] = quiet_nan();
   return skip;
 }
 
-// begin_token / end_token of a decode step, one thread each.
-void launch_begin_token(const SkipRule& rule, SkipState* state, cudaStream_t stream);
-void launch_end_token(SkipState* state, cudaStream_t stream);
+// begin_token of a decode step (one thread), for the step's decode index in device memory.
+void launch_begin_token(const SkipRule& rule, SkipState* state, const int32_t* decode_index,
+                        cudaStream_t stream);
 
 }  // namespace ffnskip::cuda

@@ -60,8 +60,9 @@ void gemm(cublasHandle_t handle, cudaStream_t stream, const GemmArgs<T>& a) {
                             CUBLAS_GEMM_DEFAULT));
 }
 
-template void gemm<float>(cublasHandle_t, cudaStream_t, const GemmArgs<float>&);
-template void gemm<__half>(cublasHandle_t, cudaStream_t, const GemmArgs<__half>&);
-template void gemm<__nv_bfloat16>(cublasHandle_t, cudaStream_t, const GemmArgs<__nv_bfloat16>&);
+#define FFNSKIP_INSTANTIATE(T) \
+  template void gemm<T>(cublasHandle_t, cudaStream_t, const GemmArgs<T>&);
+FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
+#undef FFNSKIP_INSTANTIATE
 
 }  // namespace ffnskip::cuda

@@ -11,9 +11,10 @@ namespace {
 constexpr int kWarpsPerBlock = 8;
 constexpr int kUnroll = 4;  // 16-byte loads in flight per lane and row
 
-// Warp w of block b computes output b * kWarpsPerBlock + w from kRows consecutive weight rows
-// (2 for SwiGLU: the gate row and its up row). Lane l reads the 16-byte packs l, l + 32, ...
-// of the rows and of x, so each warp load is 512 contiguous bytes.
+// Warp w of block b computes output b * kWarpsPerBlock + w from kRows weight rows (2 for
+// SwiGLU: gate row i and up row i, rows / 2 apart in the stacked [gate; up] matrix). Lane l
+// reads the 16-byte packs l, l + 32, ... of the rows and of x, so each warp load is 512
+// contiguous bytes.
 template <typename T, GemvOutput kOutput>
 __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) gemv_kernel(const GemvArgs<T> a) {
   if (a.skip_flag != nullptr && *a.skip_flag != 0) return;
@@ -22,8 +23,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) gemv_kernel(const 
   const int lane = threadIdx.x % kWarpSize;
   const int output = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarpSize;
   if (output >= a.rows / kRows) return;  // whole warps leave together
-  const int row0 = output * kRows;
-  const T* __restrict__ w = a.weight + static_cast<int64_t>(row0) * a.cols;
+  const int row = output;
+  const int64_t row_step = static_cast<int64_t>(a.rows / kRows) * a.cols;  // gate row -> up row
+  const T* __restrict__ w = a.weight + static_cast<int64_t>(row) * a.cols;
   const T* __restrict__ x = a.x;
 
   float acc[kRows] = {};
@@ -40,7 +42,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) gemv_kernel(const 
         x_raw[u] = load_raw(x + offset);
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-          w_raw[r][u] = load_raw(w + r * static_cast<int64_t>(a.cols) + offset);
+          w_raw[r][u] = load_raw(w + r * row_step + offset);
         }
       }
 #pragma unroll
@@ -62,7 +64,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) gemv_kernel(const 
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         float wv[kPack];
-        load_pack(w + r * static_cast<int64_t>(a.cols) + p * kPack, wv);
+        load_pack(w + r * row_step + p * kPack, wv);
 #pragma unroll
         for (int i = 0; i < kPack; ++i) acc[r] += wv[i] * xv[i];
       }
@@ -72,20 +74,20 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) gemv_kernel(const 
       const float xv = to_float(x[c]);
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        acc[r] += to_float(w[r * static_cast<int64_t>(a.cols) + c]) * xv;
+        acc[r] += to_float(w[r * row_step + c]) * xv;
       }
     }
   }
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     acc[r] = warp_sum(acc[r]);
-    if (a.bias != nullptr) acc[r] += a.bias[row0 + r];
+    if (a.bias != nullptr) acc[r] += a.bias[row + r * (a.rows / kRows)];
   }
   if (lane != 0) return;
   if constexpr (kOutput == GemvOutput::Store) {
-    a.y[row0] = acc[0];
+    a.y[row] = acc[0];
   } else if constexpr (kOutput == GemvOutput::Accumulate) {
-    a.y[row0] += acc[0];
+    a.y[row] += acc[0];
   } else {
     a.act[output] = from_float<T>(silu_mul(acc[0], acc[1]));
   }
@@ -112,9 +114,9 @@ void launch_gemv(const GemvArgs<T>& args, GemvOutput output, cudaStream_t stream
   CUDA_CHECK_LAUNCH();
 }
 
-template void launch_gemv<float>(const GemvArgs<float>&, GemvOutput, cudaStream_t);
-template void launch_gemv<__half>(const GemvArgs<__half>&, GemvOutput, cudaStream_t);
-template void launch_gemv<__nv_bfloat16>(const GemvArgs<__nv_bfloat16>&, GemvOutput,
-                                         cudaStream_t);
+#define FFNSKIP_INSTANTIATE(T) \
+  template void launch_gemv<T>(const GemvArgs<T>&, GemvOutput, cudaStream_t);
+FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
+#undef FFNSKIP_INSTANTIATE
 
 }  // namespace ffnskip::cuda

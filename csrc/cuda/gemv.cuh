@@ -11,7 +11,8 @@ namespace ffnskip::cuda {
 enum class GemvOutput {
   Store,       // y[r] = W[r] . x + b[r]
   Accumulate,  // y[r] += W[r] . x + b[r] (the residual add, fused)
-  SwiGLU,      // act[i] = silu(W[2i] . x + b[2i]) * (W[2i+1] . x + b[2i+1]): interleaved gate/up
+  SwiGLU,      // act[i] = silu(W[i] . x + b[i]) * (W[h+i] . x + b[h+i]), h = rows / 2:
+               // the stacked [gate; up] projection
 };
 
 template <typename T>

@@ -1,8 +1,6 @@
 #include "logits.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
+#include "common.cuh"
 #include "gemv.cuh"
 #include "norm.cuh"
 
@@ -22,12 +20,10 @@ void launch_logits_head(const float* x_row, int hidden, const float* final_norm,
   launch_gemv(head, GemvOutput::Store, stream);
 }
 
-template void launch_logits_head<float>(const float*, int, const float*, float, const float*,
-                                        int, float*, float*, cudaStream_t);
-template void launch_logits_head<__half>(const float*, int, const float*, float, const __half*,
-                                         int, __half*, float*, cudaStream_t);
-template void launch_logits_head<__nv_bfloat16>(const float*, int, const float*, float,
-                                                const __nv_bfloat16*, int, __nv_bfloat16*,
-                                                float*, cudaStream_t);
+#define FFNSKIP_INSTANTIATE(T)                                                               \
+  template void launch_logits_head<T>(const float*, int, const float*, float, const T*, int, T*, \
+                                      float*, cudaStream_t);
+FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
+#undef FFNSKIP_INSTANTIATE
 
 }  // namespace ffnskip::cuda

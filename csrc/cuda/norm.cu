@@ -59,14 +59,11 @@ void launch_gated_rmsnorm(const float* x, int dim, const float* weight, float ep
   CUDA_CHECK_LAUNCH();
 }
 
-#define FFNSKIP_INSTANTIATE_NORM(T)                                                         \
-  template void launch_rmsnorm<T>(const float*, int, int, const float*, float, T*,          \
-                                  cudaStream_t);                                            \
-  template void launch_gated_rmsnorm<T>(const float*, int, const float*, float, T*,         \
+#define FFNSKIP_INSTANTIATE(T)                                                                 \
+  template void launch_rmsnorm<T>(const float*, int, int, const float*, float, T*, cudaStream_t); \
+  template void launch_gated_rmsnorm<T>(const float*, int, const float*, float, T*,            \
                                         const FfnGate&, cudaStream_t);
-FFNSKIP_INSTANTIATE_NORM(float)
-FFNSKIP_INSTANTIATE_NORM(__half)
-FFNSKIP_INSTANTIATE_NORM(__nv_bfloat16)
-#undef FFNSKIP_INSTANTIATE_NORM
+FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
+#undef FFNSKIP_INSTANTIATE
 
 }  // namespace ffnskip::cuda

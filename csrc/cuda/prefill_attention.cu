@@ -143,13 +143,10 @@ void launch_prefill_attention(const PrefillAttentionArgs& args, const T* k_cache
   CUDA_CHECK_LAUNCH();
 }
 
-template void launch_prefill_attention<float>(const PrefillAttentionArgs&, const float*,
-                                              const float*, float*, cudaStream_t);
-template void launch_prefill_attention<__half>(const PrefillAttentionArgs&, const __half*,
-                                               const __half*, __half*, cudaStream_t);
-template void launch_prefill_attention<__nv_bfloat16>(const PrefillAttentionArgs&,
-                                                      const __nv_bfloat16*,
-                                                      const __nv_bfloat16*, __nv_bfloat16*,
-                                                      cudaStream_t);
+#define FFNSKIP_INSTANTIATE(T)                                                        \
+  template void launch_prefill_attention<T>(const PrefillAttentionArgs&, const T*, const T*, \
+                                            T*, cudaStream_t);
+FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
+#undef FFNSKIP_INSTANTIATE
 
 }  // namespace ffnskip::cuda

@@ -65,9 +65,9 @@ void launch_rope_kv_write(const RopeKvArgs& args, T* k_cache, T* v_cache, cudaSt
   CUDA_CHECK_LAUNCH();
 }
 
-template void launch_rope_kv_write<float>(const RopeKvArgs&, float*, float*, cudaStream_t);
-template void launch_rope_kv_write<__half>(const RopeKvArgs&, __half*, __half*, cudaStream_t);
-template void launch_rope_kv_write<__nv_bfloat16>(const RopeKvArgs&, __nv_bfloat16*,
-                                                  __nv_bfloat16*, cudaStream_t);
+#define FFNSKIP_INSTANTIATE(T) \
+  template void launch_rope_kv_write<T>(const RopeKvArgs&, T*, T*, cudaStream_t);
+FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
+#undef FFNSKIP_INSTANTIATE
 
 }  // namespace ffnskip::cuda

@@ -1,11 +1,8 @@
 #include "router.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "common.cuh"
 #include "cuda_check.cuh"
-#include "ffnskip/skip_rule.h"
+#include "../core/skip_rule.h"
 
 namespace ffnskip::cuda {
 
@@ -28,11 +25,8 @@ __global__ void __launch_bounds__(kRouteThreads) route_layer_kernel(const RouteA
   const float dot = block_sum(partial, scratch);
   if (threadIdx.x == 0) {
     const float logit = dot + *a.bias;
-    const uint8_t off = router_keeps_layer(logit, a.threshold_logit) ? 0 : 1;
-    *a.layer_off = off;
+    *a.layer_off = router_keeps_layer(logit, a.threshold_logit) ? 0 : 1;
     *a.gate = 1.0f / (1.0f + expf(-logit));
-    *a.ffn_skipped = off;
-    *a.layer_skipped = off;
   }
 }
 
@@ -58,8 +52,9 @@ void launch_gated_residual_add(float* x, const float* delta, int64_t count,
   CUDA_CHECK_LAUNCH();
 }
 
-template void launch_route_layer<float>(const RouteArgs<float>&, cudaStream_t);
-template void launch_route_layer<__half>(const RouteArgs<__half>&, cudaStream_t);
-template void launch_route_layer<__nv_bfloat16>(const RouteArgs<__nv_bfloat16>&, cudaStream_t);
+#define FFNSKIP_INSTANTIATE(T) \
+  template void launch_route_layer<T>(const RouteArgs<T>&, cudaStream_t);
+FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
+#undef FFNSKIP_INSTANTIATE
 
 }  // namespace ffnskip::cuda

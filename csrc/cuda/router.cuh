@@ -1,5 +1,5 @@
 // FiRST on the device: the pass that starts a sequence routes every layer (router_keeps_layer of
-// ffnskip/skip_rule.h) and writes a per-layer flag; the layer's kernels read the flag, as they
+// core/skip_rule.h) and writes a per-layer flag; the layer's kernels read the flag, as they
 // read the FFN skip flag (ffn_gate.cuh), so neither the decision nor the skip needs the host.
 // Prefill linears run on cuBLAS, which cannot read a flag: a routed layer's output projections
 // write a delta that a gated kernel adds to the residual stream.
@@ -21,8 +21,6 @@ struct RouteArgs {
   float threshold_logit = 0.0f;
   int32_t* layer_off = nullptr;    // this layer's flag: 1 when the sequence skips it
   float* gate = nullptr;           // this layer's gate, for stats
-  uint8_t* ffn_skipped = nullptr;  // this layer's entries of the step record
-  uint8_t* layer_skipped = nullptr;
 };
 
 template <typename T>

@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "ffnskip/skip_rule.h"
+#include "../core/skip_rule.h"
 
 namespace ffnskip::cuda {
 

@@ -18,8 +18,8 @@ __global__ void swiglu_kernel(const float* __restrict__ gate_up, int64_t count, 
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = i / inter;
     const int64_t j = i % inter;
-    const float* pair = gate_up + t * 2 * inter + 2 * j;
-    act[i] = from_float<T>(silu_mul(pair[0], pair[1]));
+    const float* gate = gate_up + t * 2 * inter;
+    act[i] = from_float<T>(silu_mul(gate[j], gate[inter + j]));
   }
 }
 
@@ -33,8 +33,9 @@ void launch_swiglu(const float* gate_up, int n, int inter, T* act, cudaStream_t 
   CUDA_CHECK_LAUNCH();
 }
 
-template void launch_swiglu<float>(const float*, int, int, float*, cudaStream_t);
-template void launch_swiglu<__half>(const float*, int, int, __half*, cudaStream_t);
-template void launch_swiglu<__nv_bfloat16>(const float*, int, int, __nv_bfloat16*, cudaStream_t);
+#define FFNSKIP_INSTANTIATE(T) \
+  template void launch_swiglu<T>(const float*, int, int, T*, cudaStream_t);
+FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
+#undef FFNSKIP_INSTANTIATE
 
 }  // namespace ffnskip::cuda

@@ -1,5 +1,6 @@
-// SwiGLU: act = silu(gate) * up, from the interleaved (gate_i, up_i) outputs of the stacked
-// gate/up projection. The decode GEMV applies silu_mul in its epilogue; prefill runs the kernel.
+// SwiGLU: act = silu(gate) * up, from the outputs of the stacked [gate; up] projection (the
+// CPU backend's layout). The decode GEMV applies silu_mul in its epilogue; prefill runs the
+// kernel.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,7 +12,7 @@ __device__ __forceinline__ float silu_mul(float gate, float up) {
   return gate / (1.0f + expf(-gate)) * up;
 }
 
-// act[t, i] = silu_mul(gate_up[t, 2i], gate_up[t, 2i + 1]) for t < n, i < inter.
+// act[t, i] = silu_mul(gate_up[t, i], gate_up[t, inter + i]) for t < n, i < inter.
 template <typename T>
 void launch_swiglu(const float* gate_up, int n, int inter, T* act, cudaStream_t stream);
 

@@ -1,12 +1,26 @@
-"""ffnskip_ext: LLaMA-family decoding with adaptive compute skipping."""
+"""ffnskip_ext: LLaMA-family decoding with adaptive compute skipping.
+
+The package is layered, each layer importing only the ones before it:
+
+- ``config`` and the native ``_core``: the model configuration and the engine;
+- ``loaders``: checkpoints (Hugging Face directories, GGUF files) into configs and tensors;
+- ``runtime``: the decoder, skip policies, FiRST routers, sampling, generation, tokenizer
+  (no torch, no evaluation or training code, no argparse);
+- ``tuning``: calibration of each method on a model;
+- ``eval``: task sets, the evaluation harness, sweeps and reports;
+- ``training``: FiRST router training and the PyTorch reference (needs torch);
+- ``cli``: the ``ffnskip`` command.
+
+This module re-exports the runtime's public names.
+"""
 
 from ._core import build_info, cuda_available, measure_read_bandwidth
-from .checkpoint import load_checkpoint
 from .config import ModelConfig
-from .decoder import Decoder, DecodeStats
-from .generate import GenerationResult, encode_prompt, generate
-from .models import default_model_path
-from .policies import (
+from .loaders import load_checkpoint
+from .loaders.models import default_model_path
+from .runtime.decoder import Decoder, DecodeStats
+from .runtime.generate import GenerationResult, encode_prompt, generate
+from .runtime.policies import (
     DensePolicy,
     EarlyExit,
     FFNSkipPolicy,
@@ -17,8 +31,9 @@ from .policies import (
     StaticFFNSkip,
     load_policy,
 )
-from .sampling import SamplingParams
-from .tokenizer import load_tokenizer
+from .runtime.routers import Routers, load_routers
+from .runtime.sampling import SamplingParams
+from .runtime.tokenizer import load_tokenizer
 
 __all__ = [
     "DecodeStats",
@@ -27,20 +42,22 @@ __all__ = [
     "EarlyExit",
     "FFNSkipPolicy",
     "FiRSTPolicy",
+    "GenerationResult",
     "LayerDrop",
+    "ModelConfig",
     "Policy",
     "RandomFFNSkip",
-    "StaticFFNSkip",
-    "load_policy",
-    "GenerationResult",
-    "ModelConfig",
+    "Routers",
     "SamplingParams",
+    "StaticFFNSkip",
     "build_info",
     "cuda_available",
     "default_model_path",
-    "generate",
     "encode_prompt",
+    "generate",
     "load_checkpoint",
+    "load_policy",
+    "load_routers",
     "load_tokenizer",
     "measure_read_bandwidth",
 ]

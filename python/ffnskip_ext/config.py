@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from . import _core
+
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
 
@@ -111,8 +113,6 @@ class ModelConfig:
     def validate(self, source: str = "config") -> None:
         """Raises ValueError naming the first invalid field (the engine's own checks), before
         anything is sized from these values."""
-        from . import _core
-
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type == "int" and not -(2**31) <= value < 2**31:

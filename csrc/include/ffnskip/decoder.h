@@ -8,19 +8,26 @@
 #include <string>
 #include <vector>
 
-#include "ffnskip/backend.h"
 #include "ffnskip/config.h"
 #include "ffnskip/policy.h"
 #include "ffnskip/weights.h"
 
 namespace ffnskip {
 
+enum class PassKind : uint8_t;  // csrc/core/plan.h
+
+class Backend;  // csrc/core/backend.h
+
 enum class Device { CPU, CUDA };
+Device parse_device(const std::string& name);  // "cpu" or "cuda"
+const std::vector<std::string>& device_names();
 // Storage precision of the weights; activations and accumulation are fp32.
 enum class DType { F32, F16, BF16 };
 
 DType parse_dtype(const std::string& name);  // "float32"/"fp32", "float16"/"fp16", "bfloat16"/"bf16"
 const char* dtype_name(DType dtype);
+// The canonical names, "float32", "float16", "bfloat16".
+const std::vector<std::string>& dtype_names();
 
 // Throws std::invalid_argument unless 0 <= token < vocab_size; `index` is its place in the input.
 void check_token_id(int64_t token, int64_t index, int vocab_size);
@@ -47,7 +54,8 @@ struct DecodeStats {
 
 class Decoder {
  public:
-  // Copies the weights into the backend; `weights` may be freed afterwards.
+  // Copies the weights into the backend; `weights` may be freed afterwards. Throws
+  // std::invalid_argument naming the problem (a tensor, an option, the memory needed).
   Decoder(const ModelConfig& config, const WeightMap& weights, const DecoderOptions& options);
   ~Decoder();
   Decoder(const Decoder&) = delete;
@@ -81,7 +89,8 @@ class Decoder {
 
  private:
   void check_tokens(const int32_t* tokens, int n) const;
-  void forward(const int32_t* tokens, int n, float* logits_out, StepRecord* record);
+  void run(PassKind kind, const int32_t* tokens, int n, float* logits_out);
+  void apply_policy(const SkipPolicy& policy, bool tracing);
   void account(const StepRecord& record);
   void clear_stats();
 
@@ -90,7 +99,7 @@ class Decoder {
   DType dtype_;
   int max_seq_len_ = 0;
   int position_ = 0;
-  int64_t decode_index_ = 0;  // decode steps since reset, for warm-up accounting
+  int64_t decode_index_ = 0;  // decode steps since reset: warm-up and the rule's keys
   std::unique_ptr<Backend> backend_;
   SkipPolicy policy_;
   DecodeStats stats_;

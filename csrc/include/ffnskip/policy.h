@@ -1,13 +1,42 @@
-// A skip policy as the host describes it: the scalar rule plus per-layer sets, checked against
-// the model, and the static per-layer plan both backends derive from it.
+// A skip policy as the library's user describes it: the scalar rule plus per-layer sets,
+// checked against the model. What each kind does exactly is docs/methods.md.
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
-#include "ffnskip/skip_rule.h"
-
 namespace ffnskip {
+
+enum class PolicyKind : int32_t {
+  Dense = 0,
+  FFNSkip = 1,     // FFN-SkipLLM: adaptive, cosine-saturation driven
+  StaticFFN = 2,   // a fixed set of FFN blocks skipped on every decode token
+  RandomFFN = 3,   // K random eligible FFN blocks per decode token (seeded)
+  LayerDrop = 4,   // whole layers removed for every token, prefill included (no K/V)
+  EarlyExit = 5,   // layers >= exit_layer skipped; their K/V come from the exit hidden state
+  FiRST = 6,       // per-sequence layer routers decide at the first pass which layers run
+};
+
+// The names of the kinds in policy files and the Python API ("dense", "ffn_skip", ...).
+const std::vector<std::string>& policy_kind_names();
+const char* policy_kind_name(PolicyKind kind);
+PolicyKind parse_policy_kind(const std::string& name);  // throws std::invalid_argument
+
+// Scalar parameters of a policy (per-layer sets live in SkipPolicy::layers).
+struct SkipRule {
+  PolicyKind kind = PolicyKind::Dense;
+  int32_t num_layers = 0;
+  float threshold = 0.95f;          // FFNSkip: skip needs prev_score > threshold;
+                                    // FiRST: a layer runs when its gate >= threshold
+  int32_t warmup_tokens = 32;       // FFNSkip: first decode tokens run dense
+  int32_t full_token_interval = 6;  // FFNSkip: every n-th token after warm-up dense; 0: never
+  int32_t max_skips = 0;            // FFNSkip: K, the longest run of skips; RandomFFN: K
+  int32_t cold_start = 0;           // FFNSkip/RandomFFN: first layers never skipped
+  int32_t cold_end = 0;             // FFNSkip/RandomFFN: last layers never skipped
+  int32_t exit_layer = 0;           // EarlyExit: first skipped layer
+  uint64_t seed = 0;                // RandomFFN
+};
 
 struct SkipPolicy {
   SkipRule rule;
@@ -17,43 +46,15 @@ struct SkipPolicy {
   std::vector<float> router_weight;
   std::vector<float> router_bias;
 
-  // Throws std::invalid_argument naming the offending field. hidden_size 0 skips the router
-  // shape check (for rules checked without a model).
+  // Throws std::invalid_argument naming the offending field (and its value). num_layers 0
+  // checks only what holds for any model (value ranges), as a policy made before a model
+  // is known; hidden_size 0 skips the router shape check.
   void validate(int num_layers, int hidden_size = 0) const;
 };
 
 // FiRST routers average the first pass's input norm over at most this many tokens (the
 // prompt's first prefill chunk on CUDA), on every backend.
 constexpr int kRouterPromptTokens = 512;
-
-// log(t / (1 - t)) for a FiRST threshold t in [0, 1] (+-infinity at the ends).
-float router_threshold_logit(float threshold);
-
-enum class AttentionMode : uint8_t {
-  Run,     // attention sub-block as usual
-  Skip,    // nothing: no K/V written for this layer (layer drop)
-  KVOnly,  // K/V written from the current hidden state, no attention output (early exit)
-};
-
-enum class FFNMode : uint8_t {
-  Run,
-  Skip,
-  Adaptive,  // decided per token on the backend by adaptive_skip()
-  Random,    // decided per token on the backend by random_skip()
-};
-
-struct LayerPlan {
-  AttentionMode attention = AttentionMode::Run;
-  FFNMode ffn = FFNMode::Run;
-  // FiRST: the whole layer runs or not as its router decided for the current sequence; the
-  // pass that starts the sequence (position 0) routes it.
-  bool routed = false;
-};
-
-// What `layer` does in a prefill pass (decode = false) or a decode step (decode = true).
-// Prefill never skips, except layer drop, whose layers do not exist for any token, and FiRST,
-// whose decisions hold for the prompt too.
-LayerPlan plan_layer(const SkipPolicy& policy, int layer, bool decode);
 
 // The FFN-SkipLLM decisions for `tokens` decode steps given every layer's score
 // (scores[t * num_layers + l]; the score of a layer the rule skips is ignored, as a skipped
@@ -68,7 +69,7 @@ struct StepRecord {
   std::vector<uint8_t> layer_skipped;  // attention skipped or reduced to K/V only
   std::vector<float> score;            // cos(a_l, x_{l+1}); NaN where not computed
   // cos(x_l, x_{l+1}) of the whole layer (Block Influence is 1 - its mean); computed only
-  // with compute_scores, NaN otherwise and for dropped layers.
+  // while tracing, NaN otherwise and for layers that did not run.
   std::vector<float> layer_score;
 };
 

@@ -1,5 +1,5 @@
-// Borrowed views of checkpoint tensors, checked against a ModelConfig once, then handed to a
-// backend that copies them into its own storage and layout.
+// The weights a Decoder is made from: borrowed views of checkpoint tensors under Hugging Face
+// names, and the list of tensors (names and shapes) a model of a given config needs.
 #pragma once
 
 #include <cstdint>
@@ -22,28 +22,14 @@ struct TensorView {
 // Hugging Face tensor names ("model.layers.3.mlp.up_proj.weight") to views.
 using WeightMap = std::unordered_map<std::string, TensorView>;
 
-// A linear layer y = x W^T + b; bias.data is null when the layer has none.
-struct LinearView {
-  TensorView weight;  // [out_features, in_features]
-  TensorView bias;    // [out_features] or empty
+struct TensorSpec {
+  std::string name;
+  std::vector<int64_t> shape;  // [out_features, in_features] for linears
 };
 
-struct LayerView {
-  TensorView attn_norm;
-  LinearView q, k, v, o;
-  TensorView ffn_norm;
-  LinearView gate, up, down;
-};
-
-struct ModelView {
-  TensorView embed;  // [vocab, hidden]
-  std::vector<LayerView> layers;
-  TensorView final_norm;
-  TensorView lm_head;  // the embedding table when tied
-};
-
-// Looks up every tensor the config needs and checks its shape; throws std::invalid_argument
-// naming the tensor (and expected/found shapes) on the first problem.
-ModelView collect_model_view(const ModelConfig& config, const WeightMap& weights);
+// Every tensor the engine reads for `config`, in a fixed order: the embedding, then per
+// layer its norms and linears (biases where the config has them), the final norm and, when
+// the embeddings are untied, the LM head.
+std::vector<TensorSpec> model_tensors(const ModelConfig& config);
 
 }  // namespace ffnskip

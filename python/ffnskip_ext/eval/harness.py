@@ -37,11 +37,21 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..decoder import Decoder
-from ..generate import GenerationResult, Message, encode_prompt, generate
-from ..policies import DensePolicy, Policy, policy_from_dict
+from ..runtime.decoder import Decoder
+from ..runtime.generate import GenerationResult, Message, encode_prompt, generate
+from ..runtime.policies import DensePolicy, Policy, policy_from_dict
 from . import metrics
-from .tasks import TASKS, load_task, select
+from .tasks import (
+    QA_STOP,
+    TASKS,
+    Window,
+    chat_opening,
+    load_task,
+    prose_windows,
+    qa_messages,
+    select,
+    summary_messages,
+)
 
 ROWS_FILE = "rows.jsonl"
 DENSE = "dense"
@@ -112,27 +122,6 @@ class EvalSettings:
         return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass(frozen=True)
-class Window:
-    """A window of prose tokens for perplexity (``select`` needs ``split``)."""
-
-    id: str
-    split: str
-    tokens: tuple[int, ...]
-
-
-def prose_windows(items: Sequence[Any], tokenizer: Any, window: int) -> list[Window]:
-    """Each text cut into consecutive windows of ``window`` tokens; a text shorter than one
-    window gives a single shorter window."""
-    out = []
-    for item in items:
-        ids = [int(i) for i in tokenizer.encode(item.text)]
-        starts = range(0, max(1, len(ids) - window + 1), window)
-        out.extend(Window(f"{item.id}@{s // window}", item.split, tuple(ids[s:s + window]))
-                   for s in starts if len(ids[s:s + window]) >= 2)
-    return out
-
-
 def load_items(settings: EvalSettings, tokenizer: Any) -> dict[str, list[Any]]:
     """The evaluated subset of every task in ``settings``."""
     items = {}
@@ -193,8 +182,8 @@ def _run_qa(run: _Run, items: Sequence[Any], settings: EvalSettings,
             bar: Callable[..., Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     samples = []
     for item in bar(items):
-        result = run.generate([{"role": "user", "content": item.question}],
-                              settings.qa_max_new_tokens, stop=["\n"])
+        result = run.generate(qa_messages(item), settings.qa_max_new_tokens,
+                              stop=list(QA_STOP))
         samples.append(_sample(item.id, result,
                                exact=metrics.exact_match(result.text, item.answers),
                                contains=metrics.contains_match(result.text, item.answers)))
@@ -206,12 +195,9 @@ def _run_summarization(run: _Run, items: Sequence[Any], settings: EvalSettings,
                                                         dict[str, Any] | None]:
     samples, trace = [], None
     for i, item in enumerate(bar(items)):
-        prompt = ("Summarise the following passage in one or two sentences.\n\n"
-                  + item.passage)
         run.decoder.clear_trace()
         run.decoder.enable_trace(i == 0)  # the first summary feeds the score heat map
-        result = run.generate([{"role": "user", "content": prompt}],
-                              settings.summary_max_new_tokens)
+        result = run.generate(summary_messages(item), settings.summary_max_new_tokens)
         if i == 0:
             trace = _take_trace(run.decoder, item.id)
         samples.append(_sample(item.id, result,
@@ -223,8 +209,7 @@ def _run_chat(run: _Run, items: Sequence[Any], settings: EvalSettings,
               bar: Callable[..., Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     samples = []
     for item in bar(items):
-        messages: list[Message] = [{"role": "system", "content": item.system}] if item.system \
-            else []
+        messages = chat_opening(item)
         for turn_index, turn in enumerate(item.turns):
             messages.append({"role": "user", "content": turn})
             result = run.generate(messages, settings.chat_max_new_tokens)

@@ -7,11 +7,11 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..calibration import block_influence, calibrate, calibrate_first, rank_layers_for_drop
 from ..config import ModelConfig
-from ..decoder import Decoder
-from ..generate import Message, encode_prompt
-from ..policies import EarlyExit, LayerDrop, RandomFFNSkip, StaticFFNSkip
+from ..runtime.decoder import Decoder
+from ..runtime.generate import Message, encode_prompt
+from ..runtime.policies import EarlyExit, LayerDrop, RandomFFNSkip, StaticFFNSkip
+from ..tuning.calibration import block_influence, calibrate, calibrate_first, rank_layers_for_drop
 from .harness import DENSE_SPEC, PolicySpec
 
 DEFAULT_TARGETS = (0.1, 0.2, 0.3)
@@ -69,7 +69,7 @@ def skipped_blocks(target: float, num_layers: int) -> int:
 
 def budget(target: float, num_layers: int) -> int:
     """FFN-SkipLLM's skip budget K = ceil(1.5 r L): a token skips at most K FFNs, and warm-up
-    and interleaved dense tokens make up for the rest (skip-methods.md: K ~ r L 6/5 without
+    and interleaved dense tokens make up for the rest (the paper's K ~ r L 6/5 without
     warm-up). Rounded first so that 1.5 * 0.2 * 30 = 9.000000000000002 gives 9."""
     return math.ceil(round(1.5 * target * num_layers, 6))
 

@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
+from ..runtime.generate import Message
+
 SPLITS = ("train", "test")
 
 
@@ -93,6 +95,47 @@ TASKS: dict[str, TaskFormat] = {
     "chat": TaskFormat(ChatItem, "chat.jsonl", {"turns": "list"}, {"system": "str"}),
     "perplexity": TaskFormat(ProseItem, "prose.jsonl", {"text": "str"}, {}),
 }
+
+
+# --------------------------------------------------------------------------- prompts
+# How every task is put to the model, defined once: the harness and router training use these.
+
+SUMMARY_INSTRUCTION = "Summarise the following passage in one or two sentences.\n\n"
+QA_STOP = ("\n",)  # a QA answer ends at its first line break
+
+
+def qa_messages(item: QAItem) -> list[Message]:
+    return [{"role": "user", "content": item.question}]
+
+
+def summary_messages(item: SummaryItem) -> list[Message]:
+    return [{"role": "user", "content": SUMMARY_INSTRUCTION + item.passage}]
+
+
+def chat_opening(item: ChatItem) -> list[Message]:
+    """The conversation before the first turn: the item's system message, if any."""
+    return [{"role": "system", "content": item.system}] if item.system else []
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """A window of prose tokens for perplexity (``select`` needs ``split``)."""
+
+    id: str
+    split: str
+    tokens: tuple[int, ...]
+
+
+def prose_windows(items: Sequence[Any], tokenizer: Any, window: int) -> list[Window]:
+    """Each text cut into consecutive windows of ``window`` tokens; a text shorter than one
+    window gives a single shorter window."""
+    out = []
+    for item in items:
+        ids = [int(i) for i in tokenizer.encode(item.text)]
+        starts = range(0, max(1, len(ids) - window + 1), window)
+        out.extend(Window(f"{item.id}@{s // window}", item.split, tuple(ids[s:s + window]))
+                   for s in starts if len(ids[s:s + window]) >= 2)
+    return out
 
 
 def bundled_path(task: str) -> str:

@@ -11,7 +11,8 @@ import sys
 import time
 from typing import Any
 
-from .tasks import TASKS
+from ..eval.tasks import TASKS
+from .options import add_model_options, load_model, model_path
 
 SPECS_FILE = "policies.json"
 # Calibration and Block Influence use the train split; these many windows feed Block Influence.
@@ -20,14 +21,11 @@ INFLUENCE_WINDOWS = 2
 FIRST_ROUTING_PROMPTS = 8
 
 
-def add_eval_parser(subparsers: Any) -> None:
-    """Registers ``eval`` on the ``ffnskip`` command's subparsers."""
-    from ..cli import _add_model_options
-
+def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eval", help="quality and speed of skip policies on task sets; report and plots",
         description=__doc__)
-    _add_model_options(p)
+    add_model_options(p)
     p.add_argument("--policies", nargs="+", metavar="JSON",
                    help="policy JSON files to evaluate (named after the file)")
     p.add_argument("--sweep", action="store_true",
@@ -81,9 +79,7 @@ def parse_limits(text: str | None, tasks: list[str]) -> dict[str, int | None]:
 
 
 def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..cli import _load
-    from ..models import default_model_path
-    from .harness import (
+    from ..eval.harness import (
         EvalSettings,
         PolicySpec,
         evaluate,
@@ -91,8 +87,8 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         previous_rows,
         with_dense,
     )
-    from .report import RUN_FILE, SPEED_FILE, write_report
-    from .sweep import weight_counts
+    from ..eval.report import RUN_FILE, SPEED_FILE, write_report
+    from ..eval.sweep import weight_counts
 
     started = time.perf_counter()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -108,7 +104,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.sweep and not args.policies:
         raise ValueError("nothing to evaluate: give --sweep and/or --policies")
     targets = [float(t) for t in args.targets.split(",") if t.strip()]
-    model = args.model or default_model_path()
+    model = model_path(args)
     run = {"command": _command(args, parser), "model": os.path.abspath(model),
            "model_name": os.path.basename(os.path.normpath(model)),
            "settings": settings.to_dict(), "sweep": args.sweep, "targets": targets,
@@ -123,7 +119,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             raise ValueError(f"--resume: {run_path} was made with other {', '.join(changed)}")
         run["notes"] = previous.get("notes", [])
         run["setup_seconds"] = previous.get("setup_seconds", 0.0)
-    decoder, tokenizer = _load(args)
+    decoder, tokenizer = load_model(args)
     run.update(num_layers=decoder.config.num_layers, dtype=decoder.dtype,
                weights=weight_counts(decoder.config))
 
@@ -156,10 +152,10 @@ def _build_specs(args: argparse.Namespace, decoder: Any, tokenizer: Any,
                  files: dict[str, str]) -> tuple[list[Any], list[str]]:
     """The sweep's policies (calibrated on train-split chat prompts, Block Influence on
     train-split prose) and those of --policies; notes say what was left out or replaced."""
-    from ..calibration import DEFAULT_PROMPTS
-    from .harness import EvalSettings, load_items
-    from .sweep import sweep_specs
-    from .tasks import load_task, select
+    from ..eval.harness import EvalSettings, load_items
+    from ..eval.sweep import sweep_specs
+    from ..eval.tasks import load_task, select
+    from ..tuning.calibration import DEFAULT_PROMPTS
 
     notes: list[str] = []
     specs = []
@@ -190,10 +186,9 @@ def _build_specs(args: argparse.Namespace, decoder: Any, tokenizer: Any,
 def _sweep_routers(args: argparse.Namespace, notes: list[str]) -> Any:
     """The FiRST routers of --routers, or those next to the model; None (and a note) when
     there are none."""
-    from ..first import default_router_path, load_routers
-    from ..models import default_model_path
+    from ..runtime.routers import default_router_path, load_routers
 
-    path = args.routers or default_router_path(args.model or default_model_path())
+    path = args.routers or default_router_path(model_path(args))
     if not os.path.exists(path) and not args.routers:
         notes.append(f"no FiRST routers at {path}: FiRST left out (ffnskip train-routers)")
         return None
@@ -209,8 +204,8 @@ def _task_file(entry: str) -> tuple[str, str]:
 
 
 def _policy_spec(path: str) -> Any:
-    from ..policies import load_policy
-    from .harness import PolicySpec
+    from ..eval.harness import PolicySpec
+    from ..runtime.policies import load_policy
 
     policy = load_policy(path)
     name = os.path.splitext(os.path.basename(path))[0]

@@ -1,13 +1,13 @@
 """Calibration of FFN-SkipLLM for a target skip ratio, Block Influence for layer drop, and
 FiRST router thresholds for a target layer-skip ratio.
 
-The procedure is ours (the paper only says "calibrate"; see skip-methods.md):
+The procedure is ours (the paper only says "calibrate"; see docs/methods.md):
 1. decode the calibration prompts densely (greedy), recording every layer's score;
 2. cold regions: the layers at each end whose median score is an outlier or unstable;
 3. for each skip budget K, bisect the threshold on the dense scores with the engine's own
    rule (fast) to hit the target, then measure the candidate for real, teacher-forced on the
    dense tokens, refining the threshold a few times; the measured ratio counts warm-up tokens
-   (skip-methods.md's definition);
+   (docs/methods.md);
 4. among candidates within ``tolerance`` of the target, return the one whose greedy choices
    agree best with the dense model.
 """
@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .decoder import Decoder
-from .generate import Message, encode_prompt, generate
-from .policies import DensePolicy, FFNSkipPolicy, FiRSTPolicy, Policy, simulate_ffn_skip
+from ..runtime.decoder import Decoder
+from ..runtime.generate import Message, encode_prompt, generate
+from ..runtime.policies import DensePolicy, FFNSkipPolicy, FiRSTPolicy, Policy, simulate_ffn_skip
 
 DEFAULT_BUDGETS = (1, 2, 4, 8, None)
 

@@ -1,10 +1,12 @@
-// The skip rules, written once for both backends: plain structs and inline functions that
-// compile as host code (CPU backend) and as device code (CUDA kernels read and update the
-// same SkipState in device memory, so no decision needs the host).
-// The rules are those of ../shared/docs/skip-methods.md.
+// The per-token skip rules, written once for both backends: inline functions that compile as
+// host code (CPU backend) and as device code (CUDA kernels read and update the same SkipState
+// in device memory, so no decision needs the host). docs/methods.md describes them.
 #pragma once
 
 #include <cstdint>
+
+#include "ffnskip/policy.h"
+#include "plan.h"
 
 #if defined(__CUDACC__)
 #define FFNSKIP_HD __host__ __device__
@@ -14,38 +16,12 @@
 
 namespace ffnskip {
 
-enum class PolicyKind : int32_t {
-  Dense = 0,
-  FFNSkip = 1,     // FFN-SkipLLM: adaptive, cosine-saturation driven
-  StaticFFN = 2,   // a fixed set of FFN blocks skipped on every decode token
-  RandomFFN = 3,   // K random eligible FFN blocks per decode token (seeded)
-  LayerDrop = 4,   // whole layers removed for every token, prefill included (no K/V)
-  EarlyExit = 5,   // layers >= exit_layer skipped; their K/V come from the exit hidden state
-  FiRST = 6,       // per-sequence layer routers decide at the first pass which layers run
-};
-
-// Scalar parameters of a policy (per-layer sets live in SkipPolicy::layers, see policy.h).
-struct SkipRule {
-  PolicyKind kind = PolicyKind::Dense;
-  int32_t num_layers = 0;
-  float threshold = 0.95f;          // FFNSkip: skip needs prev_score > threshold;
-                                    // FiRST: a layer runs when its gate >= threshold
-  int32_t warmup_tokens = 32;       // FFNSkip: first decode tokens run dense
-  int32_t full_token_interval = 6;  // FFNSkip: every n-th token after warm-up dense; 0: never
-  int32_t max_skips = 0;            // FFNSkip: K, the longest run of skips; RandomFFN: K
-  int32_t cold_start = 0;           // FFNSkip/RandomFFN: first layers never skipped
-  int32_t cold_end = 0;             // FFNSkip/RandomFFN: last layers never skipped
-  int32_t exit_layer = 0;           // EarlyExit: first skipped layer
-  uint64_t seed = 0;                // RandomFFN
-};
-
 // Per-token state of the adaptive rule. On CUDA it lives in device memory.
 struct SkipState {
-  int64_t decode_index = 0;  // decode tokens since reset
-  int32_t dense_token = 1;   // this token runs every FFN (warm-up, interleave)
-  int32_t budget = 0;        // skips left in this token's run
-  int32_t in_run = 0;        // a run of skips has started in this token
-  float prev_score = 0.0f;   // score of the last layer whose FFN ran; NaN: none yet
+  int32_t dense_token = 1;  // this token runs every FFN (warm-up, interleave)
+  int32_t budget = 0;       // skips left in this token's run
+  int32_t in_run = 0;       // a run of skips has started in this token
+  float prev_score = 0.0f;  // score of the last layer whose FFN ran; NaN: none yet
 };
 
 FFNSKIP_HD inline bool ffn_eligible(const SkipRule& r, int layer) {
@@ -59,15 +35,13 @@ FFNSKIP_HD inline bool is_dense_token(const SkipRule& r, int64_t decode_index) {
   return (decode_index - r.warmup_tokens + 1) % r.full_token_interval == 0;
 }
 
-// Start of a decode token for the adaptive rule.
-FFNSKIP_HD inline void begin_token(const SkipRule& r, SkipState& s) {
-  s.dense_token = is_dense_token(r, s.decode_index) ? 1 : 0;
+// Start of decode token `decode_index` (decode steps since the sequence began).
+FFNSKIP_HD inline void begin_token(const SkipRule& r, SkipState& s, int64_t decode_index) {
+  s.dense_token = is_dense_token(r, decode_index) ? 1 : 0;
   s.budget = r.max_skips;
   s.in_run = 0;
   s.prev_score = __builtin_nanf("");
 }
-
-FFNSKIP_HD inline void end_token(SkipState& s) { ++s.decode_index; }
 
 // FFN-SkipLLM: the previous computed layer's score decides; one contiguous run of at most
 // K skips per token. Returns true when FFN `layer` is skipped; updates the budget.
@@ -114,6 +88,19 @@ FFNSKIP_HD inline bool random_skip(const SkipRule& r, int64_t decode_index, int 
     rank += (other < key || (other == key && j < layer)) ? 1 : 0;
   }
   return rank < r.max_skips;
+}
+
+// Whether FFN `layer` of decode token `decode_index` is skipped under `mode`: the plan's own
+// decision (Run, Skip) or the rule's for this token (Adaptive, Random).
+FFNSKIP_HD inline bool rule_skips_ffn(FFNMode mode, const SkipRule& r, SkipState& s,
+                                   int64_t decode_index, int layer) {
+  switch (mode) {
+    case FFNMode::Run: return false;
+    case FFNMode::Skip: return true;
+    case FFNMode::Adaptive: return adaptive_skip(r, s, layer);
+    case FFNMode::Random: return random_skip(r, decode_index, layer);
+  }
+  return false;
 }
 
 // FiRST: the gate of layer l is sigmoid(w_l . m_l + b_l), m_l the mean over the prompt of the

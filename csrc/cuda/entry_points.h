@@ -10,10 +10,10 @@
 
 #include <cstddef>
 
-#include "ffnskip/backend.h"
+#include "../core/backend.h"
+#include "../core/model_view.h"
 #include "ffnskip/config.h"
 #include "ffnskip/decoder.h"
-#include "ffnskip/weights.h"
 
 #define FFNSKIP_CUDA_EXPORT __attribute__((visibility("default")))
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..loaders.gguf import open_gguf
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -34,28 +36,21 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
 
 
 def _gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    """What ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` builds, but with the metadata
-    read by the ``gguf`` package: transformers' own GGUF reader imports torch, which the
-    runtime does not need. The conversion itself is transformers' (torch-free) converter."""
-    import gguf
+    """What ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` builds, but from the
+    loader's parse of the file (shared with the weights): transformers' own GGUF reader
+    imports torch, which the runtime does not need. The conversion itself is transformers'
+    (torch-free) converter."""
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
         GGUF_TOKENIZER_MAPPING,
         convert_gguf_tokenizer,
     )
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
-
-    def value(key: str) -> Any:
-        field = reader.get_field(key)
-        return None if field is None else field.contents()
-
+    parsed = open_gguf(path)
     groups = {
         group: {
-            name: v for key, name in renames.items() if (v := value(f"tokenizer.{key}")) is not None
+            name: v for key, name in renames.items()
+            if (v := parsed.field(f"tokenizer.{key}")) is not None
         }
         for group, renames in GGUF_TOKENIZER_MAPPING.items()
     }
@@ -66,8 +61,9 @@ def _gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
         # As transformers: llama.cpp adds BOS to a sentencepiece vocabulary unless told not to.
         tokenizer_config.setdefault("add_bos_token", True)
     for name, key in _SPECIAL_TOKEN_IDS.items():
-        token_id = value(f"tokenizer.ggml.{key}")
+        token_id = parsed.field(f"tokenizer.ggml.{key}")
         tokens = tokenizer_dict["tokens"]
         tokenizer_config[name] = tokens[token_id] if token_id is not None else None
-    backend, extra = convert_gguf_tokenizer(value("general.architecture"), tokenizer_dict)
+    backend, extra = convert_gguf_tokenizer(parsed.field("general.architecture"),
+                                            tokenizer_dict)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)

@@ -9,14 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
-from .checkpoint import load_checkpoint, weights_from_hf_model
-from .config import ModelConfig
+from .. import _core
+from ..config import ModelConfig
+from ..loaders import load_checkpoint, weights_from_hf_model
 from .policies import DensePolicy, Policy
 
-DEVICES = ("cpu", "cuda")
-DTYPES = {None: "float32", "float32": "float32", "fp32": "float32", "float16": "float16",
-          "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DEFAULT_DTYPE = "float32"
 _INT64 = np.iinfo(np.int64)
 
 
@@ -69,17 +67,18 @@ class Decoder:
         max_seq_len: int | None = None,
         num_threads: int | None = None,
     ) -> None:
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of float32, float16, bfloat16, got {dtype!r}")
+        # The engine checks device, dtype and the values; here only what its binding cannot
+        # say well: Python types, and 0, which means "default" to the engine.
+        for name, value in (("device", device), ("dtype", dtype)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, got {type(value).__name__}")
         for name, value in (("max_seq_len", max_seq_len), ("num_threads", num_threads)):
             if value is not None and (not _is_int(value) or not 0 < value < 2**31):
                 raise ValueError(f"{name} must be an integer in [1, 2**31), got {value!r}")
         self.config = config
         self.device = device
-        self._engine = _core.Engine(
-            config, dict(weights), device, DTYPES[dtype], int(max_seq_len or 0),
+        self._native = _core.Decoder(
+            config, dict(weights), device, dtype or DEFAULT_DTYPE, int(max_seq_len or 0),
             int(num_threads or 0),
         )
         self._policy: Policy = DensePolicy()
@@ -112,20 +111,20 @@ class Decoder:
 
     @property
     def max_seq_len(self) -> int:
-        return self._engine.max_seq_len
+        return self._native.max_seq_len
 
     @property
     def position(self) -> int:
         """Number of tokens in the KV cache."""
-        return self._engine.position
+        return self._native.position
 
     def reset(self) -> None:
         """Empty the KV cache."""
-        self._engine.reset()
+        self._native.reset()
 
     def prefill(self, token_ids: Iterable[int] | np.ndarray) -> np.ndarray:
         """Append a prompt; returns float32 logits ``[vocab_size]`` of its last token."""
-        return self._engine.prefill(_token_array(token_ids))
+        return self._native.prefill(_token_array(token_ids))
 
     def step(self, token_id: int) -> np.ndarray:
         """Append one token; returns its float32 logits ``[vocab_size]``."""
@@ -133,12 +132,12 @@ class Decoder:
             raise TypeError(f"token id must be an integer, got {type(token_id).__name__}")
         if not _INT64.min <= int(token_id) <= _INT64.max:
             raise ValueError(f"token id {token_id} is outside the vocabulary")
-        return self._engine.step(int(token_id))
+        return self._native.step(int(token_id))
 
     @property
     def dtype(self) -> str:
         """Storage precision of the weights."""
-        return self._engine.dtype
+        return self._native.dtype
 
     @property
     def policy(self) -> Policy:
@@ -149,27 +148,27 @@ class Decoder:
         naming the field, and the previous policy stays."""
         if not isinstance(policy, Policy):
             raise TypeError(f"expected a Policy, got {type(policy).__name__}")
-        self._engine.set_policy(**policy.engine_args(self.config.num_layers))
+        self._native.set_policy(**policy.engine_args(self.config.num_layers))
         self._policy = policy
 
     def stats(self) -> DecodeStats:
-        return DecodeStats(**self._engine.stats())
+        return DecodeStats(**self._native.stats())
 
     def reset_stats(self) -> None:
-        self._engine.reset_stats()
+        self._native.reset_stats()
 
     def enable_trace(self, enabled: bool = True) -> None:
         """Record every later decode step (skips and scores); see ``trace()``."""
-        self._engine.enable_trace(bool(enabled))
+        self._native.enable_trace(bool(enabled))
 
     def trace(self) -> dict[str, np.ndarray]:
         """Per recorded decode step and layer: ``ffn_skipped`` and ``layer_skipped`` (bool),
         ``score`` = cos(a_l, x_{l+1}) and ``layer_score`` = cos(x_l, x_{l+1}) (float32, NaN
         where not computed), each ``[steps, layers]``."""
-        return self._engine.trace()
+        return self._native.trace()
 
     def clear_trace(self) -> None:
-        self._engine.clear_trace()
+        self._native.clear_trace()
 
     def __repr__(self) -> str:
         c = self.config

@@ -1,34 +1,40 @@
 """Skip policies: FFN-SkipLLM and the baselines it is measured against.
 
-Policies are plain values. ``Decoder.set_policy`` resolves the model-dependent defaults
-(cold regions, the skip budget) and hands them to the engine, which checks them against the
-model; the rule itself runs in the engine (``csrc/include/ffnskip/skip_rule.h``), on the
-device for CUDA. The rules are those of ``shared/docs/skip-methods.md``.
+Policies are plain values. The engine checks their values twice: when a policy is made (what
+holds for any model) and in ``Decoder.set_policy``, which resolves the model-dependent
+defaults (cold regions, the skip budget) and checks them against the model; this module only
+checks Python types. The rule itself runs in the engine (``csrc/core/skip_rule.h``), on the
+device for CUDA. What each policy does is ``docs/methods.md``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .first import Routers
+from .. import _core
+from .routers import Routers, default_router_path, load_routers
 
 POLICY_FORMAT_VERSION = 1
 
 
-def _check_int(name: str, value: object, minimum: int = 0, optional: bool = False) -> None:
+def _check_int(name: str, value: object, optional: bool = False) -> None:
+    """A Python int the engine's 32-bit field can hold (the engine checks the value)."""
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if not -(2**31) <= value < 2**31:
+        raise ValueError(f"{name} is out of range, got {value}")
+
+
+def _check_number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
 
 
 def _check_layers(name: str, layers: object) -> tuple[int, ...]:
@@ -37,8 +43,6 @@ def _check_layers(name: str, layers: object) -> tuple[int, ...]:
     values = tuple(layers)  # type: ignore[arg-type]
     for v in values:
         _check_int(name, v)
-    if len(set(values)) != len(values):
-        raise ValueError(f"{name} has duplicates: {sorted(values)}")
     return tuple(sorted(values))
 
 
@@ -53,9 +57,15 @@ class Policy:
 
     kind: ClassVar[str] = ""
 
-    def engine_args(self, num_layers: int) -> dict[str, Any]:
-        """The engine's parameters for a model of ``num_layers`` layers."""
+    def engine_args(self, num_layers: int | None) -> dict[str, Any]:
+        """The engine's parameters for a model of ``num_layers`` layers; None leaves out the
+        model-dependent defaults (for the checks of a policy made before any model)."""
         raise NotImplementedError
+
+    def _validate(self) -> None:
+        """The engine's checks of what holds for any model (``Decoder.set_policy`` checks
+        the rest)."""
+        _core.validate_policy(**self.engine_args(None))
 
     def to_dict(self) -> dict[str, Any]:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -70,7 +80,7 @@ class Policy:
 class DensePolicy(Policy):
     kind: ClassVar[str] = "dense"
 
-    def engine_args(self, num_layers: int) -> dict[str, Any]:
+    def engine_args(self, num_layers: int | None) -> dict[str, Any]:
         return {"kind": self.kind}
 
 
@@ -96,20 +106,17 @@ class FFNSkipPolicy(Policy):
     full_token_interval: int = 6
 
     def __post_init__(self) -> None:
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-            raise ValueError(f"threshold must be a number, got {t!r}")
-        if not -1.0 <= t <= 1.0:
-            raise ValueError(f"threshold must be in [-1, 1], got {t}")
+        _check_number("threshold", self.threshold)
         _check_int("warmup_tokens", self.warmup_tokens)
         _check_int("cold_start", self.cold_start, optional=True)
         _check_int("cold_end", self.cold_end, optional=True)
         _check_int("max_skips_per_token", self.max_skips_per_token, optional=True)
         _check_int("full_token_interval", self.full_token_interval)
+        self._validate()
 
-    def engine_args(self, num_layers: int) -> dict[str, Any]:
-        cold = default_cold_layers(num_layers)
-        return {
+    def engine_args(self, num_layers: int | None) -> dict[str, Any]:
+        cold = None if num_layers is None else default_cold_layers(num_layers)
+        args = {
             "kind": self.kind,
             "threshold": float(self.threshold),
             "warmup_tokens": self.warmup_tokens,
@@ -119,6 +126,7 @@ class FFNSkipPolicy(Policy):
             "cold_start": cold if self.cold_start is None else self.cold_start,
             "cold_end": cold if self.cold_end is None else self.cold_end,
         }
+        return {k: v for k, v in args.items() if v is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +137,9 @@ class _LayerSetPolicy(Policy):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", _check_layers("layers", self.layers))
+        self._validate()
 
-    def engine_args(self, num_layers: int) -> dict[str, Any]:
+    def engine_args(self, num_layers: int | None) -> dict[str, Any]:
         return {"kind": self.kind, "layers": list(self.layers)}
 
 
@@ -153,27 +162,29 @@ class RandomFFNSkip(Policy):
 
     def __post_init__(self) -> None:
         _check_int("k", self.k)
-        _check_int("seed", self.seed)
-        if self.seed >= 2**64:
-            raise ValueError(f"seed must be < 2**64, got {self.seed}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+                0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         _check_int("cold_start", self.cold_start, optional=True)
         _check_int("cold_end", self.cold_end, optional=True)
+        self._validate()
 
-    def engine_args(self, num_layers: int) -> dict[str, Any]:
-        cold = default_cold_layers(num_layers)
-        return {
+    def engine_args(self, num_layers: int | None) -> dict[str, Any]:
+        cold = None if num_layers is None else default_cold_layers(num_layers)
+        args = {
             "kind": self.kind,
             "max_skips": self.k,
             "seed": self.seed,
             "cold_start": cold if self.cold_start is None else self.cold_start,
             "cold_end": cold if self.cold_end is None else self.cold_end,
         }
+        return {k: v for k, v in args.items() if v is not None}
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerDrop(_LayerSetPolicy):
     """Whole layers removed for every token, prefill included (ShortGPT); they write no K/V.
-    ``block_influence`` (in ``ffnskip_ext.calibration``) ranks layers for it."""
+    ``block_influence`` (in ``ffnskip_ext.tuning``) ranks layers for it."""
 
     kind: ClassVar[str] = "layer_drop"
 
@@ -187,9 +198,10 @@ class EarlyExit(Policy):
     exit_layer: int = 0
 
     def __post_init__(self) -> None:
-        _check_int("exit_layer", self.exit_layer, minimum=1)
+        _check_int("exit_layer", self.exit_layer)
+        self._validate()
 
-    def engine_args(self, num_layers: int) -> dict[str, Any]:
+    def engine_args(self, num_layers: int | None) -> dict[str, Any]:
         return {"kind": self.kind, "exit_layer": self.exit_layer}
 
 
@@ -211,30 +223,20 @@ class FiRSTPolicy(Policy):
     threshold: float = 0.5
 
     def __post_init__(self) -> None:
-        from .first import Routers, load_routers
-
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-            raise ValueError(f"threshold must be a number, got {t!r}")
-        if not 0.0 <= t <= 1.0:
-            raise ValueError(f"threshold must be in [0, 1], got {t}")
+        _check_number("threshold", self.threshold)
         if not isinstance(self.routers, Routers):
             if not isinstance(self.routers, (str, os.PathLike)) or not os.fspath(self.routers):
                 raise ValueError(f"routers must be a router file or Routers, got {self.routers!r}")
             object.__setattr__(self, "routers", load_routers(self.routers))
+        self._validate()
 
     @classmethod
     def for_model(cls, model_path: str | os.PathLike[str], threshold: float = 0.5) -> FiRSTPolicy:
         """The routers trained for a model, from their default place next to it."""
-        from .first import default_router_path
-
         return cls(default_router_path(model_path), threshold)
 
-    def engine_args(self, num_layers: int) -> dict[str, Any]:
+    def engine_args(self, num_layers: int | None) -> dict[str, Any]:
         routers: Routers = self.routers  # type: ignore[assignment]
-        if routers.num_layers != num_layers:
-            raise ValueError(f"routers: trained for {routers.num_layers} layers, "
-                             f"the model has {num_layers}")
         return {"kind": self.kind, "threshold": float(self.threshold),
                 "router_weight": routers.weight, "router_bias": routers.bias}
 
@@ -247,6 +249,7 @@ class FiRSTPolicy(Policy):
                 "routers": os.fspath(routers.path), "threshold": self.threshold}
 
 
+# In the engine's order of kinds (_core.POLICY_KINDS; tests/test_layers.py checks it).
 POLICY_TYPES: dict[str, type[Policy]] = {
     cls.kind: cls
     for cls in (DensePolicy, FFNSkipPolicy, StaticFFNSkip, RandomFFNSkip, LayerDrop, EarlyExit,
@@ -298,8 +301,6 @@ def simulate_ffn_skip(
     """The engine's FFN-SkipLLM decisions (bool ``[tokens, layers]``) for given per-token,
     per-layer scores, e.g. a dense trace: the score of a layer the rule skips is ignored.
     Runs the engine's own rule, so it matches what decoding would decide for those scores."""
-    from . import _core
-
     scores = np.ascontiguousarray(scores, dtype=np.float32)
     if scores.ndim != 2:
         raise ValueError(f"scores must be [tokens, layers], got shape {scores.shape}")

@@ -1,0 +1,31 @@
+// What the core asks of a backend (CPU, CUDA): run passes of an execution plan (plan.h) over
+// its own copy of the weights and KV cache. Internal to the library.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "plan.h"
+
+namespace ffnskip {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  // Later passes follow `plan` (a copy is kept).
+  virtual void set_plan(const ExecutionPlan& plan) = 0;
+  // One pass over pass.n tokens at positions [pass.pos, pass.pos + n); writes the logits of
+  // the last token to pass.logits and, for a decode step, pass.record.
+  virtual void run(const Pass& pass) = 0;
+  // Forgets the sequence's FiRST routing: every layer runs (and has its cache) again.
+  virtual void reset_routing() = 0;
+
+  // The current sequence's FiRST routing: per layer 1 when the layer runs, and its router's
+  // gate (NaN until a FiRST pass has routed it; every layer runs under other policies).
+  virtual void sequence_layers(std::vector<uint8_t>& active, std::vector<float>& gate) const = 0;
+  // KV cache allocated now; FiRST releases the cache of the layers a sequence skips (CPU).
+  virtual int64_t kv_cache_bytes() const = 0;
+};
+
+}  // namespace ffnskip
