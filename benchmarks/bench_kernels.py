@@ -1,0 +1,119 @@
+"""The CPU kernels one by one: time per call and GB/s of the bytes each call must read, per
+kernel, shape, weight type and instruction set (the timing mode of tests/test_kernels.py).
+
+    python benchmarks/bench_kernels.py [--threads N] [--isa avx2,...] [--repeats R]
+                                       [--shapes smollm2-135m,qwen2.5-1.5b,llama2-7b]
+
+Decode linears (one token) stream their weights once, so their GB/s is comparable with the
+machine's read bandwidth (``ffnskip_ext.measure_read_bandwidth``, printed first); prefill
+linears (many tokens) report GFLOP/s as well. Each time is the median of ``--repeats`` calls
+after a warm-up call, through the ``_core.kernels`` bindings (their overhead, about a
+microsecond, is included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+import ffnskip_ext
+from ffnskip_ext import _core
+
+kernels = _core.kernels
+
+# (name, rows, cols) of the linears of one layer and the LM head.
+MODELS = {
+    "smollm2-135m": dict(hidden=576, inter=1536, q=576, kv=192, vocab=49152, heads=9,
+                         kv_heads=3, head_dim=64),
+    "qwen2.5-1.5b": dict(hidden=1536, inter=8960, q=1536, kv=256, vocab=151936, heads=12,
+                         kv_heads=2, head_dim=128),
+    "llama2-7b": dict(hidden=4096, inter=11008, q=4096, kv=4096, vocab=32000, heads=32,
+                      kv_heads=32, head_dim=128),
+}
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def linears(m: dict[str, int]) -> list[tuple[str, int, int]]:
+    h = m["hidden"]
+    return [("qkv", m["q"] + 2 * m["kv"], h), ("o", h, m["q"]), ("gate_up", 2 * m["inter"], h),
+            ("down", h, m["inter"]), ("lm_head", m["vocab"], h)]
+
+
+def median_seconds(call: Callable[[], object], repeats: int) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def stored(rows: int, cols: int, dtype: str, rng: np.random.Generator) -> np.ndarray:
+    w = rng.standard_normal((rows, cols), dtype=np.float32)
+    if dtype == "float32":
+        return w
+    if dtype == "float16":
+        return w.astype(np.float16).view(np.uint16)
+    return (w.view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits (truncated: timing only)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=0, help="0: all hardware threads")
+    parser.add_argument("--isa", default=",".join(kernels.isas()),
+                        help="comma-separated instruction sets")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--shapes", default="smollm2-135m,qwen2.5-1.5b")
+    parser.add_argument("--prefill-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    pool = kernels.ThreadPool(args.threads)
+    rng = np.random.default_rng(0)
+    bandwidth = ffnskip_ext.measure_read_bandwidth(num_threads=args.threads)
+    print(f"# {platform.processor() or platform.machine()}, {pool.size} threads, "
+          f"best ISA {kernels.isas()[-1]}, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print("| model | kernel | shape | type | isa | tokens | time (us) | GB/s | of bandwidth "
+          "| GFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for model in args.shapes.split(","):
+        m = MODELS[model]
+        for name, rows, cols in linears(m):
+            for dtype in BYTES:
+                weight = stored(rows, cols, dtype, rng)
+                for isa in args.isa.split(","):
+                    for tokens in (1, args.prefill_tokens):
+                        if name == "lm_head" and tokens > 1:
+                            continue  # prefill needs the logits of the last token only
+                        x = rng.standard_normal((tokens, cols), dtype=np.float32)
+                        seconds = median_seconds(functools.partial(
+                            kernels.linear, pool, weight, dtype, None, x, None, isa),
+                            args.repeats)
+                        read = rows * cols * BYTES[dtype] + x.nbytes
+                        flops = 2.0 * rows * cols * tokens
+                        print(f"| {model} | {name} | {rows}x{cols} | {dtype} | {isa} | {tokens} "
+                              f"| {seconds * 1e6:.1f} | {read / seconds / 1e9:.1f} "
+                              f"| {read / seconds / bandwidth:.0%} | {flops / seconds / 1e9:.1f} |")
+        for isa in args.isa.split(","):
+            heads, kv_heads, d = m["heads"], m["kv_heads"], m["head_dim"]
+            for tokens, context in ((1, 1024), (args.prefill_tokens, args.prefill_tokens)):
+                pos = context - tokens
+                q = rng.standard_normal((tokens, heads * d), dtype=np.float32)
+                k = rng.standard_normal((context, kv_heads * d), dtype=np.float32)
+                v = rng.standard_normal((context, kv_heads * d), dtype=np.float32)
+                seconds = median_seconds(functools.partial(
+                    kernels.attention, pool, q, k, v, pos, heads, kv_heads, d, isa), args.repeats)
+                read = k.nbytes + v.nbytes + q.nbytes
+                print(f"| {model} | attention | ctx {context} | float32 | {isa} | {tokens} "
+                      f"| {seconds * 1e6:.1f} | {read / seconds / 1e9:.1f} "
+                      f"| {read / seconds / bandwidth:.0%} | |")
+
+
+if __name__ == "__main__":
+    main()

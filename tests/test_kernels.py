@@ -1,0 +1,195 @@
+"""Every CPU kernel on its own against a NumPy reference (float64), over shapes that whole-model
+tests do not reach, on every instruction set this CPU has (in the style of llama.cpp's
+test-backend-ops). Error bounds follow from fp32 arithmetic: a sum of n products is within
+n * eps32 * sum(|products|) of the exact value, whatever the summation order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ffnskip_ext import _core
+
+kernels = _core.kernels
+EPS32 = float(np.finfo(np.float32).eps)
+ISAS = kernels.isas()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return kernels.ThreadPool(2)
+
+
+def stored(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(what the kernel reads: fp32, or the uint16 bits of bf16/fp16; the exact values)."""
+    values = values.astype(np.float32)
+    if dtype == "float32":
+        return values, values.astype(np.float64)
+    if dtype == "float16":
+        half = values.astype(np.float16)
+        return half.view(np.uint16), half.astype(np.float64)
+    bits = values.view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # nearest even
+    return rounded, (rounded.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def assert_sum_within(got: np.ndarray, exact: np.ndarray, abs_terms: np.ndarray,
+                      terms: int) -> None:
+    """|got - exact| <= terms * eps32 * sum(|products|) + the rounding of the result."""
+    bound = terms * EPS32 * abs_terms + EPS32 * np.abs(exact) + 1e-30
+    err = np.abs(got.astype(np.float64) - exact)
+    worst = np.unravel_index(np.argmax(err / bound), err.shape)
+    assert np.all(err <= bound), (
+        f"error {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst} "
+        f"(got {got[worst]}, exact {exact[worst]})")
+
+
+# out, in: odd widths, widths that are not a multiple of the 16/32-lane blocks, wide rows;
+# n: one token (GEMV), a few (dot-product tiles), 12+ (the AVX-512 panel path) with tails.
+LINEAR_SHAPES = [(1, 1, 1), (33, 37, 1), (50, 64, 3), (96, 576, 1), (200, 72, 5),
+                 (64, 100, 12), (70, 130, 16), (40, 33, 29), (576, 1536, 1)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("out_features, in_features, n", LINEAR_SHAPES)
+def test_linear(pool, isa, dtype, out_features, in_features, n) -> None:
+    rng = np.random.default_rng(out_features * 1000 + in_features + n)
+    weight, exact_w = stored(rng.standard_normal((out_features, in_features)), dtype)
+    x = rng.standard_normal((n, in_features)).astype(np.float32)
+    bias = rng.standard_normal(out_features).astype(np.float32)
+    y0 = rng.standard_normal((n, out_features)).astype(np.float32)
+    products = x.astype(np.float64) @ exact_w.T
+    abs_products = np.abs(x.astype(np.float64)) @ np.abs(exact_w).T
+
+    plain = kernels.linear(pool, weight, dtype, None, x, None, isa)
+    assert_sum_within(plain, products, abs_products, in_features)
+    with_bias = kernels.linear(pool, weight, dtype, bias, x, None, isa)
+    assert_sum_within(with_bias, products + bias, abs_products + np.abs(bias), in_features + 1)
+    accumulated = kernels.linear(pool, weight, dtype, bias, x, y0, isa)
+    assert_sum_within(accumulated, y0 + products + bias,
+                      np.abs(y0) + abs_products + np.abs(bias), in_features + 2)
+
+
+def test_linear_rows_do_not_depend_on_the_thread_count() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((97, 130)).astype(np.float32)
+    x = rng.standard_normal((13, 130)).astype(np.float32)
+    one = kernels.linear(kernels.ThreadPool(1), w, "float32", None, x, None, ISAS[-1])
+    two = kernels.linear(kernels.ThreadPool(2), w, "float32", None, x, None, ISAS[-1])
+    np.testing.assert_array_equal(one, two)
+
+
+def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int, heads: int,
+                        kv_heads: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(softmax(q k^T / sqrt(d)) v per query and head, causally; the sum of |p v| per output)."""
+    n = q.shape[0]
+    group = heads // kv_heads
+    out = np.zeros((n, heads * head_dim))
+    magnitude = np.zeros_like(out)
+    q, k, v = (a.astype(np.float64) for a in (q, k, v))
+    for t in range(n):
+        visible = pos + t + 1
+        for h in range(heads):
+            g = h // group
+            qh = q[t, h * head_dim:(h + 1) * head_dim]
+            kh = k[:visible, g * head_dim:(g + 1) * head_dim]
+            vh = v[:visible, g * head_dim:(g + 1) * head_dim]
+            scores = kh @ qh / np.sqrt(head_dim)
+            p = np.exp(scores - scores.max())
+            p /= p.sum()
+            out[t, h * head_dim:(h + 1) * head_dim] = p @ vh
+            magnitude[t, h * head_dim:(h + 1) * head_dim] = p @ np.abs(vh)
+    return out, magnitude
+
+
+# (n, pos, heads, kv_heads, head_dim): decode over a cache, small prefills (per-query path),
+# 16+ queries (the GEMM path) past one 64-query block, > 8 query heads per KV head, MHA,
+# head_dim 256.
+ATTENTION_SHAPES = [(1, 0, 4, 4, 64), (1, 37, 9, 3, 64), (1, 20, 12, 1, 128),
+                    (5, 3, 6, 2, 32), (16, 0, 4, 2, 64), (70, 5, 12, 1, 64),
+                    (20, 0, 2, 2, 256), (1, 50, 16, 16, 256)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n, pos, heads, kv_heads, head_dim", ATTENTION_SHAPES)
+def test_attention(pool, isa, n, pos, heads, kv_heads, head_dim) -> None:
+    rng = np.random.default_rng(n * 100 + pos + heads)
+    q = rng.standard_normal((n, heads * head_dim)).astype(np.float32)
+    k = rng.standard_normal((pos + n, kv_heads * head_dim)).astype(np.float32)
+    v = rng.standard_normal((pos + n, kv_heads * head_dim)).astype(np.float32)
+    got = kernels.attention(pool, q, k, v, pos, heads, kv_heads, head_dim, isa)
+    exact, magnitude = attention_reference(q, k, v, pos, heads, kv_heads, head_dim)
+    # Scores carry head_dim-term sums (amplified by at most |score| through exp), the output
+    # a (pos + n)-term weighted sum: a relative bound of a few hundred eps on the magnitudes.
+    scale = np.sqrt(head_dim) * 4.0
+    bound = (head_dim * scale + pos + n) * EPS32 * (magnitude + 1e-3)
+    err = np.abs(got - exact)
+    worst = err.argmax()
+    assert np.all(err <= bound), f"max error {err.flat[worst]:.3g}, bound {bound.flat[worst]:.3g}"
+
+
+@pytest.mark.parametrize("heads, head_dim, n, pos", [(1, 2, 1, 0), (3, 64, 4, 9),
+                                                      (2, 256, 2, 4000)])
+def test_rope(heads, head_dim, n, pos) -> None:
+    rng = np.random.default_rng(head_dim + n)
+    x = rng.standard_normal((n, heads * head_dim)).astype(np.float32)
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+    got = kernels.rope(x, pos, inv_freq, heads)
+    # transformers: the angle is a float32 product, its cos and sin then rounded to float32.
+    angle = inv_freq[None, :] * np.arange(pos, pos + n, dtype=np.float32)[:, None]
+    cos = np.cos(angle.astype(np.float64)).astype(np.float32).astype(np.float64)
+    sin = np.sin(angle.astype(np.float64)).astype(np.float32).astype(np.float64)
+    half = head_dim // 2
+    xs = x.astype(np.float64).reshape(n, heads, head_dim)
+    a, b = xs[..., :half], xs[..., half:]
+    exact = np.concatenate([a * cos[:, None] - b * sin[:, None],
+                            b * cos[:, None] + a * sin[:, None]], axis=-1).reshape(n, -1)
+    # std::cos/sin of a float may differ from the rounded float64 ones by an ulp.
+    bound = 4 * EPS32 * np.concatenate([np.abs(a) + np.abs(b)] * 2, axis=-1).reshape(n, -1)
+    assert np.all(np.abs(got - exact) <= bound + 1e-30)
+
+
+@pytest.mark.parametrize("n, dim", [(1, 1), (3, 64), (2, 577), (1, 8192)])
+def test_rms_norm(n, dim) -> None:
+    rng = np.random.default_rng(dim)
+    x = rng.standard_normal((n, dim)).astype(np.float32) * 3
+    w = rng.standard_normal(dim).astype(np.float32)
+    got = kernels.rms_norm(x, w, 1e-5)
+    xd = x.astype(np.float64)
+    inv_rms = 1.0 / np.sqrt((xd * xd).mean(axis=1, keepdims=True) + 1e-5)
+    exact = w * (xd * inv_rms)
+    assert np.all(np.abs(got - exact) <= (dim + 4) * EPS32 * np.abs(exact) + 1e-30)
+
+
+@pytest.mark.parametrize("n, inter", [(1, 1), (3, 160), (2, 1537)])
+def test_swiglu(pool, n, inter) -> None:
+    rng = np.random.default_rng(inter)
+    gate_up = (rng.standard_normal((n, 2 * inter)) * 4).astype(np.float32)
+    got = kernels.swiglu(pool, gate_up)
+    g, u = gate_up[:, :inter].astype(np.float64), gate_up[:, inter:].astype(np.float64)
+    exact = g / (1.0 + np.exp(-g)) * u
+    assert np.all(np.abs(got - exact) <= 8 * EPS32 * np.abs(exact) + 1e-30)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dim", [1, 17, 576, 2049])
+def test_cosine_score(isa, dim) -> None:
+    rng = np.random.default_rng(dim)
+    a = rng.standard_normal(dim).astype(np.float32)
+    b = (a + 0.1 * rng.standard_normal(dim)).astype(np.float32)
+    got = kernels.cosine(a, b, isa)
+    ad, bd = a.astype(np.float64), b.astype(np.float64)
+    exact = ad @ bd / np.sqrt((ad @ ad) * (bd @ bd))
+    assert abs(got - exact) <= 4 * dim * EPS32
+    assert kernels.cosine(np.zeros(dim, np.float32), b, isa) == 0.0  # a zero vector: 0
+
+
+def test_bad_kernel_arguments_are_value_errors(pool) -> None:
+    w = np.zeros((4, 8), np.float32)
+    with pytest.raises(ValueError, match="x must be"):
+        kernels.linear(pool, w, "float32", None, np.zeros((2, 7), np.float32), None, ISAS[0])
+    with pytest.raises(ValueError, match="unknown isa"):
+        kernels.linear(pool, w, "float32", None, np.zeros((2, 8), np.float32), None, "sse9")
+    with pytest.raises(ValueError, match="unknown weight type"):
+        kernels.linear(pool, w, "int4", None, np.zeros((2, 8), np.float32), None, ISAS[0])
