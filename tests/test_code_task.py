@@ -1,4 +1,4 @@
-"""The code task: the sandbox against hostile programs."""
+"""The code task: the sandbox against hostile programs, answer extraction."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import tempfile
 
 import pytest
 
-from ffnskip_ext.eval.sandbox import isolation, run_batch, run_tests
+from ffnskip_ext.eval.codetask import CODE_INSTRUCTION, code_end, code_message, extract_code
+from ffnskip_ext.eval.sandbox import SandboxJob, isolation, run_batch, run_tests
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"),
                            reason="the sandbox's limits and checks are Linux's")
@@ -284,3 +285,65 @@ def test_limits_are_checked() -> None:
         run_tests("", "", memory_mb=1)
     with pytest.raises(ValueError):
         run_batch([], workers=0)
+
+
+# --- extraction ----------------------------------------------------------------------------
+
+PROMPT = ('from typing import Iterable\n\n\ndef total(values: Iterable[int]) -> int:\n'
+          '    """Return the sum of `values`."""\n')
+FUNCTION = "def total(values):\n    return sum(values)\n"
+
+
+@pytest.mark.parametrize(("answer", "program"), [
+    # a labelled block with the whole function: the prompt's imports go in front of it
+    (f"```python\n{FUNCTION}```", "from typing import Iterable\n\n\n" + FUNCTION),
+    (f"Here it is:\n\n```py\n{FUNCTION}```\nIt adds them up.",
+     "from typing import Iterable\n\n\n" + FUNCTION),
+    (f"```\n{FUNCTION}```", "from typing import Iterable\n\n\n" + FUNCTION),  # unlabelled
+    # a body only: the whole prompt goes in front
+    ("```python\n    return sum(values)\n```", PROMPT + "    return sum(values)\n"),
+    # no fence: the continuation of the prompt's body
+    ("    return sum(values)\n", PROMPT + "    return sum(values)\n"),
+    (FUNCTION, "from typing import Iterable\n\n\n" + FUNCTION),
+    # the python block wins over an earlier shell block, the first python block over later
+    (f"```bash\npip install x\n```\n```python\n{FUNCTION}```\n```python\nprint(1)\n```",
+     "from typing import Iterable\n\n\n" + FUNCTION),
+    # cut off by the length limit: the block runs to the end
+    ("```python\ndef total(values):\n    return sum(val", "from typing import Iterable\n\n\n"
+     "def total(values):\n    return sum(val"),
+    # another function name: the prompt's function is still defined (and returns None)
+    ("```python\ndef add_all(values):\n    return sum(values)\n```",
+     PROMPT + "def add_all(values):\n    return sum(values)\n"),
+])
+def test_extract_code(answer: str, program: str) -> None:
+    assert extract_code(answer, PROMPT, "total") == program
+
+
+@linux
+def test_extracted_answers_run() -> None:
+    tests = "assert total([1, 2, 3]) == 6\nassert total([]) == 0\n"
+    answers = [f"```python\n{FUNCTION}```", "    return sum(values)\n",
+               "```python\n    return sum(values)\n```", "```python\ndef add_all(v):\n"
+               "    return 0\n```"]
+    results = run_batch([SandboxJob(extract_code(a, PROMPT, "total"), tests, "total")
+                         for a in answers])
+    assert [r.passed for r in results] == [True, True, True, False]
+
+
+@pytest.mark.parametrize(("text", "end"), [
+    ("", None),
+    ("```python\ndef f():\n    return 1\n", None),  # still open
+    ("```python\ndef f():\n    return 1\n```", 35),
+    ("```python\ndef f():\n    return 1\n```\nMore text", 35),
+    ("Sure:\n```\nx = 1\n```", 19),
+    ("```python\nx = 1\n  ```", 21),
+])
+def test_code_end_is_the_closing_fence(text: str, end: int | None) -> None:
+    assert code_end(text) == end
+    if end is not None:
+        assert text[:end].endswith("```")
+
+
+def test_code_message() -> None:
+    message = code_message(PROMPT)
+    assert message.startswith(CODE_INSTRUCTION) and f"```python\n{PROMPT}```" in message
