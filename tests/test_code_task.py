@@ -1,8 +1,10 @@
-"""The code task: the sandbox against hostile programs, answer extraction."""
+"""The code task: the bundled problems, the sandbox against hostile programs, answer
+extraction, the task file loader and the harness end to end."""
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import socket
 import sys
@@ -12,9 +14,40 @@ import pytest
 
 from ffnskip_ext.eval.codetask import CODE_INSTRUCTION, code_end, code_message, extract_code
 from ffnskip_ext.eval.sandbox import SandboxJob, isolation, run_batch, run_tests
+from ffnskip_ext.eval.tasks import TASKS, load_task, select
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"),
                            reason="the sandbox's limits and checks are Linux's")
+
+# --- the bundled problems ------------------------------------------------------------------
+
+
+def test_bundled_problems_have_the_promised_shape() -> None:
+    problems = load_task("code")
+    assert len(problems) >= 64
+    assert [p.id for p in problems] == [f"code-{i:03d}" for i in range(1, len(problems) + 1)]
+    assert 0.2 <= sum(p.split == "train" for p in problems) / len(problems) <= 0.3
+    assert {p.difficulty for p in problems} == {"easy", "medium", "hard"}
+    assert all(p.topic for p in problems)
+    for p in problems:
+        assert '"""' in p.prompt and p.prompt.rstrip().endswith('"""')  # signature + docstring
+        assert "assert" in p.tests and p.entry_point in p.tests
+        assert p.solution.strip() not in p.prompt
+
+
+@linux
+def test_bundled_tests_pass_with_the_solution_and_fail_with_return_none() -> None:
+    problems = load_task("code")
+    solved = run_batch([SandboxJob(extract_code(p.solution, p.prompt, p.entry_point), p.tests,
+                                   p.entry_point) for p in problems], workers=2)
+    empty = run_batch([SandboxJob(p.prompt + "    return None\n", p.tests, p.entry_point)
+                       for p in problems], workers=2)
+    wrong = {p.id: (s.status, s.detail) for p, s in zip(problems, solved, strict=True)
+             if not s.passed}
+    assert wrong == {}
+    assert [p.id for p, r in zip(problems, empty, strict=True) if r.passed] == []
+    assert {r.status for r in empty} == {"failed"}
+
 
 # --- the sandbox ---------------------------------------------------------------------------
 
@@ -347,3 +380,107 @@ def test_code_end_is_the_closing_fence(text: str, end: int | None) -> None:
 def test_code_message() -> None:
     message = code_message(PROMPT)
     assert message.startswith(CODE_INSTRUCTION) and f"```python\n{PROMPT}```" in message
+
+
+# --- task files ----------------------------------------------------------------------------
+
+GOOD = {"id": "c1", "prompt": PROMPT, "entry_point": "total",
+        "tests": "assert total([1]) == 1\n", "solution": FUNCTION}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"tests": None}, "missing field(s) tests"),
+    ({"solution": None}, "missing field(s) solution"),
+    ({"entry_point": "not a name"}, "entry_point must be a Python identifier"),
+    ({"entry_point": "other"}, "prompt does not define function 'other'"),
+    ({"tests": "assert (\n"}, "tests is not valid Python"),
+    ({"prompt": "def total(:\n"}, "prompt is not valid Python"),
+    ({"tests": ""}, "tests must be a non-empty string"),
+    ({"hidden": True}, "unknown field(s) hidden"),
+    ({"split": "dev"}, "split must be"),
+])
+def test_user_code_files_are_checked_line_by_line(tmp_path, change, message) -> None:
+    record = {**GOOD, "id": "c2", **change}
+    record = {k: v for k, v in record.items() if v is not None}
+    path = tmp_path / "my_code.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError) as info:
+        load_task("code", path)
+    assert str(info.value).startswith(f"{path}:2: ") and message in str(info.value)
+
+
+def test_a_user_code_file_loads(tmp_path) -> None:
+    path = tmp_path / "my_code.jsonl"
+    path.write_text(json.dumps({**GOOD, "split": "train", "difficulty": "easy"}) + "\n")
+    (item,) = load_task("code", path)
+    assert (item.entry_point, item.split, item.difficulty, item.topic) == (
+        "total", "train", "easy", None)
+    assert TASKS["code"].file == "code.jsonl"
+
+
+# --- the harness ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model(tiny_chat_model_dir):
+    import ffnskip_ext
+
+    decoder = ffnskip_ext.Decoder.from_pretrained(tiny_chat_model_dir, max_seq_len=1024)
+    return decoder, ffnskip_ext.load_tokenizer(tiny_chat_model_dir)
+
+
+def test_a_stop_rule_ends_generation_where_it_says(model) -> None:
+    from ffnskip_ext.eval.harness import _Run
+
+    decoder, tokenizer = model
+    # a random model may end at once on one prompt: take the longest of a few answers
+    candidates = [[{"role": "user", "content": text}] for text in (
+        "Write some code.", "Hello", "Sort a list.", code_message(PROMPT), "Why?")]
+    messages, free = max(((m, _Run(decoder, tokenizer).generate(m, 24)) for m in candidates),
+                         key=lambda pair: len(pair[1].text))
+    assert len(free.text) > 6
+    stopped = _Run(decoder, tokenizer).generate(
+        messages, 24, stop_at=lambda text: 5 if len(text) >= 6 else None)
+    assert stopped.finish_reason == "stop" and stopped.text == free.text[:5]
+    assert stopped.token_ids == free.token_ids[:len(stopped.token_ids)]
+
+
+@linux
+def test_harness_scores_pass_at_1(model, tmp_path) -> None:
+    from ffnskip_ext.eval.harness import EvalSettings, evaluate, read_rows
+
+    decoder, tokenizer = model
+    settings = EvalSettings(limits={"code": 2}, code_max_new_tokens=48)
+    rows = evaluate(decoder, tokenizer, [], settings, out_dir=tmp_path, progress=False)
+    (row,) = rows
+    assert read_rows(tmp_path)[0]["metrics"] == row["metrics"]
+    assert row["task"] == "code" and row["n"] == 2
+    assert row["metrics"]["pass@1"] == 0.0  # a random model solves nothing
+    chosen = select(load_task("code"), "test", 2, 0)
+    assert [s["id"] for s in row["samples"]] == [p.id for p in chosen]
+    for sample in row["samples"]:
+        assert sample["passed"] is False and sample["status"] in (
+            "failed", "error", "blocked", "timeout", "memory")
+        assert len(sample["tokens"]) <= 48
+    assert row["metrics"]["identical"] == 1.0
+
+
+@linux
+def test_cli_report_has_the_code_column(tiny_chat_model_dir, tmp_path) -> None:
+    from ffnskip_ext import StaticFFNSkip
+    from ffnskip_ext.cli import main
+
+    policy = tmp_path / "static.json"
+    policy.write_text(StaticFFNSkip([3]).to_json())
+    code = tmp_path / "short_code.jsonl"  # short prompts: the tiny model has 512 positions
+    code.write_text(json.dumps(GOOD) + "\n")
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(tiny_chat_model_dir), "--tasks", "code",
+                 "--task-file", f"code={code}", "--policies", str(policy),
+                 "--speed-tokens", "0", "--no-plots", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| policy | target"))
+    assert "Code pass@1" in header
+    assert "code 256 tokens" in report
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [(r["policy"], r["task"]) for r in rows] == [("dense", "code"), ("static", "code")]
