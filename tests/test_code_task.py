@@ -3,7 +3,6 @@ extraction, the task file loader and the harness end to end."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import socket
@@ -56,7 +55,6 @@ TEST_CALL = "assert f() == 1\n"
 
 @linux
 def test_a_correct_program_passes_in_a_fresh_directory_that_is_removed() -> None:
-    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "ffnskip-sandbox-*")))
     program = (
         "import asyncio, collections, dataclasses, inspect, json, logging, os, typing\n"
         "EMPTY = os.listdir('.') == []\n"
@@ -68,8 +66,12 @@ def test_a_correct_program_passes_in_a_fresh_directory_that_is_removed() -> None
         "    return 1 if EMPTY else 0\n")
     result = run_tests(program, TEST_CALL)
     assert result.passed and result.status == "passed", result
-    after = set(glob.glob(os.path.join(tempfile.gettempdir(), "ffnskip-sandbox-*")))
-    assert after <= before
+    # where the program ran, told through a failure's detail: gone afterwards
+    result = run_tests("import os\ndef f():\n    raise RuntimeError('cwd=' + os.getcwd())\n",
+                       TEST_CALL)
+    work = result.detail.split("cwd=")[1].split()[0]
+    assert os.path.basename(os.path.dirname(work)).startswith("ffnskip-sandbox-")
+    assert not os.path.exists(os.path.dirname(work))
 
 
 @linux
