@@ -31,7 +31,8 @@ What contains the code, layer by layer:
   ``cffi``, the ``_test*`` and sub-interpreter modules and re-imports of ``posix``/
   ``resource``/``_signal``/``_posixsubprocess`` (whose ``fork_exec``, which has no audit
   event, is replaced by one that refuses); ``resource.setrlimit``/``prlimit``;
-  ``sys.settrace``/``setprofile``, ``sys._current_frames``, ``gc.get_objects``/
+  ``sys.settrace``/``setprofile``/``monitoring.register_callback``,
+  ``sys._current_frames``, ``gc.get_objects``/
   ``get_referrers``/``get_referents`` and the frame attributes ``tb_frame``/``gi_frame``/
   ``cr_frame``/``ag_frame`` and ``sys._getframe`` (these raise ``ValueError``, which the
   standard library already handles as "no frame").
@@ -203,6 +204,7 @@ def _sandboxed():
         "os.symlink", "os.startfile", "os.add_dll_directory", "signal.pthread_kill",
         "resource.setrlimit", "resource.prlimit", "sys.addaudithook", "sys.setprofile",
         "sys.settrace", "sys._current_frames", "sys._current_exceptions", "sys.remote_exec",
+        "sys.monitoring.register_callback",
         "gc.get_objects", "gc.get_referrers", "gc.get_referents",
         "sqlite3.enable_load_extension", "sqlite3.load_extension", "webbrowser.open",
         "cpython.PyInterpreterState_New", "os.unshare", "os.setns"))
