@@ -180,10 +180,8 @@ def _sandboxed():
         verdict(2, "error: the tests do not compile: " + describe(error))
     try:
         program = compile(job["program"], "<program>", "exec")
-    except (SyntaxError, ValueError) as error:
-        line = getattr(error, "lineno", None)
-        verdict(2, "error: the program does not compile: " + describe(error)
-                + (f" (line {line})" if line else ""))
+    except (SyntaxError, ValueError) as error:  # ValueError: a null byte in the source
+        verdict(2, "error: the program does not compile: " + describe(error))
     entry_point, max_files = job["entry_point"], job["max_files"]
     pristine = dict(builtins.__dict__)
 
