@@ -14,6 +14,11 @@ Per task (``samples`` keeps the per-item outputs, ``metrics`` the means):
 - ``chat``: every turn is answered in a conversation that holds the policy's own earlier
   answers; ``rouge_l_dense`` per answer and ``collapse_rate``, the share of answers ending
   in a repeated n-gram loop;
+- ``code``: the function of every problem is completed (greedy, generation ends once the
+  answer's code block closes), its code extracted (``codetask.extract_code``) and the hidden
+  tests run in the sandbox (``sandbox.run_tests``, at most ``SANDBOX_WORKERS`` processes at
+  a time, after the decoding so that they do not share the CPU with timed decode steps);
+  ``passed`` and ``status`` per problem, ``pass@1`` their mean;
 - generation tasks also get ``first_divergence`` (mean index of the first token that
   differs from the dense output) and ``identical`` (share of outputs equal to dense);
 - ``perplexity``: windows of ``ppl_window`` tokens of prose; the first ``ppl_prompt`` tokens
@@ -41,6 +46,8 @@ from ..runtime.decoder import Decoder
 from ..runtime.generate import GenerationResult, Message, encode_prompt, generate
 from ..runtime.policies import DensePolicy, Policy, policy_from_dict
 from . import metrics
+from .codetask import code_end, code_message, extract_code
+from .sandbox import SandboxJob, run_batch
 from .tasks import (
     QA_STOP,
     TASKS,
@@ -55,7 +62,9 @@ from .tasks import (
 
 ROWS_FILE = "rows.jsonl"
 DENSE = "dense"
-GENERATION_TASKS = ("qa", "summarization", "chat")
+GENERATION_TASKS = ("qa", "summarization", "chat", "code")
+SANDBOX_WORKERS = 2  # test runs of the code task at a time
+CODE_TIMEOUT_S = 10.0  # wall-clock limit of one problem's test run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +102,7 @@ class EvalSettings:
     qa_max_new_tokens: int = 16
     summary_max_new_tokens: int = 64
     chat_max_new_tokens: int = 48
+    code_max_new_tokens: int = 256
     ppl_window: int = 128
     ppl_prompt: int | None = None  # None: a quarter of the window
     task_files: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -135,6 +145,25 @@ def load_items(settings: EvalSettings, tokenizer: Any) -> dict[str, list[Any]]:
     return items
 
 
+class _StopAt:
+    """The tokenizer as ``generate`` sees it when a stop rule is not a fixed string: once
+    ``end(text)`` gives a position, the decoded text is cut there and ``MARK`` appended;
+    ``MARK`` is a stop string, so generation ends there as at any stop string."""
+
+    MARK = "\x00end\x00"
+
+    def __init__(self, tokenizer: Any, end: Callable[[str], int | None]) -> None:
+        self._tokenizer, self._end = tokenizer, end
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def decode(self, ids: Any, **kwargs: Any) -> str:
+        text = self._tokenizer.decode(ids, **kwargs)
+        end = self._end(text)
+        return text if end is None else text[:end] + self.MARK
+
+
 class _Run:
     """Decoding of one (policy, task) row: counts decode steps and their time."""
 
@@ -144,9 +173,15 @@ class _Run:
         self.seconds = 0.0
 
     def generate(self, messages: Sequence[Message], max_new_tokens: int,
-                 stop: Sequence[str] | None = None) -> GenerationResult:
+                 stop: Sequence[str] | None = None,
+                 stop_at: Callable[[str], int | None] | None = None) -> GenerationResult:
+        """``generate`` greedily; ``stop_at(text)``, when given, ends generation at the
+        position it returns (the text is cut there)."""
+        tokenizer = self.tokenizer
+        if stop_at is not None:
+            tokenizer, stop = _StopAt(tokenizer, stop_at), [*(stop or []), _StopAt.MARK]
         before = self.decoder.stats().decode_tokens
-        result = generate(self.decoder, self.tokenizer, messages, max_new_tokens=max_new_tokens,
+        result = generate(self.decoder, tokenizer, messages, max_new_tokens=max_new_tokens,
                           stop=stop)
         steps = self.decoder.stats().decode_tokens - before
         if steps and result.decode_tokens_per_s > 0:
@@ -243,8 +278,24 @@ def _run_perplexity(run: _Run, items: Sequence[Window], settings: EvalSettings,
     return samples, None
 
 
+def _run_code(run: _Run, items: Sequence[Any], settings: EvalSettings,
+              bar: Callable[..., Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    samples, jobs = [], []
+    for item in bar(items):
+        result = run.generate([{"role": "user", "content": code_message(item.prompt)}],
+                              settings.code_max_new_tokens, stop_at=code_end)
+        samples.append(_sample(item.id, result))
+        jobs.append(SandboxJob(extract_code(result.text, item.prompt, item.entry_point),
+                               item.tests, item.entry_point))
+    # after every answer is decoded: test runs would otherwise slow the timed decode steps
+    verdicts = run_batch(jobs, workers=SANDBOX_WORKERS, timeout_s=CODE_TIMEOUT_S)
+    for sample, verdict in zip(samples, verdicts, strict=True):
+        sample.update(passed=verdict.passed, status=verdict.status, detail=verdict.detail)
+    return samples, None
+
+
 RUNNERS = {"qa": _run_qa, "summarization": _run_summarization, "chat": _run_chat,
-           "perplexity": _run_perplexity}
+           "perplexity": _run_perplexity, "code": _run_code}
 
 
 def _compare_with_dense(task: str, samples: list[dict[str, Any]],
@@ -258,7 +309,7 @@ def _compare_with_dense(task: str, samples: list[dict[str, Any]],
             continue
         sample["divergence"] = metrics.first_divergence(sample["tokens"], ref["tokens"])
         sample["identical"] = sample["tokens"] == ref["tokens"]
-        if task != "qa":
+        if task in ("summarization", "chat"):
             sample["rouge_l_dense"] = metrics.rouge_l(sample["text"], ref["text"])
 
 
@@ -278,6 +329,8 @@ def summarize(task: str, samples: Sequence[dict[str, Any]]) -> dict[str, float]:
         out.update(rouge_l_ref=avg("rouge_l_ref"), rouge_l_dense=avg("rouge_l_dense"))
     if task == "chat":
         out.update(rouge_l_dense=avg("rouge_l_dense"), collapse_rate=avg("loop"))
+    if task == "code":
+        out["pass@1"] = avg("passed")
     return out
 
 

@@ -39,6 +39,7 @@ COLUMNS = (
     Column("Sum R-L dense", "summarization", "rouge_l_dense"),
     Column("Chat R-L dense", "chat", "rouge_l_dense"),
     Column("Chat collapse", "chat", "collapse_rate", higher_is_better=False),
+    Column("Code pass@1", "code", "pass@1"),
     Column("1st divergence", "generation", "first_divergence", digits=1),
     Column("TF agreement", "perplexity", "token_agreement"),
     Column("PPL", "perplexity", "perplexity", higher_is_better=False, digits=2),
@@ -205,7 +206,8 @@ def write_report(out_dir: str, plots: bool = True) -> str:
         "every turn is an answer). Generation lengths: QA "
         f"{run['settings']['qa_max_new_tokens']}, summary "
         f"{run['settings']['summary_max_new_tokens']}, chat "
-        f"{run['settings']['chat_max_new_tokens']} tokens. Compute time of the rows and "
+        f"{run['settings']['chat_max_new_tokens']}, code "
+        f"{run['settings'].get('code_max_new_tokens', 'n/a')} tokens. Compute time of the rows and "
         f"setup (calibration, Block Influence): {wall / 60:.1f} min.", "",
         "Columns: FFN skip = skipped FFN blocks / (decode tokens x layers) over every task "
         "(warm-up included); layer skip = share of layers not run in full; weights not read = "
@@ -217,6 +219,8 @@ def write_report(out_dir: str, plots: bool = True) -> str:
         "QA exact / contains = "
         "normalised answer match; R-L = ROUGE-L F1 against the reference or the dense "
         "output; collapse = share of chat answers ending in a repeated n-gram loop; "
+        "Code pass@1 = share of code problems whose hidden unit tests pass with the greedy "
+        "answer (run in a sandboxed process); "
         "1st divergence = mean index of the first generated token that differs from dense "
         "(for dense itself: the mean output length; FFN-SkipLLM's warm-up tokens are dense by "
         "construction); "

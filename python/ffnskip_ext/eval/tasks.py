@@ -1,4 +1,4 @@
-"""Task sets: the JSONL formats, their loaders and the bundled files.
+r"""Task sets: the JSONL formats, their loaders and the bundled files.
 
 Every file has one JSON object per line (blank lines are ignored). Fields common to all:
 
@@ -19,13 +19,32 @@ task             file (bundled)              fields
                                              model's own answers go between them),
                                              ``system`` (optional string)
 ``perplexity``   ``prose.jsonl``             ``text`` (string of ordinary prose)
+``code``         ``code.jsonl``              ``prompt`` (Python source: imports if needed,
+                                             then the signature of function
+                                             ``entry_point`` with a docstring that states its
+                                             behaviour; the model writes the body),
+                                             ``entry_point`` (the function's name), ``tests``
+                                             (Python source of plain ``assert`` statements
+                                             calling it; never shown to the model),
+                                             ``solution`` (a reference function that passes
+                                             the tests; never shown either),
+                                             ``difficulty``, ``topic`` (optional strings)
 ===============  ==========================  ================================================
+
+The code task scores pass@1 under greedy decoding: the answer's code (see
+``codetask.extract_code``) and the tests run in a separate, limited process
+(``ffnskip_ext.eval.sandbox``). The tests see only the entry point and what they import
+themselves, and must not depend on set or dict-of-hash order (hash seeds are random).
 
 Example lines::
 
     {"id": "qa-001", "split": "test", "question": "What is the capital of France?",
      "answers": ["Paris"], "topic": "geography", "difficulty": "easy"}
     {"id": "chat-01", "split": "test", "turns": ["Give me three ideas ...", "Which of ..."]}
+    {"id": "code-001", "split": "test", "entry_point": "add",
+     "prompt": "def add(a: int, b: int) -> int:\n    \"\"\"Return a + b.\"\"\"\n",
+     "tests": "assert add(2, 3) == 5\nassert add(-1, 1) == 0\n",
+     "solution": "def add(a: int, b: int) -> int:\n    return a + b\n"}
 
 A malformed line raises ``ValueError("FILE:LINE: what is wrong")``; unknown fields are
 rejected too, so a misspelt field name does not pass silently.
@@ -33,11 +52,12 @@ rejected too, so a misspelt field name does not pass silently.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -80,11 +100,40 @@ class ProseItem:
 
 
 @dataclasses.dataclass(frozen=True)
+class CodeItem:
+    id: str
+    split: str
+    prompt: str
+    entry_point: str
+    tests: str
+    solution: str
+    difficulty: str | None = None
+    topic: str | None = None
+
+
+def _check_code(item: CodeItem) -> str | None:
+    """What is wrong with a code item beyond its field types, or None."""
+    from .codetask import defines
+
+    if not item.entry_point.isidentifier():
+        return f"entry_point must be a Python identifier, got {item.entry_point!r}"
+    for name in ("prompt", "tests", "solution"):
+        try:
+            ast.parse(getattr(item, name))
+        except SyntaxError as e:
+            return f"{name} is not valid Python ({e.msg}, line {e.lineno})"
+    if not defines(item.prompt, item.entry_point):
+        return f"prompt does not define function {item.entry_point!r}"
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskFormat:
     item: type
     file: str
     required: dict[str, str]  # field -> "str" or "list" (of non-empty strings)
     optional: dict[str, str]
+    check: Callable[[Any], str | None] | None = None  # further checks of a parsed item
 
 
 TASKS: dict[str, TaskFormat] = {
@@ -94,6 +143,9 @@ TASKS: dict[str, TaskFormat] = {
                                 {"passage": "str", "summary": "str"}, {}),
     "chat": TaskFormat(ChatItem, "chat.jsonl", {"turns": "list"}, {"system": "str"}),
     "perplexity": TaskFormat(ProseItem, "prose.jsonl", {"text": "str"}, {}),
+    "code": TaskFormat(CodeItem, "code.jsonl",
+                       {"prompt": "str", "entry_point": "str", "tests": "str", "solution": "str"},
+                       {"difficulty": "str", "topic": "str"}, _check_code),
 }
 
 
@@ -208,7 +260,11 @@ def _parse(fmt: TaskFormat, line: str, where: str) -> Any:
             continue
         values[name] = _string(record, name, where) if kind == "str" else _strings(
             record, name, where)
-    return fmt.item(**values)
+    item = fmt.item(**values)
+    problem = fmt.check(item) if fmt.check is not None else None
+    if problem:
+        raise ValueError(f"{where}: {problem}")
+    return item
 
 
 def _string(record: dict[str, Any], name: str, where: str) -> str:
