@@ -114,6 +114,10 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     run_path, specs_path = os.path.join(args.out, RUN_FILE), os.path.join(args.out, SPECS_FILE)
     previous = _read_json(run_path) if args.resume else None
     if previous is not None:
+        # Settings added since the run was made take their defaults, as the run had them.
+        made_with = previous.get("settings")
+        if isinstance(made_with, dict) and "limits" in made_with:
+            previous["settings"] = EvalSettings(**made_with).to_dict()
         changed = [k for k in run if k != "command" and previous.get(k) != run[k]]
         if changed:
             raise ValueError(f"--resume: {run_path} was made with other {', '.join(changed)}")

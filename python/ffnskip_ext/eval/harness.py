@@ -145,25 +145,6 @@ def load_items(settings: EvalSettings, tokenizer: Any) -> dict[str, list[Any]]:
     return items
 
 
-class _StopAt:
-    """The tokenizer as ``generate`` sees it when a stop rule is not a fixed string: once
-    ``end(text)`` gives a position, the decoded text is cut there and ``MARK`` appended;
-    ``MARK`` is a stop string, so generation ends there as at any stop string."""
-
-    MARK = "\x00end\x00"
-
-    def __init__(self, tokenizer: Any, end: Callable[[str], int | None]) -> None:
-        self._tokenizer, self._end = tokenizer, end
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tokenizer, name)
-
-    def decode(self, ids: Any, **kwargs: Any) -> str:
-        text = self._tokenizer.decode(ids, **kwargs)
-        end = self._end(text)
-        return text if end is None else text[:end] + self.MARK
-
-
 class _Run:
     """Decoding of one (policy, task) row: counts decode steps and their time."""
 
@@ -175,14 +156,10 @@ class _Run:
     def generate(self, messages: Sequence[Message], max_new_tokens: int,
                  stop: Sequence[str] | None = None,
                  stop_at: Callable[[str], int | None] | None = None) -> GenerationResult:
-        """``generate`` greedily; ``stop_at(text)``, when given, ends generation at the
-        position it returns (the text is cut there)."""
-        tokenizer = self.tokenizer
-        if stop_at is not None:
-            tokenizer, stop = _StopAt(tokenizer, stop_at), [*(stop or []), _StopAt.MARK]
+        """``generate`` greedily, with its ``stop`` and ``stop_at``."""
         before = self.decoder.stats().decode_tokens
-        result = generate(self.decoder, tokenizer, messages, max_new_tokens=max_new_tokens,
-                          stop=stop)
+        result = generate(self.decoder, self.tokenizer, messages, max_new_tokens=max_new_tokens,
+                          stop=stop, stop_at=stop_at)
         steps = self.decoder.stats().decode_tokens - before
         if steps and result.decode_tokens_per_s > 0:
             self.steps += steps

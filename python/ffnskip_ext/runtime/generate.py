@@ -49,12 +49,14 @@ def generate(
     seed: int | None = None,
     stop: Sequence[str] | None = None,
     stream: Callable[[str], None] | None = None,
+    stop_at: Callable[[str], int | None] | None = None,
 ) -> GenerationResult:
     """Reset the decoder, prefill the prompt and decode up to ``max_new_tokens`` tokens.
 
     ``stream`` receives each new piece of text as soon as it is decoded. Generation ends at an
-    end-of-sequence token, at a ``stop`` string (excluded from the text), after
-    ``max_new_tokens`` or when the context is full.
+    end-of-sequence token, at a ``stop`` string (excluded from the text), where
+    ``stop_at(text)`` returns a position (the text is cut there; for ends a stop string
+    cannot express), after ``max_new_tokens`` or when the context is full.
     """
     params = SamplingParams(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
@@ -89,7 +91,7 @@ def generate(
             break
         generated.append(token)
         new_text = tokenizer.decode(generated, skip_special_tokens=True)
-        hit = _first_stop(new_text, stops)
+        hit = _first_stop(new_text, stops, stop_at)
         if hit is not None:
             new_text = new_text[:hit]
             finish_reason = "stop"
@@ -132,6 +134,9 @@ def _emit(stream: Callable[[str], None] | None, emitted: str, ready: str) -> str
     return ready
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+def _first_stop(text: str, stops: Sequence[str],
+                stop_at: Callable[[str], int | None] | None) -> int | None:
     positions = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if stop_at is not None and (end := stop_at(text)) is not None:
+        positions.append(end)
     return min(positions) if positions else None
