@@ -377,3 +377,22 @@ def test_bad_input_on_cuda_leaves_the_decoder_usable(tiny_model_dir) -> None:
         decoder.set_policy(ffnskip_ext.StaticFFNSkip([7]))
     np.testing.assert_array_equal(decoder.step(4), clean.step(4))
     assert decoder.position == clean.position == 4
+
+
+@needs_gpu
+def test_truncate_on_cuda_equals_a_fresh_decoder(tiny_model_dir) -> None:
+    """The graph-captured decode step reads the position from the pass input, so steps after
+    a cut (and their replays) continue from the cut."""
+    _, path = tiny_model_dir("llama_gqa_untied_h72")
+    prompt, feed = [3, 1, 4, 1, 5], [9, 2, 6, 5, 3]
+    decoder = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", max_seq_len=64)
+    decoder.prefill(prompt)
+    for token in feed:
+        decoder.step(token)
+    decoder.truncate(len(prompt) + 2)
+    got = [decoder.step(t) for t in (7, 8)]
+    reference = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", max_seq_len=64)
+    reference.prefill(prompt)
+    want = [reference.step(t) for t in (*feed[:2], 7, 8)][2:]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)

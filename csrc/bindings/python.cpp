@@ -408,6 +408,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("position", &Decoder::position)
       .def_property_readonly("max_seq_len", &Decoder::max_seq_len)
       .def("reset", &Decoder::reset, py::call_guard<py::gil_scoped_release>())
+      .def("truncate", &Decoder::truncate, py::arg("position"),
+           py::call_guard<py::gil_scoped_release>())
       .def("prefill",
            [](Decoder& d, const TokenArray& tokens) {
              const std::vector<int32_t> ids = to_token_ids(tokens, d.config().vocab_size);

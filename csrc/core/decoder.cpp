@@ -109,7 +109,7 @@ int Decoder::position() const {
 void Decoder::reset() {
   std::lock_guard<std::mutex> lock(mutex_);
   position_ = 0;  // the cache is overwritten position by position; nothing else to clear
-  decode_index_ = 0;  // warm-up restarts
+  generation_start_ = 0;
   backend_->reset_routing();  // FiRST routes the next sequence afresh
 }
 
@@ -127,6 +127,18 @@ void Decoder::prefill(const int32_t* tokens, int n, float* logits_out) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_tokens(tokens, n);
   run(PassKind::Prefill, tokens, n, logits_out);
+  generation_start_ = position_;  // the decode steps after a prompt are a new generation
+}
+
+void Decoder::truncate(int position) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (position < 0 || position > position_) {
+    throw std::invalid_argument("truncate: position " + std::to_string(position) +
+                                " is outside [0, " + std::to_string(position_) +
+                                "] (the tokens in the cache)");
+  }
+  position_ = position;  // later passes overwrite the K/V beyond it
+  generation_start_ = std::min(generation_start_, position_);
 }
 
 void Decoder::step(int32_t token, float* logits_out) {
@@ -142,7 +154,7 @@ void Decoder::run(PassKind kind, const int32_t* tokens, int n, float* logits_out
   pass.tokens = tokens;
   pass.n = n;
   pass.pos = position_;
-  pass.decode_index = decode_index_;
+  pass.decode_index = position_ - generation_start_;
   pass.routes = policy_.rule.kind == PolicyKind::FiRST && position_ == 0;
   pass.record = kind == PassKind::Decode ? &step_record_ : nullptr;
   pass.logits = logits_out;
@@ -152,9 +164,8 @@ void Decoder::run(PassKind kind, const int32_t* tokens, int n, float* logits_out
 
 void Decoder::account(const StepRecord& record) {
   const SkipRule& rule = policy_.rule;
-  const bool in_warmup =
-      rule.kind == PolicyKind::FFNSkip && decode_index_ < rule.warmup_tokens;
-  ++decode_index_;
+  const bool in_warmup = rule.kind == PolicyKind::FFNSkip &&
+                         position_ - 1 - generation_start_ < rule.warmup_tokens;
   ++stats_.decode_tokens;
   stats_.warmup_tokens += in_warmup ? 1 : 0;
   for (int l = 0; l < config_.num_layers; ++l) {

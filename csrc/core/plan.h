@@ -68,7 +68,7 @@ struct Pass {
   const int32_t* tokens = nullptr;
   int n = 0;
   int pos = 0;               // position of tokens[0]
-  int64_t decode_index = 0;  // decode steps since the sequence began (warm-up, random keys)
+  int64_t decode_index = 0;  // decode steps since the generation began (warm-up, random keys)
   bool routes = false;       // FiRST: this pass starts the sequence and routes every layer
   StepRecord* record = nullptr;  // decode: filled with what the step did
   float* logits = nullptr;       // host: the logits of the last token (vocab_size floats)

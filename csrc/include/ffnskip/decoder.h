@@ -72,6 +72,10 @@ class Decoder {
   void prefill(const int32_t* tokens, int n, float* logits_out);
   // Appends one token; writes its logits.
   void step(int32_t token, float* logits_out);
+  // Keeps the first `position` tokens of the cache (0 <= position <= position()): later passes
+  // overwrite what followed. FiRST's routing of the sequence is kept, except that a pass at
+  // position 0 routes a new one.
+  void truncate(int position);
 
   // Validates, then applies to later steps; on error the previous policy stays. A FiRST
   // policy routes whole sequences: set mid-sequence, it routes from the next sequence on (every
@@ -99,7 +103,9 @@ class Decoder {
   DType dtype_;
   int max_seq_len_ = 0;
   int position_ = 0;
-  int64_t decode_index_ = 0;  // decode steps since reset: warm-up and the rule's keys
+  // Position where the current generation began: the end of the last prefill (0 after
+  // reset). A decode step's index (warm-up, the random rule's keys) is its distance from it.
+  int generation_start_ = 0;
   std::unique_ptr<Backend> backend_;
   SkipPolicy policy_;
   DecodeStats stats_;

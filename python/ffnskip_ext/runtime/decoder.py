@@ -122,6 +122,17 @@ class Decoder:
         """Empty the KV cache."""
         self._native.reset()
 
+    def truncate(self, position: int) -> None:
+        """Keep the first ``position`` tokens of the cache (``0 <= position <= self.position``);
+        later calls overwrite what followed. A FiRST sequence keeps its routing (a pass at
+        position 0 routes a new one). Decode steps after the cut continue the generation that
+        began at the last prefill, for warm-up counting."""
+        if not _is_int(position):
+            raise TypeError(f"position must be an integer, got {type(position).__name__}")
+        if not -(2**31) <= int(position) < 2**31:
+            raise ValueError(f"truncate: position {position} is outside [0, {self.position}]")
+        self._native.truncate(int(position))
+
     def prefill(self, token_ids: Iterable[int] | np.ndarray) -> np.ndarray:
         """Append a prompt; returns float32 logits ``[vocab_size]`` of its last token."""
         return self._native.prefill(_token_array(token_ids))
