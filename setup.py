@@ -41,8 +41,10 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
+        cmake = shutil.which("cmake") or "cmake"
+        ninja = shutil.which("ninja")
         configure = [
-            "cmake",
+            cmake,
             str(ROOT),
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
@@ -50,22 +52,38 @@ class CMakeBuild(build_ext):
             f"-DFFNSKIP_CUDA={os.environ.get('FFNSKIP_CUDA', 'AUTO')}",
             "-DFFNSKIP_BUILD_BENCHMARKS=OFF",
         ]
-        if _has_ninja():
-            configure += ["-G", "Ninja"]
+        if ninja:
+            configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        _forget_other_toolchains(build_dir, [cmake, ninja or "make", sys.executable])
         subprocess.run(configure, cwd=build_dir, check=True)
         # Every target: _core, and libffnskip_cuda.so when the CUDA backend is built; both land
         # in the package directory (CMAKE_LIBRARY_OUTPUT_DIRECTORY), where the loader looks.
+        # A CUDA library left there by an earlier build is removed first: the build makes it
+        # again when the backend is on, and it must not ship when the backend is off.
         # CMake finds cuBLAS itself, in the nvidia-cublas wheel of the environment being
         # installed into too (see cmake/ffnskip_cuda.cmake).
-        subprocess.run(["cmake", "--build", "."], cwd=build_dir, check=True)
+        (out_dir / CUDA_LIBRARY).unlink(missing_ok=True)
+        subprocess.run([cmake, "--build", "."], cwd=build_dir, check=True)
 
 
-def _has_ninja() -> bool:
-    try:
-        subprocess.run(["ninja", "--version"], capture_output=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return False
-    return True
+# Records the tools a build directory was configured with.
+TOOLCHAIN_STAMP = "ffnskip-toolchain.txt"
+
+
+def _forget_other_toolchains(build_dir: Path, tools: list[str]) -> None:
+    """A build directory configured by other tools loses its CMake cache, so that CMake
+    configures afresh; the object files stay, and ninja reruns only the commands that changed.
+
+    pip builds in a fresh isolated environment each time, so cmake, ninja and the Python of the
+    previous build may no longer exist; the cache would still name them
+    ("'/tmp/pip-build-env-XXXX/overlay/bin/ninja' '--version' failed").
+    """
+    stamp = build_dir / TOOLCHAIN_STAMP
+    wanted = "\n".join(tools) + "\n"
+    if stamp.is_file() and stamp.read_text() == wanted:
+        return
+    (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
+    stamp.write_text(wanted)
 
 
 setup(
