@@ -57,21 +57,6 @@ ModelConfig preset(const std::string& name) {
   return c;
 }
 
-size_t dtype_bytes(DType dtype) { return dtype == DType::F32 ? 4 : 2; }
-
-// Weights of one FFN block (gate, up, down and its norm), in elements.
-double ffn_elements(const ModelConfig& c) {
-  return 3.0 * c.hidden_size * c.intermediate_size + c.hidden_size;
-}
-
-// Weights one dense decode token reads, in elements: every layer, the final norm and the LM
-// head (the embedding row gather is not counted).
-double dense_elements(const ModelConfig& c) {
-  const double h = c.hidden_size, q = c.q_dim(), kv = c.kv_dim();
-  const double attention = h * (q + 2 * kv) + q * h + h;
-  return c.num_layers * (attention + ffn_elements(c)) + h + static_cast<double>(c.vocab_size) * h;
-}
-
 // Uniform values in [-scale, scale) from a counter-based hash of (seed, index): the same
 // weights for any number of filling threads.
 void fill_uniform(std::vector<float>& data, uint64_t seed, float scale) {
@@ -91,24 +76,22 @@ void fill_uniform(std::vector<float>& data, uint64_t seed, float scale) {
 }
 
 struct RandomWeights {
-  std::vector<std::vector<float>> storage;
   WeightMap map;
   uint64_t next_seed = 1234;
 
+  // The view owns its values, so that a backend storing fp32 reads them in place.
   void add(const std::string& name, std::vector<int64_t> shape, float scale) {
     int64_t n = 1;
     for (auto d : shape) n *= d;
-    std::vector<float> data(n);
-    fill_uniform(data, next_seed++, scale);
-    storage.push_back(std::move(data));
-    map[name] = TensorView{storage.back().data(), std::move(shape)};
+    auto data = std::make_shared<std::vector<float>>(n);
+    fill_uniform(*data, next_seed++, scale);
+    map[name] = TensorView{data->data(), TensorType::F32, std::move(shape), data};
   }
 };
 
-WeightMap random_weights(const ModelConfig& c, RandomWeights& w) {
+const WeightMap& random_weights(const ModelConfig& c, RandomWeights& w) {
   const int64_t h = c.hidden_size, f = c.intermediate_size;
   const float s = 1.0f / std::sqrt(static_cast<float>(h));
-  w.storage.reserve(16 * c.num_layers);
   w.add("model.embed_tokens.weight", {c.vocab_size, h}, 1.0f);
   for (int l = 0; l < c.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
@@ -212,9 +195,7 @@ PolicyResult run_policy(Decoder& decoder, const std::string& name, int prompt, i
   result.prefill_tokens_per_s = prompt / prefill_seconds;
   result.skipped_fraction =
       static_cast<double>(skipped) / (static_cast<double>(tokens) * c.num_layers);
-  const double skipped_per_token = static_cast<double>(skipped) / tokens;
-  result.bytes_per_token = (dense_elements(c) - skipped_per_token * ffn_elements(c)) *
-                           dtype_bytes(decoder.dtype());
+  result.bytes_per_token = static_cast<double>(stats.weight_bytes_read) / tokens;
   return result;
 }
 
@@ -256,14 +237,14 @@ int main(int argc, char** argv) {
         !dtype_name_arg.empty() ? dtype_name_arg : (cuda ? "fp16" : "fp32"));
 
     RandomWeights storage;
-    const WeightMap weights = random_weights(c, storage);
+    const WeightMap& weights = random_weights(c, storage);
     DecoderOptions options;
     options.device = cuda ? Device::CUDA : Device::CPU;
     options.dtype = dtype;
     options.max_seq_len = prompt + tokens + 1;
     options.num_threads = threads;
     Decoder decoder(c, weights, options);
-    storage.storage.clear();
+    storage.map.clear();  // the decoder holds what it reads in place
 
     std::printf("preset=%s device=%s dtype=%s layers=%d hidden=%d intermediate=%d heads=%d/%d "
                 "vocab=%d prompt=%d tokens=%d\n",

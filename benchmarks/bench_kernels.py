@@ -6,9 +6,9 @@ kernel, shape, weight type and instruction set (the timing mode of tests/test_ke
 
 Decode linears (one token) stream their weights once, so their GB/s is comparable with the
 machine's read bandwidth (``ffnskip_ext.measure_read_bandwidth``, printed first); prefill
-linears (many tokens) report GFLOP/s as well. Each time is the median of ``--repeats`` calls
-after a warm-up call, through the ``_core.kernels`` bindings (their overhead, about a
-microsecond, is included).
+linears (many tokens) report GFLOP/s as well. A linear's time is the median of ``--repeats``
+back-to-back calls in C++ after a warm-up call (``_core.kernels.time_linear``: the thread pool
+stays awake between calls, as in a decode step); attention's is timed through its binding.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ MODELS = {
     "llama2-7b": dict(hidden=4096, inter=11008, q=4096, kv=4096, vocab=32000, heads=32,
                       kv_heads=32, head_dim=128),
 }
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FLOAT_TYPES = ("F32", "BF16", "F16")
 
 
 def linears(m: dict[str, int]) -> list[tuple[str, int, int]]:
@@ -56,10 +56,19 @@ def median_seconds(call: Callable[[], object], repeats: int) -> float:
 
 
 def stored(rows: int, cols: int, dtype: str, rng: np.random.Generator) -> np.ndarray:
+    """Random weights as the kernel reads them (values do not matter for timing)."""
+    if dtype not in FLOAT_TYPES:
+        elements, size = _core.TENSOR_TYPES[dtype]
+        blocks = rng.integers(0, 256, size=(rows, cols // elements, size), dtype=np.uint8)
+        scale_at = size - 2 if dtype == "Q6_K" else 0  # finite fp16 scales where they live
+        blocks[..., scale_at:scale_at + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        if dtype in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):
+            blocks[..., 2:4] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        return blocks.reshape(rows, -1)
     w = rng.standard_normal((rows, cols), dtype=np.float32)
-    if dtype == "float32":
+    if dtype == "F32":
         return w
-    if dtype == "float16":
+    if dtype == "F16":
         return w.astype(np.float16).view(np.uint16)
     return (w.view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits (truncated: timing only)
 
@@ -71,6 +80,8 @@ def main() -> None:
                         help="comma-separated instruction sets")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--shapes", default="smollm2-135m,qwen2.5-1.5b")
+    parser.add_argument("--types", default="F32,BF16,F16,Q8_0,Q4_0,Q4_1,Q5_0,Q4_K,Q6_K",
+                        help="weight types, comma-separated")
     parser.add_argument("--prefill-tokens", type=int, default=64)
     args = parser.parse_args()
 
@@ -85,17 +96,18 @@ def main() -> None:
     for model in args.shapes.split(","):
         m = MODELS[model]
         for name, rows, cols in linears(m):
-            for dtype in BYTES:
+            for dtype in args.types.split(","):
+                if cols % _core.TENSOR_TYPES[dtype][0]:
+                    continue  # rows of this width are not whole blocks of the type
                 weight = stored(rows, cols, dtype, rng)
                 for isa in args.isa.split(","):
                     for tokens in (1, args.prefill_tokens):
                         if name == "lm_head" and tokens > 1:
                             continue  # prefill needs the logits of the last token only
                         x = rng.standard_normal((tokens, cols), dtype=np.float32)
-                        seconds = median_seconds(functools.partial(
-                            kernels.linear, pool, weight, dtype, None, x, None, isa),
-                            args.repeats)
-                        read = rows * cols * BYTES[dtype] + x.nbytes
+                        seconds = kernels.time_linear(pool, weight, dtype, x, isa,
+                                                      args.repeats)
+                        read = weight.nbytes + x.nbytes
                         flops = 2.0 * rows * cols * tokens
                         print(f"| {model} | {name} | {rows}x{cols} | {dtype} | {isa} | {tokens} "
                               f"| {seconds * 1e6:.1f} | {read / seconds / 1e9:.1f} "
@@ -110,7 +122,7 @@ def main() -> None:
                 seconds = median_seconds(functools.partial(
                     kernels.attention, pool, q, k, v, pos, heads, kv_heads, d, isa), args.repeats)
                 read = k.nbytes + v.nbytes + q.nbytes
-                print(f"| {model} | attention | ctx {context} | float32 | {isa} | {tokens} "
+                print(f"| {model} | attention | ctx {context} | F32 | {isa} | {tokens} "
                       f"| {seconds * 1e6:.1f} | {read / seconds / 1e9:.1f} "
                       f"| {read / seconds / bandwidth:.0%} | |")
 

@@ -23,9 +23,9 @@ def pool():
 def stored(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """(what the kernel reads: fp32, or the uint16 bits of bf16/fp16; the exact values)."""
     values = values.astype(np.float32)
-    if dtype == "float32":
+    if dtype == "F32":
         return values, values.astype(np.float64)
-    if dtype == "float16":
+    if dtype == "F16":
         half = values.astype(np.float16)
         return half.view(np.uint16), half.astype(np.float64)
     bits = values.view(np.uint32)
@@ -51,7 +51,7 @@ LINEAR_SHAPES = [(1, 1, 1), (33, 37, 1), (50, 64, 3), (96, 576, 1), (200, 72, 5)
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", ["F32", "BF16", "F16"])
 @pytest.mark.parametrize("out_features, in_features, n", LINEAR_SHAPES)
 def test_linear(pool, isa, dtype, out_features, in_features, n) -> None:
     rng = np.random.default_rng(out_features * 1000 + in_features + n)
@@ -75,8 +75,8 @@ def test_linear_rows_do_not_depend_on_the_thread_count() -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((97, 130)).astype(np.float32)
     x = rng.standard_normal((13, 130)).astype(np.float32)
-    one = kernels.linear(kernels.ThreadPool(1), w, "float32", None, x, None, ISAS[-1])
-    two = kernels.linear(kernels.ThreadPool(2), w, "float32", None, x, None, ISAS[-1])
+    one = kernels.linear(kernels.ThreadPool(1), w, "F32", None, x, None, ISAS[-1])
+    two = kernels.linear(kernels.ThreadPool(2), w, "F32", None, x, None, ISAS[-1])
     np.testing.assert_array_equal(one, two)
 
 
@@ -188,8 +188,88 @@ def test_cosine_score(isa, dim) -> None:
 def test_bad_kernel_arguments_are_value_errors(pool) -> None:
     w = np.zeros((4, 8), np.float32)
     with pytest.raises(ValueError, match="x must be"):
-        kernels.linear(pool, w, "float32", None, np.zeros((2, 7), np.float32), None, ISAS[0])
+        kernels.linear(pool, w, "F32", None, np.zeros((2, 7), np.float32), None, ISAS[0])
     with pytest.raises(ValueError, match="unknown isa"):
-        kernels.linear(pool, w, "float32", None, np.zeros((2, 8), np.float32), None, "sse9")
-    with pytest.raises(ValueError, match="unknown weight type"):
+        kernels.linear(pool, w, "F32", None, np.zeros((2, 8), np.float32), None, "sse9")
+    with pytest.raises(ValueError, match="unsupported tensor type"):
         kernels.linear(pool, w, "int4", None, np.zeros((2, 8), np.float32), None, ISAS[0])
+
+
+# ---- quantised weights -------------------------------------------------------------------
+
+gguf = pytest.importorskip("gguf")
+Q = gguf.GGMLQuantizationType
+QUANTIZABLE = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # gguf.quants can quantise these
+K_QUANTS = ["Q4_K", "Q5_K", "Q6_K"]  # dequantise only: random blocks are made by hand
+
+
+def random_k_blocks(type_name: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random K-quant rows: random integers and sub-block scales, small finite fp16 scales."""
+    elements, size = _core.TENSOR_TYPES[type_name]
+    blocks = rng.integers(0, 256, size=(rows, cols // elements, size), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.02, size=(rows, cols // elements, 2)).astype(np.float16)
+    at = size - 2 if type_name == "Q6_K" else 0  # Q6_K keeps d last; Q4_K/Q5_K d, dmin first
+    width = 2 if type_name == "Q6_K" else 4
+    blocks[..., at:at + width] = scales.view(np.uint8).reshape(rows, -1, 4)[..., :width]
+    return blocks.reshape(rows, -1)
+
+
+def quantized(type_name: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    if type_name in K_QUANTS:
+        return random_k_blocks(type_name, rows, cols, rng)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    return gguf.quants.quantize(w, Q[type_name])
+
+
+@pytest.mark.parametrize("type_name", QUANTIZABLE + K_QUANTS)
+def test_dequantize_equals_gguf(type_name) -> None:
+    rng = np.random.default_rng(len(type_name))
+    data = quantized(type_name, 3, 512, rng)
+    want = gguf.quants.dequantize(data, Q[type_name]).reshape(-1)
+    got = kernels.dequantize(data.reshape(-1), type_name, want.size)
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+
+
+def activation_error_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """[n, out]: x quantised per block of 32 to d * round(x / d), d = max|x| / 127, moves
+    sum_i w_i x_i by at most sum_blocks d / 2 * sum_i |w_i|."""
+    n, cols = x.shape
+    d = np.abs(x.reshape(n, cols // 32, 32)).max(axis=2) / 127.0  # [n, blocks]
+    w_abs = np.abs(w).reshape(w.shape[0], cols // 32, 32).sum(axis=2)  # [out, blocks]
+    return (d / 2) @ w_abs.T
+
+
+# (out, in, n): one block / super-block per row and many; decode, the 4-token tiles and tails.
+QUANT_SHAPES = [(1, 256, 1), (7, 512, 1), (33, 256, 3), (20, 768, 9), (64, 1536, 1)]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("type_name", QUANTIZABLE + K_QUANTS)
+@pytest.mark.parametrize("out_features, in_features, n", QUANT_SHAPES)
+def test_quantized_linear(pool, isa, type_name, out_features, in_features, n) -> None:
+    rng = np.random.default_rng(out_features * 31 + n)
+    data = quantized(type_name, out_features, in_features, rng)
+    w = gguf.quants.dequantize(data, Q[type_name]).reshape(out_features, in_features)
+    w = w.astype(np.float64)
+    x = (rng.standard_normal((n, in_features)) * rng.uniform(0.1, 3.0, (n, 1))).astype(np.float32)
+    bias = rng.standard_normal(out_features).astype(np.float32)
+    y0 = rng.standard_normal((n, out_features)).astype(np.float32)
+    exact = x.astype(np.float64) @ w.T
+    bound = (activation_error_bound(w, x.astype(np.float64))
+             + 4 * in_features * EPS32 * (np.abs(x.astype(np.float64)) @ np.abs(w).T) + 1e-6)
+    got = kernels.linear(pool, data, type_name, None, x, None, isa)
+    assert np.all(np.abs(got - exact) <= bound), np.max(np.abs(got - exact) / bound)
+    got = kernels.linear(pool, data, type_name, bias, x, y0, isa)
+    assert np.all(np.abs(got - (exact + bias + y0)) <= bound + 1e-5 * (1 + np.abs(y0)))
+
+
+def test_quantized_kernels_agree_across_instruction_sets(pool) -> None:
+    """The integer sums are exact, so the SIMD and plain kernels differ only in the order of
+    fp32 additions."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, 512)).astype(np.float32)
+    for type_name in QUANTIZABLE + K_QUANTS:
+        data = quantized(type_name, 9, 512, rng)
+        results = [kernels.linear(pool, data, type_name, None, x, None, isa) for isa in ISAS]
+        for other in results[1:]:
+            np.testing.assert_allclose(other, results[0], rtol=1e-5, atol=1e-4)

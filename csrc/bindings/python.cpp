@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -17,7 +18,9 @@
 #include "../cpu/linear.h"
 #include "../cpu/norm.h"
 #include "../cpu/rope.h"
+#include "../core/mapped_file.h"
 #include "../core/skip_rule.h"
+#include "../core/tensor_types.h"
 #include "ffnskip/decoder.h"
 #include "ffnskip/weights.h"
 
@@ -47,6 +50,7 @@ ModelConfig to_model_config(const py::object& obj) {
   c.rope_low_freq_factor = obj.attr("rope_low_freq_factor").cast<double>();
   c.rope_high_freq_factor = obj.attr("rope_high_freq_factor").cast<double>();
   c.rope_original_max_position = obj.attr("rope_original_max_position").cast<int>();
+  c.rope_interleaved = obj.attr("rope_interleaved").cast<bool>();
   c.tie_word_embeddings = obj.attr("tie_word_embeddings").cast<bool>();
   c.qkv_bias = obj.attr("qkv_bias").cast<bool>();
   c.o_bias = obj.attr("o_bias").cast<bool>();
@@ -117,17 +121,48 @@ py::array_t<T> stack(const std::vector<StepRecord>& steps, std::vector<T> StepRe
   return out;
 }
 
+// A tensor of a mapped checkpoint file, as Python's loaders describe it (the file stays mapped
+// while a decoder reads the tensor).
+TensorView mapped_tensor(const std::shared_ptr<const MappedFile>& file, int64_t offset,
+                         const std::string& type, const std::vector<int64_t>& shape) {
+  TensorView view;
+  view.type = parse_tensor_type(type);
+  view.shape = shape;
+  for (const int64_t d : shape) {
+    if (d <= 0) throw std::invalid_argument("tensor dimensions must be positive");
+  }
+  const int64_t bytes = view.bytes();
+  if (offset < 0 || bytes < 0 || static_cast<uint64_t>(offset) > file->size() ||
+      static_cast<uint64_t>(bytes) > file->size() - static_cast<uint64_t>(offset)) {
+    throw std::invalid_argument("tensor of " + std::to_string(bytes) + " bytes at offset " +
+                                std::to_string(offset) + " runs past the end of " +
+                                file->path() + " (" + std::to_string(file->size()) + " bytes)");
+  }
+  view.data = file->data() + offset;
+  view.owner = file;
+  return view;
+}
+
 std::unique_ptr<Decoder> make_decoder(const py::object& config, const py::dict& weights,
                                       const std::string& device, const std::string& dtype,
                                       int max_seq_len, int num_threads) {
-  std::vector<FloatArray> keep_alive;
+  std::vector<py::array> keep_alive;  // arrays are borrowed until the decoder is made
   WeightMap views;
   for (const auto& item : weights) {
     const auto name = item.first.cast<std::string>();
-    keep_alive.push_back(FloatArray::ensure(item.second));
-    const FloatArray& array = keep_alive.back();
-    if (!array) throw std::invalid_argument("tensor '" + name + "' is not a float array");
+    if (py::isinstance<TensorView>(item.second)) {
+      views.emplace(name, item.second.cast<TensorView>());
+      continue;
+    }
     TensorView view;
+    py::array array = py::array::ensure(item.second, py::array::c_style);
+    if (array && array.dtype().is(py::dtype("float16"))) {
+      view.type = TensorType::F16;
+    } else {
+      array = FloatArray::ensure(item.second);  // other numbers as float32
+    }
+    if (!array) throw std::invalid_argument("tensor '" + name + "' is not a float array");
+    keep_alive.push_back(array);
     view.data = array.data();
     view.shape.assign(array.shape(), array.shape() + array.ndim());
     views.emplace(name, std::move(view));
@@ -156,12 +191,6 @@ cpu::Isa to_isa(const std::string& name) {
   throw std::invalid_argument("unknown isa '" + name + "' (avx512, avx2 or default)");
 }
 
-cpu::WeightType to_weight_type(const std::string& name) {
-  if (name == "float32") return cpu::WeightType::F32;
-  if (name == "bfloat16") return cpu::WeightType::BF16;
-  if (name == "float16") return cpu::WeightType::F16;
-  throw std::invalid_argument("unknown weight type '" + name + "'");
-}
 
 // A C-contiguous array with the given number of dimensions, or ValueError naming it.
 template <typename T>
@@ -192,12 +221,17 @@ void bind_kernels(py::module_ k) {
       [](cpu::ThreadPool& pool, const py::array& weight, const std::string& type,
          const py::object& bias, const py::handle& x, const py::object& accumulate_into,
          const std::string& isa) {
-        const cpu::WeightType wt = to_weight_type(type);
-        py::array w = wt == cpu::WeightType::F32
-                          ? py::array(need_array<float>(weight, 2, "weight"))
-                          : py::array(need_array<uint16_t>(weight, 2, "weight"));
+        const TensorType wt = parse_tensor_type(type);
+        py::array w = wt == TensorType::F32   ? py::array(need_array<float>(weight, 2, "weight"))
+                      : !is_quantized(wt)     ? py::array(need_array<uint16_t>(weight, 2, "weight"))
+                                              : py::array(need_array<uint8_t>(weight, 2, "weight"));
         const auto xs = need_array<float>(x, 2, "x");
-        const int64_t out = w.shape(0), in = w.shape(1), n = xs.shape(0);
+        const int64_t out = w.shape(0), n = xs.shape(0);
+        const int64_t in = is_quantized(wt) ? w.shape(1) / block_bytes(wt) * block_elements(wt)
+                                            : w.shape(1);
+        if (is_quantized(wt) && w.shape(1) % block_bytes(wt) != 0) {
+          throw std::invalid_argument("weight rows must be whole blocks");
+        }
         if (xs.shape(1) != in) throw std::invalid_argument("x must be [n, in]");
         py::array_t<float> b;  // an empty array unless given
         if (!bias.is_none()) {
@@ -212,7 +246,8 @@ void bind_kernels(py::module_ k) {
           }
           std::copy(y0.data(), y0.data() + n * out, y.mutable_data());
         }
-        const cpu::LinearWeights lw{w.data(), bias.is_none() ? nullptr : b.data(), out, in, wt};
+        const cpu::LinearWeights lw({{w.data(), wt, out}}, in,
+                                    bias.is_none() ? nullptr : b.data());
         const cpu::Isa chosen = to_isa(isa);
         const auto mode = accumulate_into.is_none() ? cpu::Output::Overwrite
                                                     : cpu::Output::Accumulate;
@@ -225,7 +260,53 @@ void bind_kernels(py::module_ k) {
       },
       py::arg("pool"), py::arg("weight"), py::arg("type"), py::arg("bias"), py::arg("x"),
       py::arg("accumulate_into"), py::arg("isa"),
-      "y = x W^T + b (+ accumulate_into); weight float32, or the uint16 bits of bf16/fp16.");
+      "y = x W^T + b (+ accumulate_into); weight float32 (F32), the uint16 bits of F16/BF16, "
+      "or the uint8 blocks [rows, row bytes] of a quantised type.");
+
+  k.def(
+      "time_linear",
+      [](cpu::ThreadPool& pool, const py::array& weight, const std::string& type,
+         const py::handle& x, const std::string& isa, int repeats) {
+        const TensorType wt = parse_tensor_type(type);
+        const auto xs = need_array<float>(x, 2, "x");
+        const int64_t in = is_quantized(wt) ? weight.shape(1) / block_bytes(wt) * block_elements(wt)
+                                            : weight.shape(1);
+        if (weight.ndim() != 2 || xs.shape(1) != in) throw std::invalid_argument("x must be [n, in]");
+        const cpu::LinearWeights lw({{weight.data(), wt, weight.shape(0)}}, in);
+        const cpu::Isa chosen = to_isa(isa);
+        std::vector<float> y(static_cast<size_t>(xs.shape(0) * weight.shape(0)));
+        std::vector<double> seconds;
+        py::gil_scoped_release release;
+        for (int i = -1; i < std::max(1, repeats); ++i) {  // i = -1: warm-up
+          const auto start = std::chrono::steady_clock::now();
+          cpu::linear(pool, lw, xs.data(), xs.shape(0), y.data(), cpu::Output::Overwrite, chosen);
+          const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+          if (i >= 0) seconds.push_back(took.count());
+        }
+        std::sort(seconds.begin(), seconds.end());
+        return seconds[seconds.size() / 2];
+      },
+      py::arg("pool"), py::arg("weight"), py::arg("type"), py::arg("x"), py::arg("isa"),
+      py::arg("repeats"),
+      "The median seconds of `repeats` back-to-back calls of the linear (weights as linear()).");
+
+  k.def(
+      "dequantize",
+      [](const py::handle& data, const std::string& type, int64_t count) {
+        const TensorType t = parse_tensor_type(type);
+        const auto bytes = py::array_t<uint8_t, py::array::c_style>::ensure(data);
+        if (!bytes) throw std::invalid_argument("data must be a uint8 array");
+        const int64_t needed = row_bytes(t, count, "count");
+        if (bytes.size() < needed) {
+          throw std::invalid_argument("data holds " + std::to_string(bytes.size()) +
+                                      " bytes, " + std::to_string(needed) + " needed");
+        }
+        py::array_t<float> out(count);
+        dequantize(t, bytes.data(), count, out.mutable_data());
+        return out;
+      },
+      py::arg("data"), py::arg("type"), py::arg("count"),
+      "The first `count` elements of blocks of `type` as float32: the reference dequantisation.");
 
   k.def(
       "attention",
@@ -372,6 +453,51 @@ PYBIND11_MODULE(_core, m) {
       py::arg("scores"), py::arg("first_decode_index") = 0);
 
   m.attr("ROUTER_PROMPT_TOKENS") = kRouterPromptTokens;
+  {
+    py::dict types;  // name -> (elements per block, bytes per block)
+    for (const std::string& name : tensor_type_names()) {
+      const TensorType t = parse_tensor_type(name);
+      types[py::str(name)] = py::make_tuple(block_elements(t), block_bytes(t));
+    }
+    m.attr("TENSOR_TYPES") = types;
+  }
+
+  py::class_<MappedFile, std::shared_ptr<MappedFile>>(
+      m, "MappedFile", py::buffer_protocol(),
+      "A checkpoint file mapped read-only (a memoryview of it is zero-copy); decoders made from "
+      "its tensors read them in place and keep it mapped.")
+      .def(py::init([](const std::string& path) {
+             return std::const_pointer_cast<MappedFile>(MappedFile::open(path));
+           }),
+           py::arg("path"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("path", &MappedFile::path)
+      .def_property_readonly("size", &MappedFile::size)
+      .def_buffer([](MappedFile& f) {
+        return py::buffer_info(const_cast<uint8_t*>(f.data()), 1,
+                               py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(f.size())}, {1}, /*readonly=*/true);
+      });
+
+  py::class_<TensorView>(m, "Tensor", "A tensor of a mapped file, in its stored format.")
+      .def(py::init([](const std::shared_ptr<MappedFile>& file, int64_t offset,
+                       const std::string& type, const std::vector<int64_t>& shape) {
+             return mapped_tensor(file, offset, type, shape);
+           }),
+           py::arg("file"), py::arg("offset"), py::arg("type"), py::arg("shape"))
+      .def_property_readonly("type", [](const TensorView& t) { return tensor_type_name(t.type); })
+      .def_property_readonly("shape", [](const TensorView& t) { return py::tuple(py::cast(t.shape)); })
+      .def_property_readonly("nbytes", &TensorView::bytes)
+      .def("to_float",
+           [](const TensorView& t) {
+             py::array_t<float> out(t.shape);
+             float* dst = out.mutable_data();
+             {
+               py::gil_scoped_release release;
+               dequantize(t.type, t.data, t.numel(), dst);
+             }
+             return out;
+           },
+           "The values as a new float32 array (dequantised).");
   m.attr("POLICY_KINDS") = py::tuple(py::cast(policy_kind_names()));
   m.attr("DTYPES") = py::tuple(py::cast(dtype_names()));
   m.attr("DEVICES") = py::tuple(py::cast(device_names()));
@@ -456,8 +582,19 @@ PYBIND11_MODULE(_core, m) {
              out["layer_active"] = to_array(s.layer_active).attr("astype")("bool");
              out["router_gate"] = to_array(s.router_gate);
              out["kv_cache_bytes"] = s.kv_cache_bytes;
+             out["weight_bytes_read"] = s.weight_bytes_read;
              return out;
            })
+      .def_property_readonly("weight_bytes",
+                             [](const Decoder& d) {
+                               py::dict out;
+                               for (const auto& [type, bytes] : d.weight_footprint().bytes_by_type) {
+                                 out[py::str(tensor_type_name(type))] = bytes;
+                               }
+                               return out;
+                             })
+      .def_property_readonly("dense_step_bytes",
+                             [](const Decoder& d) { return d.weight_footprint().dense_step_bytes(); })
       .def("reset_stats", &Decoder::reset_stats)
       .def("enable_trace", &Decoder::enable_trace, py::arg("enabled"))
       .def("clear_trace", &Decoder::clear_trace)

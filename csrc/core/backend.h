@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "ffnskip/decoder.h"
 #include "plan.h"
 
 namespace ffnskip {
@@ -26,6 +27,8 @@ class Backend {
   virtual void sequence_layers(std::vector<uint8_t>& active, std::vector<float>& gate) const = 0;
   // KV cache allocated now; FiRST releases the cache of the layers a sequence skips (CPU).
   virtual int64_t kv_cache_bytes() const = 0;
+  // The weights as stored (after any conversion), for the decoder's byte counts.
+  virtual WeightFootprint weight_footprint() const = 0;
 };
 
 }  // namespace ffnskip

@@ -51,19 +51,21 @@ Device parse_device(const std::string& name) {
 }
 
 const std::vector<std::string>& dtype_names() {
-  static const std::vector<std::string> names = {"float32", "float16", "bfloat16"};
+  static const std::vector<std::string> names = {"auto", "float32", "float16", "bfloat16"};
   return names;
 }
 
 DType parse_dtype(const std::string& name) {
+  if (name == "auto") return DType::Auto;
   if (name == "float32" || name == "fp32") return DType::F32;
   if (name == "float16" || name == "fp16") return DType::F16;
   if (name == "bfloat16" || name == "bf16") return DType::BF16;
-  throw std::invalid_argument("unknown dtype '" + name + "' (float32, float16 or bfloat16)");
+  throw std::invalid_argument("unknown dtype '" + name + "' (auto, float32, float16 or bfloat16)");
 }
 
 const char* dtype_name(DType dtype) {
   switch (dtype) {
+    case DType::Auto: return "auto";
     case DType::F32: return "float32";
     case DType::F16: return "float16";
     case DType::BF16: return "bfloat16";
@@ -95,6 +97,7 @@ Decoder::Decoder(const ModelConfig& config, const WeightMap& weights,
                      ? options.max_seq_len
                      : std::min(config_.max_position_embeddings, kDefaultMaxSeqLenCap);
   backend_ = make_backend(config_, model, options, max_seq_len_);
+  footprint_ = backend_->weight_footprint();
   apply_policy(dense_policy(config_.num_layers), false);
   clear_stats();
 }
@@ -162,18 +165,33 @@ void Decoder::run(PassKind kind, const int32_t* tokens, int n, float* logits_out
   position_ += n;
 }
 
+int64_t WeightFootprint::dense_step_bytes() const {
+  int64_t bytes = head;
+  for (const Layer& l : layers) bytes += l.q + l.kv + l.o + l.ffn;
+  return bytes;
+}
+
 void Decoder::account(const StepRecord& record) {
   const SkipRule& rule = policy_.rule;
   const bool in_warmup = rule.kind == PolicyKind::FFNSkip &&
                          position_ - 1 - generation_start_ < rule.warmup_tokens;
   ++stats_.decode_tokens;
   stats_.warmup_tokens += in_warmup ? 1 : 0;
+  int64_t bytes = footprint_.head;
   for (int l = 0; l < config_.num_layers; ++l) {
     const bool skipped = record.ffn_skipped[l] != 0;
     (skipped ? stats_.ffn_skipped : stats_.ffn_run)[l] += 1;
     stats_.layer_skipped[l] += record.layer_skipped[l] != 0 ? 1 : 0;
     stats_.ffn_skipped_after_warmup[l] += skipped && !in_warmup ? 1 : 0;
+    const WeightFootprint::Layer& w = footprint_.layers[l];
+    if (record.layer_skipped[l] == 0) {
+      bytes += w.q + w.kv + w.o;
+    } else if (kv_only_[l]) {
+      bytes += w.kv;
+    }
+    if (!skipped) bytes += w.ffn;
   }
+  stats_.weight_bytes_read += bytes;
   if (tracing_) trace_.push_back(record);
 }
 
@@ -183,7 +201,12 @@ void Decoder::account(const StepRecord& record) {
 void Decoder::apply_policy(const SkipPolicy& policy, bool tracing) {
   const bool keeps_routing =
       policy.rule.kind == PolicyKind::FiRST && policy_.rule.kind == PolicyKind::FiRST;
-  backend_->set_plan(compile_plan(policy, tracing));
+  const ExecutionPlan plan = compile_plan(policy, tracing);
+  backend_->set_plan(plan);
+  kv_only_.assign(plan.decode.size(), 0);
+  for (size_t l = 0; l < plan.decode.size(); ++l) {
+    kv_only_[l] = plan.decode[l].attention == AttentionMode::KVOnly ? 1 : 0;
+  }
   if (!keeps_routing) backend_->reset_routing();
   policy_ = policy;
   tracing_ = tracing;

@@ -1,8 +1,13 @@
 #include "model_view.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <cstring>
 #include <sstream>
 #include <stdexcept>
+
+#include "tensor_types.h"
 
 namespace ffnskip {
 
@@ -10,6 +15,11 @@ int64_t TensorView::numel() const {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
   return n;
+}
+
+int64_t TensorView::bytes() const {
+  const int64_t cols = shape.empty() ? 1 : shape.back();
+  return numel() / std::max<int64_t>(cols, 1) * row_bytes(type, cols);
 }
 
 namespace {
@@ -20,6 +30,47 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
   s << "]";
   return s.str();
+}
+
+// The first element (float types) or block (quantised: its scales) that is NaN or infinite,
+// or -1. Blocks with finite scales have finite weights.
+int64_t first_non_finite(const TensorView& t) {
+  const int64_t count = t.numel();
+  auto half_bad = [](uint16_t h) { return (h & 0x7C00u) == 0x7C00u; };
+  auto bf16_bad = [](uint16_t h) { return (h & 0x7F80u) == 0x7F80u; };
+  switch (t.type) {
+    case TensorType::F32: {
+      const auto* v = static_cast<const float*>(t.data);
+      for (int64_t i = 0; i < count; ++i) {
+        if (!std::isfinite(v[i])) return i;
+      }
+      return -1;
+    }
+    case TensorType::F16:
+    case TensorType::BF16: {
+      const auto* v = static_cast<const uint16_t*>(t.data);
+      const auto bad = t.type == TensorType::F16 ? +half_bad : +bf16_bad;
+      for (int64_t i = 0; i < count; ++i) {
+        if (bad(v[i])) return i;
+      }
+      return -1;
+    }
+    default:
+      break;
+  }
+  // Quantised: the fp16 scale fields of each block (d, and m/dmin where the format has one).
+  const int64_t blocks = count / block_elements(t.type);
+  const int64_t size = block_bytes(t.type);
+  const auto* base = static_cast<const uint8_t*>(t.data);
+  const int offset = t.type == TensorType::Q6_K ? offsetof(BlockQ6_K, d) : 0;
+  const bool second = t.type == TensorType::Q4_1 || t.type == TensorType::Q5_1 ||
+                      t.type == TensorType::Q4_K || t.type == TensorType::Q5_K;
+  for (int64_t b = 0; b < blocks; ++b) {
+    uint16_t h[2] = {0, 0};
+    std::memcpy(h, base + b * size + offset, second ? 4 : 2);
+    if (half_bad(h[0]) || half_bad(h[1])) return b;
+  }
+  return -1;
 }
 
 std::string layer_prefix(int layer) { return "model.layers." + std::to_string(layer) + "."; }
@@ -38,13 +89,22 @@ TensorView need(const WeightMap& weights, const std::string& name,
   }
   const TensorView& view = it->second;
   if (view.data == nullptr) throw std::invalid_argument("tensor '" + name + "' has no data");
-  const int64_t count = view.numel();
-  for (int64_t i = 0; i < count; ++i) {
-    if (!std::isfinite(view.data[i])) {
-      const char* what = std::isnan(view.data[i]) ? "NaN" : "Inf";
-      throw std::invalid_argument("tensor '" + name + "' contains " + what +
-                                  " (first at flat index " + std::to_string(i) + ")");
-    }
+  const std::string what = "tensor '" + name + "' (" + tensor_type_name(view.type) + ")";
+  if (shape.size() != 1 && shape.size() != 2) {
+    throw std::invalid_argument(what + ": only vectors and matrices are supported");
+  }
+  if (is_quantized(view.type) && shape.size() != 2) {
+    throw std::invalid_argument(what + ": a quantised tensor must be a matrix");
+  }
+  row_bytes(view.type, shape.back(), ("a row of " + what).c_str());
+  const int64_t bad = first_non_finite(view);
+  if (bad >= 0) {
+    throw std::invalid_argument(
+        "tensor '" + name + "' contains " +
+        (is_quantized(view.type) ? "a NaN or infinite scale (" +
+                                       std::string(tensor_type_name(view.type)) + " block " +
+                                       std::to_string(bad) + ")"
+                                 : "NaN or Inf (first at flat index " + std::to_string(bad) + ")"));
   }
   return view;
 }
@@ -124,12 +184,29 @@ std::vector<float> stacked_bias(std::initializer_list<const LinearView*> parts) 
   for (const LinearView* p : parts) {
     const int64_t rows = p->weight.shape[0];
     if (p->bias.data != nullptr) {
-      bias.insert(bias.end(), p->bias.data, p->bias.data + rows);
+      const std::vector<float> values = to_float(p->bias);
+      bias.insert(bias.end(), values.begin(), values.end());
     } else {
       bias.insert(bias.end(), rows, 0.0f);
     }
   }
   return bias;
+}
+
+std::vector<float> to_float(const TensorView& t) {
+  std::vector<float> values(static_cast<size_t>(t.numel()));
+  dequantize(t.type, t.data, t.numel(), values.data());
+  return values;
+}
+
+TensorType storage_type(TensorType stored, DType requested) {
+  switch (requested) {
+    case DType::Auto: return stored;
+    case DType::F32: return TensorType::F32;
+    case DType::F16: return TensorType::F16;
+    case DType::BF16: return TensorType::BF16;
+  }
+  return stored;
 }
 
 }  // namespace ffnskip

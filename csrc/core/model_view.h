@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "ffnskip/config.h"
+#include "ffnskip/decoder.h"
 #include "ffnskip/weights.h"
 
 namespace ffnskip {
@@ -38,5 +39,11 @@ ModelView collect_model_view(const ModelConfig& config, const WeightMap& weights
 // The biases of linears stacked row-wise (q, k, v; gate, up): zeros for parts without one;
 // empty when no part has a bias.
 std::vector<float> stacked_bias(std::initializer_list<const LinearView*> parts);
+
+// A tensor's values in fp32, whatever its type (norms, biases, conversions).
+std::vector<float> to_float(const TensorView& t);
+
+// The type a backend stores a weight matrix in: its own (DType::Auto) or the requested one.
+TensorType storage_type(TensorType stored, DType requested);
 
 }  // namespace ffnskip

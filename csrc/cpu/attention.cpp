@@ -80,7 +80,7 @@ void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const flo
         }
       }
       scores.resize(static_cast<size_t>(rows * len));
-      linear(pool, {keys.data(), nullptr, len, d, WeightType::F32}, queries.data(), rows,
+      linear(pool, LinearWeights({{keys.data(), TensorType::F32, len}}, d), queries.data(), rows,
              scores.data(), Output::Overwrite, isa);
       float* const probabilities = scores.data();  // workers must not name the thread_local
       pool.parallel_for(rows, [&](int64_t begin, int64_t end, int) {
@@ -108,8 +108,8 @@ void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const flo
         for (int64_t e = 0; e < d; ++e) values_t[e * len + j] = v[e];
       }
       heads_out.resize(static_cast<size_t>(rows * d));
-      linear(pool, {values_t.data(), nullptr, d, len, WeightType::F32}, scores.data(), rows,
-             heads_out.data(), Output::Overwrite, isa);
+      linear(pool, LinearWeights({{values_t.data(), TensorType::F32, d}}, len), scores.data(),
+             rows, heads_out.data(), Output::Overwrite, isa);
       for (int t = 0; t < tokens; ++t) {
         for (int h = 0; h < group; ++h) {
           std::memcpy(out + (t0 + t) * static_cast<int64_t>(shape.num_heads) * d +

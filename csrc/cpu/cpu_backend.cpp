@@ -5,14 +5,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "../core/half.h"
 #include "../core/plan.h"
 #include "../core/skip_rule.h"
+#include "../core/tensor_types.h"
 #include "activation.h"
 #include "attention.h"
 #include "linear.h"
@@ -27,73 +30,90 @@ namespace {
 
 using cpu::LinearWeights;
 
-std::vector<float> copy_of(const TensorView& t) {
-  return std::vector<float>(t.data, t.data + t.numel());
-}
+// A weight matrix as the kernels read it: the checkpoint's data in place when the decoder may
+// keep it (the view has an owner, a mapped file) and its type is kept; otherwise a copy in the
+// storage type, converted row block by row block (no full-size float copy).
+struct StoredMatrix {
+  std::vector<uint8_t> copy;  // empty when in place
+  std::shared_ptr<const void> owner;
+  const void* data = nullptr;
+  TensorType type = TensorType::F32;
+  int64_t rows = 0, cols = 0;
 
-// A matrix in the backend's storage precision (the other vector stays empty).
-struct WeightMatrix {
-  std::vector<float> f32;
-  std::vector<uint16_t> half;  // bf16 or fp16 bits
-  cpu::WeightType type;
-
-  WeightMatrix(std::vector<float> values, cpu::WeightType storage) : type(storage) {
-    if (type == cpu::WeightType::F32) {
-      f32 = std::move(values);
-    } else {
-      half = cpu::to_half(values.data(), static_cast<int64_t>(values.size()), type);
-    }
-  }
-
-  const void* data() const {
-    return type == cpu::WeightType::F32 ? static_cast<const void*>(f32.data()) : half.data();
-  }
-
-  // Row `row` (`width` values) widened to fp32.
-  void read_row(int64_t row, int64_t width, float* out) const {
-    if (type == cpu::WeightType::F32) {
-      std::memcpy(out, f32.data() + row * width, sizeof(float) * width);
+  StoredMatrix(const TensorView& v, DType requested)
+      : type(storage_type(v.type, requested)), rows(v.shape[0]), cols(v.shape.back()) {
+    if (type == v.type && v.owner) {
+      data = v.data;
+      owner = v.owner;
       return;
     }
-    const uint16_t* src = half.data() + row * width;
-    for (int64_t i = 0; i < width; ++i) out[i] = cpu::half_to_float(src[i], type);
+    copy.resize(static_cast<size_t>(rows * row_bytes(type, cols)));
+    data = copy.data();
+    if (type == v.type) {
+      std::memcpy(copy.data(), v.data, copy.size());
+      return;
+    }
+    const int64_t in_row = row_bytes(v.type, cols), out_row = row_bytes(type, cols);
+    std::vector<float> row(static_cast<size_t>(cols));
+    for (int64_t r = 0; r < rows; ++r) {
+      dequantize(v.type, static_cast<const uint8_t*>(v.data) + r * in_row, cols, row.data());
+      uint8_t* dst = copy.data() + r * out_row;
+      if (type == TensorType::F32) {
+        std::memcpy(dst, row.data(), sizeof(float) * cols);
+        continue;
+      }
+      auto* half = reinterpret_cast<uint16_t*>(dst);
+      for (int64_t i = 0; i < cols; ++i) {
+        half[i] = type == TensorType::BF16 ? float_to_bf16(row[i]) : float_to_f16(row[i]);
+      }
+    }
+  }
+
+  LinearWeights::Part part() const { return {data, type, rows}; }
+  int64_t bytes() const { return rows * row_bytes(type, cols); }
+
+  // Row `row` widened to fp32 (the embedding lookup).
+  void read_row(int64_t row, float* out) const {
+    dequantize(type, static_cast<const uint8_t*>(data) + row * row_bytes(type, cols), cols, out);
   }
 };
 
-// Several linears that read the same input, stacked row-wise so one pass computes them all.
-struct StackedLinear {
-  WeightMatrix weight;
-  std::vector<float> bias;  // empty when none of the parts has a bias
+// Linears that read the same input (q, k, v; gate, up): one LinearWeights of their parts.
+struct Linear {
+  std::vector<StoredMatrix> parts;
+  std::vector<float> bias;  // stacked; empty when none of the parts has a bias
   LinearWeights view;
 
-  StackedLinear(std::initializer_list<const LinearView*> parts, cpu::WeightType storage)
-      : weight(stacked_rows(parts), storage), bias(stacked_bias(parts)) {
-    int64_t out = 0;
-    for (const LinearView* p : parts) out += p->weight.shape[0];
-    const int64_t in = (*parts.begin())->weight.shape[1];
-    view = {weight.data(), bias.empty() ? nullptr : bias.data(), out, in, storage};
+  Linear(std::initializer_list<const LinearView*> views, DType requested)
+      : bias(stacked_bias(views)) {
+    parts.reserve(views.size());
+    for (const LinearView* v : views) parts.emplace_back(v->weight, requested);
+    view.in = parts.front().cols;
+    view.bias = bias.empty() ? nullptr : bias.data();
+    for (const StoredMatrix& m : parts) {
+      view.parts[view.num_parts++] = m.part();
+      view.out += m.rows;
+    }
   }
 
-  static std::vector<float> stacked_rows(std::initializer_list<const LinearView*> parts) {
-    std::vector<float> rows;
-    for (const LinearView* p : parts) {
-      rows.insert(rows.end(), p->weight.data, p->weight.data + p->weight.numel());
-    }
-    return rows;
+  int64_t bytes() const {
+    int64_t total = 0;
+    for (const StoredMatrix& m : parts) total += m.bytes();
+    return total;
   }
 };
 
 struct CpuLayer {
   std::vector<float> attn_norm, ffn_norm;
-  StackedLinear qkv, o, gate_up, down;
+  Linear qkv, o, gate_up, down;
 
-  CpuLayer(const LayerView& v, cpu::WeightType storage)
-      : attn_norm(copy_of(v.attn_norm)),
-        ffn_norm(copy_of(v.ffn_norm)),
-        qkv({&v.q, &v.k, &v.v}, storage),
-        o({&v.o}, storage),
-        gate_up({&v.gate, &v.up}, storage),
-        down({&v.down}, storage) {}
+  CpuLayer(const LayerView& v, DType requested)
+      : attn_norm(to_float(v.attn_norm)),
+        ffn_norm(to_float(v.ffn_norm)),
+        qkv({&v.q, &v.k, &v.v}, requested),
+        o({&v.o}, requested),
+        gate_up({&v.gate, &v.up}, requested),
+        down({&v.down}, requested) {}
 };
 
 size_t available_memory_bytes() {
@@ -105,11 +125,11 @@ size_t available_memory_bytes() {
 class CpuBackend final : public Backend {
  public:
   CpuBackend(const ModelConfig& config, const ModelView& model, int max_seq_len, int num_threads,
-             cpu::WeightType storage)
+             DType requested)
       : config_(config),
         pool_(num_threads),
-        embed_(copy_of(model.embed), storage),
-        final_norm_(copy_of(model.final_norm)),
+        embed_(model.embed, requested),
+        final_norm_(to_float(model.final_norm)),
         inv_freq_(rope_inv_freq(config)) {
     const size_t kv_bytes = 2ull * config.num_layers * max_seq_len * config.kv_dim() * sizeof(float);
     if (kv_bytes > available_memory_bytes()) {
@@ -119,10 +139,10 @@ class CpuBackend final : public Backend {
                                   " MiB of memory are available");
     }
     layers_.reserve(config.num_layers);
-    for (const auto& layer : model.layers) layers_.emplace_back(layer, storage);
-    if (!config.tie_word_embeddings) lm_head_.emplace(copy_of(model.lm_head), storage);
-    const WeightMatrix& head = lm_head_ ? *lm_head_ : embed_;
-    lm_head_view_ = {head.data(), nullptr, config.vocab_size, config.hidden_size, storage};
+    for (const auto& layer : model.layers) layers_.emplace_back(layer, requested);
+    if (!config.tie_word_embeddings) lm_head_.emplace(model.lm_head, requested);
+    const StoredMatrix& head = lm_head_ ? *lm_head_ : embed_;
+    lm_head_view_ = LinearWeights({head.part()}, config.hidden_size);
 
     kv_layer_stride_ = static_cast<int64_t>(max_seq_len) * config.kv_dim();
     kv_.resize(config.num_layers);
@@ -154,6 +174,25 @@ class CpuBackend final : public Backend {
     gate = router_gate_;
   }
 
+  WeightFootprint weight_footprint() const override {
+    WeightFootprint f;
+    std::map<TensorType, int64_t> by_type;
+    auto add = [&](const StoredMatrix& m) { by_type[m.type] += m.bytes(); };
+    add(embed_);
+    if (lm_head_) add(*lm_head_);
+    for (const CpuLayer& layer : layers_) {
+      for (const Linear* linear : {&layer.qkv, &layer.o, &layer.gate_up, &layer.down}) {
+        for (const StoredMatrix& m : linear->parts) add(m);
+      }
+      f.layers.push_back({layer.qkv.parts[0].bytes(),
+                          layer.qkv.parts[1].bytes() + layer.qkv.parts[2].bytes(),
+                          layer.o.bytes(), layer.gate_up.bytes() + layer.down.bytes()});
+    }
+    f.bytes_by_type.assign(by_type.begin(), by_type.end());
+    f.head = (lm_head_ ? *lm_head_ : embed_).bytes();
+    return f;
+  }
+
   int64_t kv_cache_bytes() const override {
     int64_t layers = 0;
     for (const LayerCache& c : kv_) layers += c.k ? 1 : 0;
@@ -169,7 +208,7 @@ class CpuBackend final : public Backend {
     }
     const int hidden = config_.hidden_size;
     for (int t = 0; t < pass.n; ++t) {
-      embed_.read_row(pass.tokens[t], hidden, &x_[static_cast<size_t>(t) * hidden]);
+      embed_.read_row(pass.tokens[t], &x_[static_cast<size_t>(t) * hidden]);
     }
     cpu::rope_tables(inv_freq_.data(), config_.head_dim / 2, pass.pos, pass.n, cos_.data(),
                      sin_.data());
@@ -200,15 +239,15 @@ class CpuBackend final : public Backend {
     float* q = qkv_.data();
     float* k = q + q_dim;
     if (plan.attention == AttentionMode::KVOnly) {
-      // Early exit (decode, n == 1): only the K/V rows of the stacked projection.
-      cpu::linear(pool_, w.qkv.view.rows(q_dim, 2 * kv_dim), xn_.data(), 1, k);
+      // Early exit (decode, n == 1): only the K/V parts of the projection.
+      cpu::linear(pool_, w.qkv.view.slice(1, 2), xn_.data(), 1, k);
     } else {
       cpu::linear(pool_, w.qkv.view, xn_.data(), n, q);
       cpu::apply_rope(q, n, qkv_dim, config_.num_heads, config_.head_dim, cos_.data(),
-                      sin_.data());
+                      sin_.data(), config_.rope_interleaved);
     }
     cpu::apply_rope(k, n, qkv_dim, config_.num_kv_heads, config_.head_dim, cos_.data(),
-                    sin_.data());
+                    sin_.data(), config_.rope_interleaved);
 
     float* k_cache = kv_[layer].k.get();
     float* v_cache = kv_[layer].v.get();
@@ -326,8 +365,8 @@ class CpuBackend final : public Backend {
 
   ModelConfig config_;
   cpu::ThreadPool pool_;
-  WeightMatrix embed_;
-  std::optional<WeightMatrix> lm_head_;  // none when tied to the embedding
+  StoredMatrix embed_;
+  std::optional<StoredMatrix> lm_head_;  // none when tied to the embedding
   std::vector<float> final_norm_, inv_freq_;
   std::vector<CpuLayer> layers_;
   LinearWeights lm_head_view_;
@@ -355,10 +394,7 @@ class CpuBackend final : public Backend {
 std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& config, const ModelView& model,
                                           int max_seq_len, int num_threads, DType dtype) {
   cpu::kernel_isa();  // a bad FFNSKIP_CPU_ISA fails here rather than inside a step
-  cpu::WeightType storage = cpu::WeightType::F32;
-  if (dtype == DType::BF16) storage = cpu::WeightType::BF16;
-  if (dtype == DType::F16) storage = cpu::WeightType::F16;
-  return std::make_unique<CpuBackend>(config, model, max_seq_len, num_threads, storage);
+  return std::make_unique<CpuBackend>(config, model, max_seq_len, num_threads, dtype);
 }
 
 }  // namespace ffnskip

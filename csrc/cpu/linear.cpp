@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <vector>
 
+#include "../core/half.h"
+#include "../core/tensor_types.h"
+#include "quant.h"
 #include "simd.h"
 
 #ifdef FFNSKIP_X86_DISPATCH
@@ -21,6 +24,15 @@ constexpr int kTileTokens = 4;
 
 typedef uint16_t vu16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 typedef uint32_t vu32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// One float matrix of a linear's part, as the float kernels read it: its rows [row, ...) write
+// y[t * out + row]; `out` is the whole linear's row count (the y stride), `bias` the part's.
+struct Matrix {
+  const void* weight;
+  const float* bias;
+  int64_t out;
+  int64_t in;
+};
 
 // How a storage type widens to fp32. A block of kParts * kLanes weights becomes kParts
 // vectors, each multiplied by the vector of x at the same offset in the block; `at` widens one
@@ -98,7 +110,7 @@ struct F16Weights {
 
 // R weight rows times T tokens: R*T accumulators, each weight block widened once per T tokens.
 template <int R, int T, typename W>
-__attribute__((always_inline)) inline void tile(const LinearWeights& w, int64_t row,
+__attribute__((always_inline)) inline void tile(const Matrix& w, int64_t row,
                                                 const float* x, float* y, bool accumulate) {
   constexpr int P = W::kParts;
   constexpr int64_t kBlock = P * kLanes;
@@ -142,7 +154,7 @@ __attribute__((always_inline)) inline void tile(const LinearWeights& w, int64_t 
 
 // Every row of [row_begin, row_end) for one token, R rows at a time.
 template <int R, typename W>
-__attribute__((always_inline)) inline void rows_for_token(const LinearWeights& w,
+__attribute__((always_inline)) inline void rows_for_token(const Matrix& w,
                                                           int64_t row_begin, int64_t row_end,
                                                           const float* x, float* y,
                                                           bool accumulate) {
@@ -154,7 +166,7 @@ __attribute__((always_inline)) inline void rows_for_token(const LinearWeights& w
 // Within a block of tokens, each tile of weight rows stays in L1 while every group of
 // kTileTokens tokens (their inputs in L2) passes it: the rows come from memory once per block.
 template <typename W>
-__attribute__((always_inline)) inline void token_blocks(const LinearWeights& w, const float* x,
+__attribute__((always_inline)) inline void token_blocks(const Matrix& w, const float* x,
                                                         int64_t n, float* y, int64_t row_begin,
                                                         int64_t row_end, bool accumulate) {
   constexpr int R = kTileRows, T = kTileTokens;
@@ -189,6 +201,7 @@ struct LinearInput {
   const float* xs;  // x, or for bf16 weights each block of 32 de-interleaved (BF16Weights)
   const float* xt;  // the panel path's token groups, [n / kPanelTokens][in][kPanelTokens]; or
                     // null where that path is not taken
+  const BlockQ8* xq;  // for quantised weights, [n, in / 32] blocks; or null
   int64_t n;
 };
 
@@ -199,7 +212,7 @@ struct LinearInput {
 // and no horizontal sums, where the dot-product tiles above need both.
 
 template <typename W>
-__attribute__((always_inline)) inline void pack_panel(const LinearWeights& w, int64_t row,
+__attribute__((always_inline)) inline void pack_panel(const Matrix& w, int64_t row,
                                                       float* panel) {
   const typename W::Stored* src = static_cast<const typename W::Stored*>(w.weight) + row * w.in;
   for (int64_t k = 0; k < w.in; ++k) {
@@ -209,7 +222,7 @@ __attribute__((always_inline)) inline void pack_panel(const LinearWeights& w, in
 
 // T tokens' outputs for one panel; token t's input k is x[t * t_stride + k * k_stride].
 template <int T>
-__attribute__((always_inline)) inline void panel_tokens(const LinearWeights& w, int64_t row,
+__attribute__((always_inline)) inline void panel_tokens(const Matrix& w, int64_t row,
                                                         const float* panel, const float* x,
                                                         int64_t t_stride, int64_t k_stride,
                                                         float* y, bool accumulate) {
@@ -237,7 +250,7 @@ __attribute__((always_inline)) inline void panel_tokens(const LinearWeights& w, 
 // Rows [row_begin, row_end) in whole panels; returns the first row it left (fewer than
 // kPanelRows remain).
 template <typename W>
-__attribute__((always_inline)) inline int64_t panel_rows(const LinearWeights& w,
+__attribute__((always_inline)) inline int64_t panel_rows(const Matrix& w,
                                                          const LinearInput& input, float* y,
                                                          int64_t row_begin, int64_t row_end,
                                                          bool accumulate) {
@@ -262,7 +275,7 @@ __attribute__((always_inline)) inline int64_t panel_rows(const LinearWeights& w,
 #endif
 
 template <Isa I, typename W>
-__attribute__((always_inline)) inline void rows_of_type(const LinearWeights& w,
+__attribute__((always_inline)) inline void rows_of_type(const Matrix& w,
                                                         const LinearInput& input, float* y,
                                                         int64_t row_begin, int64_t row_end,
                                                         bool accumulate) {
@@ -275,27 +288,29 @@ __attribute__((always_inline)) inline void rows_of_type(const LinearWeights& w,
 }
 
 template <Isa I>
-__attribute__((always_inline)) inline void linear_rows(const LinearWeights& w,
-                                                       const LinearInput& input, float* y,
-                                                       int64_t row_begin, int64_t row_end,
-                                                       bool accumulate) {
-  switch (w.type) {
-    case WeightType::F32:
+__attribute__((always_inline)) inline void float_rows(const Matrix& w, TensorType type,
+                                                      const LinearInput& input, float* y,
+                                                      int64_t row_begin, int64_t row_end,
+                                                      bool accumulate) {
+  switch (type) {
+    case TensorType::F32:
       rows_of_type<I, F32Weights>(w, input, y, row_begin, row_end, accumulate);
       break;
-    case WeightType::BF16:
+    case TensorType::BF16:
       rows_of_type<I, BF16Weights>(w, input, y, row_begin, row_end, accumulate);
       break;
-    case WeightType::F16:
+    case TensorType::F16:
       rows_of_type<I, F16Weights<I>>(w, input, y, row_begin, row_end, accumulate);
       break;
+    default:
+      break;  // quantised: quant_rows
   }
 }
 
-FFNSKIP_ISA_VARIANTS(void, linear_rows,
-                     (const LinearWeights& w, const LinearInput& input, float* y,
+FFNSKIP_ISA_VARIANTS(void, float_rows,
+                     (const Matrix& w, TensorType type, const LinearInput& input, float* y,
                       int64_t row_begin, int64_t row_end, bool accumulate),
-                     (w, input, y, row_begin, row_end, accumulate))
+                     (w, type, input, y, row_begin, row_end, accumulate))
 
 // The exported dot and axpy, in the instruction set of the other kernels.
 template <Isa>
@@ -349,29 +364,85 @@ const float* token_groups(const float* x, int64_t n, int64_t in) {
   return out.data();
 }
 
+bool is_float(TensorType type) { return !is_quantized(type); }
+
+// Rows [row_begin, row_end) of the whole linear: each part's share by its own kernel.
+void linear_rows(const LinearWeights& w, const LinearInput& input, float* y, int64_t row_begin,
+                 int64_t row_end, bool accumulate, Isa isa) {
+  const auto float_kernel = float_rows_for_isa(isa);
+  int64_t first = 0;  // the part's first row in the linear
+  for (int p = 0; p < w.num_parts; first += w.parts[p].rows, ++p) {
+    const LinearWeights::Part& part = w.parts[p];
+    const int64_t begin = std::max(row_begin, first), end = std::min(row_end, first + part.rows);
+    if (begin >= end) continue;
+    if (is_float(part.type)) {
+      const Matrix m{part.data, w.bias ? w.bias + first : nullptr, w.out, w.in};
+      float_kernel(m, part.type, input, y + first, begin - first, end - first, accumulate);
+      continue;
+    }
+    const QuantMatrix m{part.data, part.type, w.in};
+    quant_rows(m, input.xq, input.n, y + first, w.out, begin - first, end - first, accumulate,
+               isa);
+    if (w.bias == nullptr) continue;
+    for (int64_t t = 0; t < input.n; ++t) {
+      for (int64_t r = begin; r < end; ++r) y[t * w.out + r] += w.bias[r];
+    }
+  }
+}
+
+// x quantised per block of 32 for the integer kernels.
+const BlockQ8* quantized_activations(const float* x, int64_t n, int64_t in) {
+  thread_local std::vector<BlockQ8> out;  // grows to the largest input, then never allocates
+  out.resize(static_cast<size_t>(n * in / 32));
+  quantize_activations(x, n, in, out.data());
+  return out.data();
+}
+
 }  // namespace
 
-LinearWeights LinearWeights::rows(int64_t first, int64_t count) const {
-  const size_t element = type == WeightType::F32 ? sizeof(float) : sizeof(uint16_t);
-  LinearWeights part = *this;
-  part.weight = static_cast<const char*>(weight) + first * in * element;
-  part.bias = bias ? bias + first : nullptr;
-  part.out = count;
+LinearWeights::LinearWeights(std::initializer_list<Part> list, int64_t in_features,
+                             const float* bias_values)
+    : bias(bias_values), in(in_features) {
+  for (const Part& p : list) {
+    parts[num_parts++] = p;
+    out += p.rows;
+  }
+}
+
+LinearWeights LinearWeights::slice(int first, int count) const {
+  LinearWeights part;
+  int64_t skipped = 0;
+  for (int p = 0; p < first; ++p) skipped += parts[p].rows;
+  for (int p = first; p < first + count; ++p) {
+    part.parts[part.num_parts++] = parts[p];
+    part.out += parts[p].rows;
+  }
+  part.bias = bias ? bias + skipped : nullptr;
+  part.in = in;
   return part;
+}
+
+bool LinearWeights::any_of(bool (*predicate)(TensorType)) const {
+  return std::any_of(parts, parts + num_parts, [&](const Part& p) { return predicate(p.type); });
 }
 
 void linear(ThreadPool& pool, const LinearWeights& w, const float* x, int64_t n, float* y,
             Output mode, Isa isa) {
   const bool accumulate = mode == Output::Accumulate;
-  LinearInput input{x, x, nullptr, n};
-  if (w.type == WeightType::BF16) input.xs = deinterleave_pairs(x, n, w.in);
-  if (isa == Isa::Avx512 && n >= kPanelTokens) input.xt = token_groups(x, n, w.in);
-  const auto rows = linear_rows_for_isa(isa);
+  LinearInput input{x, x, nullptr, nullptr, n};
+  if (w.any_of([](TensorType t) { return t == TensorType::BF16; })) {
+    input.xs = deinterleave_pairs(x, n, w.in);
+  }
+  if (isa == Isa::Avx512 && n >= kPanelTokens && w.any_of(is_float)) {
+    input.xt = token_groups(x, n, w.in);
+  }
+  if (w.any_of(is_quantized)) input.xq = quantized_activations(x, n, w.in);
   // Threads take whole panels of rows, so which kernel computes a row (and hence its rounding)
   // does not depend on the thread count.
   const int64_t panels = (w.out + kPanelRows - 1) / kPanelRows;
   pool.parallel_for(panels, [&](int64_t begin, int64_t end, int) {
-    rows(w, input, y, begin * kPanelRows, std::min(w.out, end * kPanelRows), accumulate);
+    linear_rows(w, input, y, begin * kPanelRows, std::min(w.out, end * kPanelRows), accumulate,
+                isa);
   });
 }
 

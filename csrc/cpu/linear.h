@@ -1,24 +1,38 @@
-// Linear layers y = x W^T + b with fp32, bf16 or fp16 weights and fp32 activations and
-// accumulation: a GEMV for one token, a blocked GEMM for many.
+// Linear layers y = x W^T + b with fp32, bf16, fp16 or quantised (quant.h) weights and fp32
+// activations and accumulation: a GEMV for one token, a blocked GEMM for many.
 #pragma once
 
 #include <cstdint>
 
+#include <initializer_list>
+
+#include "ffnskip/weights.h"
 #include "isa.h"
-#include "storage.h"
 #include "thread_pool.h"
 
 namespace ffnskip::cpu {
 
+// A linear y = x W^T + b whose rows come from up to three matrices stored apart (q, k and v of a
+// checkpoint, gate and up), each [rows, in] row-major in its own format, read in place: float
+// (F32, F16, BF16) or GGUF blocks (tensor_types.h).
 struct LinearWeights {
-  const void* weight = nullptr;  // [out, in], row-major, of `type`
-  const float* bias = nullptr;   // [out] or null
-  int64_t out = 0;
+  struct Part {
+    const void* data = nullptr;
+    TensorType type = TensorType::F32;
+    int64_t rows = 0;
+  };
+  static constexpr int kMaxParts = 3;
+  Part parts[kMaxParts];
+  int num_parts = 0;
+  const float* bias = nullptr;  // [out] (the parts' biases stacked) or null
+  int64_t out = 0;              // rows of all parts
   int64_t in = 0;
-  WeightType type = WeightType::F32;
 
-  // Rows [first, first + count) as a linear of their own.
-  LinearWeights rows(int64_t first, int64_t count) const;
+  LinearWeights() = default;
+  LinearWeights(std::initializer_list<Part> parts, int64_t in, const float* bias = nullptr);
+  // Parts [first, first + count) as a linear of their own.
+  LinearWeights slice(int first, int count) const;
+  bool any_of(bool (*predicate)(TensorType)) const;
 };
 
 enum class Output { Overwrite, Accumulate };

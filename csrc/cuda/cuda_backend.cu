@@ -23,6 +23,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../core/skip_rule.h"
@@ -207,6 +208,27 @@ class CudaBackend final : public Backend {
   // layers neither write nor read theirs, but it stays allocated.
   int64_t kv_cache_bytes() const override { return static_cast<int64_t>(kv_cache_bytes_); }
 
+  WeightFootprint weight_footprint() const override {
+    WeightFootprint f;
+    const int64_t element = sizeof(T);
+    auto bytes = [&](const DeviceLinear<T>& l) { return element * l.rows * l.cols; };
+    int64_t total = element * config_.vocab_size * config_.hidden_size *
+                    (config_.tie_word_embeddings ? 1 : 2);
+    const int64_t q_rows = config_.q_dim();
+    for (const DeviceLayer<T>& layer : model_.layers) {
+      const int64_t qkv = bytes(layer.qkv);
+      const int64_t q = element * q_rows * layer.qkv.cols;
+      f.layers.push_back({q, qkv - q, bytes(layer.o), bytes(layer.gate_up) + bytes(layer.down)});
+      total += qkv + bytes(layer.o) + bytes(layer.gate_up) + bytes(layer.down);
+    }
+    const TensorType type = std::is_same_v<T, float>    ? TensorType::F32
+                            : std::is_same_v<T, __half> ? TensorType::F16
+                                                        : TensorType::BF16;
+    f.bytes_by_type = {{type, total}};
+    f.head = element * config_.vocab_size * config_.hidden_size;
+    return f;
+  }
+
   // ---- the sub-blocks of a pass, in the order forward() (plan.h) calls them ----
 
   void begin_pass(const Pass& pass) {
@@ -246,6 +268,7 @@ class CudaBackend final : public Backend {
     rope.head_dim = config_.head_dim;
     rope.q_dim = q_dim;
     rope.inv_freq = model_.inv_freq;
+    rope.interleaved = config_.rope_interleaved;
     rope.skip_flag = layer_off;
     T* k_cache = k_cache_ + static_cast<int64_t>(layer) * max_seq_len_ * kv_dim;
     T* v_cache = v_cache_ + static_cast<int64_t>(layer) * max_seq_len_ * kv_dim;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../core/tensor_types.h"
 #include "common.cuh"
 #include "cuda_check.cuh"
 
@@ -11,10 +12,6 @@ namespace ffnskip::cuda {
 namespace {
 
 constexpr size_t kUploadStagingBytes = 64u << 20;
-
-std::vector<float> values_of(const TensorView& t) {
-  return std::vector<float>(t.data, t.data + t.numel());
-}
 
 bool has_bias(std::initializer_list<const LinearView*> parts) {
   return std::any_of(parts.begin(), parts.end(),
@@ -65,17 +62,21 @@ void DeviceModel<T>::upload(const ModelConfig& c, const ModelView& model,
   T* stage = reinterpret_cast<T*>(staging.get());
   const int64_t stage_elements = static_cast<int64_t>(staging_bytes / sizeof(T));
 
-  // Converts the rows of host tensors to T into the staging buffer and copies them; `parts`
-  // are stacked row-wise into `dst`.
+  // Converts the rows of host tensors (any stored type) to T into the staging buffer and copies
+  // them; `parts` are stacked row-wise into `dst`.
+  std::vector<float> values;
   auto upload_rows = [&](T* dst, std::initializer_list<const TensorView*> parts) {
     for (const TensorView* part : parts) {
       const int64_t cols = part->shape.back();
       const int64_t rows = part->numel() / cols;
+      const int64_t bytes_per_row = row_bytes(part->type, cols);
       const int64_t rows_per_chunk = std::max<int64_t>(1, stage_elements / cols);
       for (int64_t r0 = 0; r0 < rows; r0 += rows_per_chunk) {
         const int64_t count = std::min(rows_per_chunk, rows - r0) * cols;
-        const float* src = part->data + r0 * cols;
-        for (int64_t i = 0; i < count; ++i) stage[i] = from_float<T>(src[i]);
+        values.resize(static_cast<size_t>(count));
+        dequantize(part->type, static_cast<const uint8_t*>(part->data) + r0 * bytes_per_row, count,
+                   values.data());
+        for (int64_t i = 0; i < count; ++i) stage[i] = from_float<T>(values[i]);
         CUDA_CHECK(cudaMemcpyAsync(dst, stage, sizeof(T) * count, cudaMemcpyHostToDevice,
                                    stream));
         CUDA_CHECK(cudaStreamSynchronize(stream));  // the staging buffer is refilled next
@@ -91,13 +92,13 @@ void DeviceModel<T>::upload(const ModelConfig& c, const ModelView& model,
 
   upload_rows(embed, {&model.embed});
   if (!c.tie_word_embeddings) upload_rows(lm_head, {&model.lm_head});
-  upload_floats(final_norm, values_of(model.final_norm));
+  upload_floats(final_norm, to_float(model.final_norm));
   upload_floats(inv_freq, rope_inv_freq(c));
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerView& v = model.layers[l];
     const DeviceLayer<T>& d = layers[l];
-    upload_floats(d.attn_norm, values_of(v.attn_norm));
-    upload_floats(d.ffn_norm, values_of(v.ffn_norm));
+    upload_floats(d.attn_norm, to_float(v.attn_norm));
+    upload_floats(d.ffn_norm, to_float(v.ffn_norm));
     upload_rows(d.qkv.weight, {&v.q.weight, &v.k.weight, &v.v.weight});
     upload_floats(d.qkv.bias, stacked_bias({&v.q, &v.k, &v.v}));
     upload_rows(d.o.weight, {&v.o.weight});

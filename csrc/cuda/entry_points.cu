@@ -50,6 +50,7 @@ ffnskip::Backend* ffnskip_cuda_create_backend(const ffnskip::ModelConfig* config
   switch (dtype) {
     case ffnskip::DType::F32:
       return new_cuda_backend<float>(*config, *model, max_seq_len);
+    case ffnskip::DType::Auto:  // until the device reads quantised blocks: every weight in fp16
     case ffnskip::DType::F16:
       return new_cuda_backend<__half>(*config, *model, max_seq_len);
     case ffnskip::DType::BF16:

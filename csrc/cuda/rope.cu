@@ -40,17 +40,20 @@ __global__ void rope_kv_write_kernel(const RopeKvArgs a, T* __restrict__ k_cache
   const float c = cosf(angle);
   const float s = sinf(angle);
   float* v = row + (is_q ? 0 : a.q_dim) + head * a.head_dim;
-  const float x0 = v[i];
-  const float x1 = v[i + half];
+  // Element i turns with i + half, or in interleaved rows 2i with 2i + 1 (the CPU backend's).
+  const int i0 = a.interleaved ? 2 * i : i;
+  const int i1 = a.interleaved ? 2 * i + 1 : i + half;
+  const float x0 = v[i0];
+  const float x1 = v[i1];
   const float y0 = x0 * c - x1 * s;
   const float y1 = x1 * c + x0 * s;
   if (is_q) {
-    v[i] = y0;
-    v[i + half] = y1;
+    v[i0] = y0;
+    v[i1] = y1;
   } else {
     T* k = k_cache + cache_row + head * a.head_dim;
-    k[i] = from_float<T>(y0);
-    k[i + half] = from_float<T>(y1);
+    k[i0] = from_float<T>(y0);
+    k[i1] = from_float<T>(y1);
   }
 }
 

@@ -1,4 +1,5 @@
-// Rotary position embedding (rotate-half) fused with the KV-cache write: for each token t of
+// Rotary position embedding (rotate-half, or adjacent pairs for llama.cpp's row order) fused
+// with the KV-cache write: for each token t of
 // the pass, at position pos + t, rotates its q heads in place and writes its rotated k heads
 // and its v heads to the layer's cache in the storage type.
 #pragma once
@@ -19,6 +20,7 @@ struct RopeKvArgs {
   int head_dim = 0;
   int q_dim = 0;
   const float* inv_freq = nullptr;  // [head_dim / 2]; angle = inv_freq[i] * float(position)
+  bool interleaved = false;  // rows in llama.cpp's order: pairs (2i, 2i + 1) turn together
   const int32_t* skip_flag = nullptr;  // device, optional: when set, the kernel does nothing
 };
 

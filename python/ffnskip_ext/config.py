@@ -34,6 +34,9 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_position: int = 8192
+    # Q and K rows in llama.cpp's order (a llama GGUF read as stored): RoPE rotates adjacent
+    # pairs instead of the halves of each head (the same attention).
+    rope_interleaved: bool = False
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False

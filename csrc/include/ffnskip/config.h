@@ -25,6 +25,9 @@ struct ModelConfig {
   double rope_low_freq_factor = 1.0;
   double rope_high_freq_factor = 4.0;
   int rope_original_max_position = 8192;
+  // Q and K rows in llama.cpp's order (a llama GGUF read as stored): RoPE rotates adjacent
+  // pairs (x_2i, x_2i+1) instead of the two halves of each head, which gives the same attention.
+  bool rope_interleaved = false;
   bool tie_word_embeddings = false;
   bool qkv_bias = false;
   bool o_bias = false;

@@ -6,6 +6,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ffnskip/config.h"
@@ -21,12 +22,15 @@ class Backend;  // csrc/core/backend.h
 enum class Device { CPU, CUDA };
 Device parse_device(const std::string& name);  // "cpu" or "cuda"
 const std::vector<std::string>& device_names();
-// Storage precision of the weights; activations and accumulation are fp32.
-enum class DType { F32, F16, BF16 };
+// How the weights are stored: as the checkpoint stores them (Auto: floats or GGUF blocks, read
+// in place when the checkpoint stays mapped), or converted to fp32, fp16 or bf16. Activations
+// and accumulation are fp32.
+enum class DType { Auto, F32, F16, BF16 };
 
-DType parse_dtype(const std::string& name);  // "float32"/"fp32", "float16"/"fp16", "bfloat16"/"bf16"
+// "auto", "float32"/"fp32", "float16"/"fp16", "bfloat16"/"bf16"
+DType parse_dtype(const std::string& name);
 const char* dtype_name(DType dtype);
-// The canonical names, "float32", "float16", "bfloat16".
+// The canonical names, "auto", "float32", "float16", "bfloat16".
 const std::vector<std::string>& dtype_names();
 
 // Throws std::invalid_argument unless 0 <= token < vocab_size; `index` is its place in the input.
@@ -34,9 +38,22 @@ void check_token_id(int64_t token, int64_t index, int vocab_size);
 
 struct DecoderOptions {
   Device device = Device::CPU;
-  DType dtype = DType::F32;
+  DType dtype = DType::Auto;
   int max_seq_len = 0;   // 0: min(max_position_embeddings, 8192)
   int num_threads = 0;   // CPU worker threads including the caller; 0: all hardware threads
+};
+
+// The weights as a backend stores them: bytes per storage type, and what each sub-block of
+// each layer and the LM head read (a decode step reads each weight it runs once).
+struct WeightFootprint {
+  std::vector<std::pair<TensorType, int64_t>> bytes_by_type;
+  struct Layer {
+    int64_t q = 0, kv = 0, o = 0, ffn = 0;  // q, k + v, output projection; gate + up + down
+  };
+  std::vector<Layer> layers;
+  int64_t head = 0;  // the final norm's linear to the vocabulary
+
+  int64_t dense_step_bytes() const;  // every layer and the head
 };
 
 // Decode-step counters since the last reset_stats().
@@ -46,6 +63,7 @@ struct DecodeStats {
   std::vector<int64_t> ffn_run, ffn_skipped;      // per layer
   std::vector<int64_t> layer_skipped;             // per layer: attention skipped or K/V only
   std::vector<int64_t> ffn_skipped_after_warmup;  // per layer
+  int64_t weight_bytes_read = 0;  // by the decode steps: the weights of what they ran
   // The current sequence (not counters): FiRST's routing and the KV cache allocated.
   std::vector<uint8_t> layer_active;  // per layer: 1 when it runs for this sequence
   std::vector<float> router_gate;     // per layer: FiRST gate, NaN when not routed
@@ -86,6 +104,7 @@ class Decoder {
 
   DecodeStats stats() const;
   void reset_stats();
+  const WeightFootprint& weight_footprint() const { return footprint_; }
   // While enabled, every decode step appends its StepRecord (scores are computed for it).
   void enable_trace(bool enabled);
   std::vector<StepRecord> trace() const;
@@ -108,6 +127,8 @@ class Decoder {
   int generation_start_ = 0;
   std::unique_ptr<Backend> backend_;
   SkipPolicy policy_;
+  std::vector<uint8_t> kv_only_;  // per layer: a decode step writes only its K/V (early exit)
+  WeightFootprint footprint_;
   DecodeStats stats_;
   bool tracing_ = false;
   std::vector<StepRecord> trace_;

@@ -32,6 +32,12 @@ class DecodeStats:
     layer_active: np.ndarray  # [layers] bool: the layer runs (FiRST routes per sequence)
     router_gate: np.ndarray  # [layers] FiRST gates of this sequence, NaN until routed
     kv_cache_bytes: int  # KV cache allocated now (FiRST releases skipped layers' on the CPU)
+    weight_bytes_read: int  # by the decode steps: every weight of what they ran, once
+
+    @property
+    def weight_bytes_per_token(self) -> float:
+        """Weight bytes the decode steps read, per step (skipped sub-blocks read none)."""
+        return self.weight_bytes_read / self.decode_tokens if self.decode_tokens else 0.0
 
     @property
     def skip_ratio(self) -> float:
@@ -147,8 +153,19 @@ class Decoder:
 
     @property
     def dtype(self) -> str:
-        """Storage precision of the weights."""
+        """How the weights are stored: "auto" (as the checkpoint stores them), or the type they
+        were converted to. ``weight_bytes`` gives the types."""
         return self._native.dtype
+
+    @property
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of the stored weights per tensor type ("F32", "BF16", "Q4_K", ...)."""
+        return dict(self._native.weight_bytes)
+
+    @property
+    def dense_step_bytes(self) -> int:
+        """Weight bytes a dense decode step reads: every layer and the LM head."""
+        return int(self._native.dense_step_bytes)
 
     @property
     def policy(self) -> Policy:

@@ -1,13 +1,10 @@
-// Weight storage types of the CPU kernels and their conversions to and from fp32.
+// fp16 and bf16 bits to and from fp32, for the host side of every backend and the CPU kernels.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
-namespace ffnskip::cpu {
-
-enum class WeightType { F32, BF16, F16 };
+namespace ffnskip {
 
 template <typename To, typename From>
 __attribute__((always_inline)) inline To bits_as(From from) {
@@ -61,11 +58,4 @@ inline uint16_t float_to_f16(float f) {
   return sign | static_cast<uint16_t>(u >> 13);
 }
 
-// `count` weights narrowed to a 16-bit type (BF16 or F16).
-std::vector<uint16_t> to_half(const float* data, int64_t count, WeightType type);
-// A 16-bit weight of `type` (BF16 or F16) widened to fp32.
-inline float half_to_float(uint16_t bits, WeightType type) {
-  return type == WeightType::BF16 ? bf16_to_float(bits) : f16_to_float(bits);
-}
-
-}  // namespace ffnskip::cpu
+}  // namespace ffnskip
