@@ -127,8 +127,9 @@ def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     it: a complete model directory for CLI and calibration tests that run in seconds."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+    # sorted: alphabet() returns a set, and token ids must not change from run to run
     backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(
-        pre_tokenizers.ByteLevel.alphabet())}, merges=[]))
+        sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = transformers.PreTrainedTokenizerFast(

@@ -29,6 +29,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+import ffnskip_ext
 from ffnskip_ext.config import ModelConfig
 from ffnskip_ext.loaders import expected_shapes, load_checkpoint, weights_from_hf_model
 from ffnskip_ext.runtime.tokenizer import load_tokenizer
@@ -498,14 +499,16 @@ def gguf_parts() -> tuple[ModelConfig, dict[str, np.ndarray]]:
 
 
 def test_gguf_unsupported_type(tmp_path, gguf_parts):
+    """IQ4_NL (blocks of 32 in 18 bytes) is a type the engine does not read."""
     config, weights = gguf_parts
     tensors = encode(weights, Q.F32)
-    tensors["model.layers.0.mlp.up_proj.weight"] = (
-        gguf.quants.quantize(weights["model.layers.0.mlp.up_proj.weight"], Q.Q5_0), Q.Q5_0
-    )
+    rows, cols = weights["model.layers.0.mlp.up_proj.weight"].shape
+    raw = np.random.default_rng(0).integers(0, 256, (rows, cols // 32 * 18), dtype=np.uint8)
+    tensors["model.layers.0.mlp.up_proj.weight"] = (raw, Q.IQ4_NL)
     path = write_gguf(tmp_path / "m.gguf", config, tensors)
-    with pytest.raises(ValueError, match=r"blk\.0\.ffn_up\.weight.*Q5_0"):
-        load_checkpoint(path)
+    for load in (load_checkpoint, ffnskip_ext.Decoder.from_pretrained):
+        with pytest.raises(ValueError, match=r"blk\.0\.ffn_up\.weight.*IQ4_NL"):
+            load(path)
 
 
 def test_gguf_missing_tensor(tmp_path, gguf_parts):

@@ -230,12 +230,13 @@ def test_dequantize_equals_gguf(type_name) -> None:
     np.testing.assert_array_equal(got, want.astype(np.float32))
 
 
-def activation_error_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """[n, out]: x quantised per block of 32 to d * round(x / d), d = max|x| / 127, moves
-    sum_i w_i x_i by at most sum_blocks d / 2 * sum_i |w_i|."""
+def activation_error_bound(w: np.ndarray, x: np.ndarray, block: int) -> np.ndarray:
+    """[n, out]: x quantised per block (32 elements, or 256 for the K-quants) to
+    d * round(x / d), d = max|x| / 127, moves sum_i w_i x_i by at most
+    sum_blocks d / 2 * sum_i |w_i|."""
     n, cols = x.shape
-    d = np.abs(x.reshape(n, cols // 32, 32)).max(axis=2) / 127.0  # [n, blocks]
-    w_abs = np.abs(w).reshape(w.shape[0], cols // 32, 32).sum(axis=2)  # [out, blocks]
+    d = np.abs(x.reshape(n, cols // block, block)).max(axis=2) / 127.0  # [n, blocks]
+    w_abs = np.abs(w).reshape(w.shape[0], cols // block, block).sum(axis=2)  # [out, blocks]
     return (d / 2) @ w_abs.T
 
 
@@ -255,7 +256,8 @@ def test_quantized_linear(pool, isa, type_name, out_features, in_features, n) ->
     bias = rng.standard_normal(out_features).astype(np.float32)
     y0 = rng.standard_normal((n, out_features)).astype(np.float32)
     exact = x.astype(np.float64) @ w.T
-    bound = (activation_error_bound(w, x.astype(np.float64))
+    block = 256 if type_name in K_QUANTS else 32
+    bound = (activation_error_bound(w, x.astype(np.float64), block)
              + 4 * in_features * EPS32 * (np.abs(x.astype(np.float64)) @ np.abs(w).T) + 1e-6)
     got = kernels.linear(pool, data, type_name, None, x, None, isa)
     assert np.all(np.abs(got - exact) <= bound), np.max(np.abs(got - exact) / bound)

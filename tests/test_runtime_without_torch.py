@@ -12,7 +12,7 @@ import sys
 sys.modules["torch"] = None  # any 'import torch' now raises ImportError
 import ffnskip_ext
 path = sys.argv[1]
-decoder = ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=128)
+decoder = ffnskip_ext.Decoder.from_pretrained(path, dtype="float32", max_seq_len=128)
 tokenizer = ffnskip_ext.load_tokenizer(path)
 result = ffnskip_ext.generate(
     decoder, tokenizer, [{"role": "user", "content": "What is the capital of France?"}],

@@ -48,7 +48,9 @@ def hf_tokenizer(path):
 
 @pytest.fixture(scope="module")
 def decoder(path):
-    return ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=512)
+    """The exact reference path (weights dequantised to fp32), as transformers reads the file;
+    tests/test_quantized_models.py covers the weights read as stored."""
+    return ffnskip_ext.Decoder.from_pretrained(path, dtype="float32", max_seq_len=512)
 
 
 @pytest.fixture(scope="module")

@@ -201,7 +201,7 @@ struct LinearInput {
   const float* xs;  // x, or for bf16 weights each block of 32 de-interleaved (BF16Weights)
   const float* xt;  // the panel path's token groups, [n / kPanelTokens][in][kPanelTokens]; or
                     // null where that path is not taken
-  const BlockQ8* xq;  // for quantised weights, [n, in / 32] blocks; or null
+  QuantInput xq;     // for quantised weights, in the formats they read
   int64_t n;
 };
 
@@ -381,8 +381,7 @@ void linear_rows(const LinearWeights& w, const LinearInput& input, float* y, int
       continue;
     }
     const QuantMatrix m{part.data, part.type, w.in};
-    quant_rows(m, input.xq, input.n, y + first, w.out, begin - first, end - first, accumulate,
-               isa);
+    quant_rows(m, input.xq, y + first, w.out, begin - first, end - first, accumulate, isa);
     if (w.bias == nullptr) continue;
     for (int64_t t = 0; t < input.n; ++t) {
       for (int64_t r = begin; r < end; ++r) y[t * w.out + r] += w.bias[r];
@@ -390,12 +389,24 @@ void linear_rows(const LinearWeights& w, const LinearInput& input, float* y, int
   }
 }
 
-// x quantised per block of 32 for the integer kernels.
-const BlockQ8* quantized_activations(const float* x, int64_t n, int64_t in) {
-  thread_local std::vector<BlockQ8> out;  // grows to the largest input, then never allocates
-  out.resize(static_cast<size_t>(n * in / 32));
-  quantize_activations(x, n, in, out.data());
-  return out.data();
+// x quantised for the integer kernels of w's parts: per 32 and/or per 256.
+QuantInput quantized_activations(const LinearWeights& w, const float* x, int64_t n, Isa isa) {
+  // Per calling thread; they grow to the largest input, then never allocate.
+  thread_local std::vector<BlockQ8> x32;
+  thread_local std::vector<BlockQ8K> x256;
+  QuantInput q;
+  q.n = n;
+  if (w.any_of([](TensorType t) { return is_quantized(t) && !uses_k_activations(t); })) {
+    x32.resize(static_cast<size_t>(n * w.in / 32));
+    quantize_activations(x, n, w.in, x32.data(), isa);
+    q.x32 = x32.data();
+  }
+  if (w.any_of(uses_k_activations)) {
+    x256.resize(static_cast<size_t>(n * w.in / 256));
+    quantize_activations(x, n, w.in, x256.data(), isa);
+    q.x256 = x256.data();
+  }
+  return q;
 }
 
 }  // namespace
@@ -429,14 +440,14 @@ bool LinearWeights::any_of(bool (*predicate)(TensorType)) const {
 void linear(ThreadPool& pool, const LinearWeights& w, const float* x, int64_t n, float* y,
             Output mode, Isa isa) {
   const bool accumulate = mode == Output::Accumulate;
-  LinearInput input{x, x, nullptr, nullptr, n};
+  LinearInput input{x, x, nullptr, {}, n};
   if (w.any_of([](TensorType t) { return t == TensorType::BF16; })) {
     input.xs = deinterleave_pairs(x, n, w.in);
   }
   if (isa == Isa::Avx512 && n >= kPanelTokens && w.any_of(is_float)) {
     input.xt = token_groups(x, n, w.in);
   }
-  if (w.any_of(is_quantized)) input.xq = quantized_activations(x, n, w.in);
+  if (w.any_of(is_quantized)) input.xq = quantized_activations(w, x, n, isa);
   // Threads take whole panels of rows, so which kernel computes a row (and hence its rounding)
   // does not depend on the thread count.
   const int64_t panels = (w.out + kPanelRows - 1) / kPanelRows;

@@ -167,37 +167,59 @@ struct Format<TensorType::Q6_K> {
 
 // ---- the baseline (any CPU): integer dot products in plain C++ ----
 
+constexpr bool is_k_quant(TensorType t) {
+  return t == TensorType::Q4_K || t == TensorType::Q5_K || t == TensorType::Q6_K;
+}
+
+// Sum of one row of w with one token's activations; for the K-quants the sub-block sums stay
+// in integers per super-block (one activation scale), as the SIMD tiles compute them.
 template <TensorType kType>
-void rows_scalar(const QuantMatrix& w, const BlockQ8* xq, int64_t n, float* y, int64_t y_stride,
-                 int64_t row_begin, int64_t row_end, bool accumulate) {
+float row_dot_scalar(const typename Format<kType>::BlockType* wb, int64_t blocks,
+                     const QuantInput& x, int64_t t) {
   using F = Format<kType>;
-  using Block = typename F::BlockType;
+  GroupScales s;
+  uint8_t q[32];
+  float sum = 0.0f;
+  for (int64_t b = 0; b < blocks; ++b) {
+    F::scales(wb[b], s);
+    if constexpr (is_k_quant(kType)) {
+      const BlockQ8K& xk = x.x256[t * blocks + b];
+      int64_t isum = 0;
+      float minimums = 0.0f;  // Q4_K/Q5_K: sum_g offset_g * sums_g
+      for (int g = 0; g < 8; ++g) {
+        F::unpack(wb[b], g, q);
+        for (int h = 0; h < 2; ++h) {
+          int32_t half = 0;
+          for (int i = 16 * h; i < 16 * h + 16; ++i) {
+            const int w = kType == TensorType::Q6_K ? q[i] - 32 : q[i];
+            half += w * xk.q[32 * g + i];
+          }
+          isum += s.mul[g][h] * half;
+        }
+        if constexpr (kType != TensorType::Q6_K) minimums += s.offset[g][0] * xk.sums[g];
+      }
+      sum += xk.d * (s.factor[0] * static_cast<float>(isum) + minimums);
+    } else {
+      const BlockQ8& xb = x.x32[t * blocks + b];
+      F::unpack(wb[b], 0, q);
+      int32_t isum = 0;
+      for (int i = 0; i < 32; ++i) isum += (F::kSigned ? static_cast<int8_t>(q[i]) : q[i]) * xb.q[i];
+      sum += s.factor[0] * xb.d * static_cast<float>(isum) +
+             s.offset[0][0] * (xb.s[0] + xb.s[1]);
+    }
+  }
+  return sum;
+}
+
+template <TensorType kType>
+void rows_scalar(const QuantMatrix& w, const QuantInput& x, float* y, int64_t y_stride,
+                 int64_t row_begin, int64_t row_end, bool accumulate) {
+  using Block = typename Format<kType>::BlockType;
   const int64_t blocks = w.in / block_elements(kType);
-  const int64_t x_blocks = w.in / 32;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const Block* wb = static_cast<const Block*>(w.data) + row * blocks;
-    for (int64_t t = 0; t < n; ++t) {
-      const BlockQ8* xb = xq + t * x_blocks;
-      float sum = 0.0f;
-      GroupScales s;
-      uint8_t q[32];
-      for (int64_t b = 0; b < blocks; ++b) {
-        F::scales(wb[b], s);
-        for (int g = 0; g < F::kGroups; ++g) {
-          F::unpack(wb[b], g, q);
-          const BlockQ8& x = xb[b * F::kGroups + g];
-          int32_t isum = 0;
-          for (int h = 0; h < 2; ++h) {
-            int32_t half = 0;
-            for (int i = 16 * h; i < 16 * h + 16; ++i) {
-              half += (F::kSigned ? static_cast<int8_t>(q[i]) : q[i]) * x.q[i];
-            }
-            isum += s.mul[g][h] * half;
-            sum += s.offset[g][h] * x.s[h];
-          }
-          sum += s.factor[g] * x.d * static_cast<float>(isum);
-        }
-      }
+    for (int64_t t = 0; t < x.n; ++t) {
+      const float sum = row_dot_scalar<kType>(wb, blocks, x, t);
       float& dst = y[t * y_stride + row];
       dst = accumulate ? dst + sum : sum;
     }
@@ -208,9 +230,11 @@ void rows_scalar(const QuantMatrix& w, const BlockQ8* xq, int64_t n, float* y, i
 // ---- AVX2 (also the AVX-512 path: the same instructions, compiled for it) ----
 
 FFNSKIP_TARGET_AVX2 inline __m256i nibbles_avx2(const uint8_t* qs) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+  // The 16 bytes in both 128-bit lanes, the high lane shifted down by a nibble.
+  const __m256i both =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+  const __m256i shifted = _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+  return _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F));
 }
 
 // 0x10 in byte j where bit j of the 32 bits at qh is set.
@@ -270,20 +294,80 @@ FFNSKIP_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
 // The scale (and minimum) of a 32-element block with F16C.
 FFNSKIP_TARGET_AVX2 inline float fp16_avx2(uint16_t h) { return _cvtsh_ss(h); }
 
-// factor and offset of a 32-element block: sum_i w_i x_i = factor * d_x * isum + offset * s_x.
+// The integer offset of a 32-element format's values (w = d * (q - offset)), subtracted in the
+// integer sums; Q4_1/Q5_1 have a float minimum instead.
+template <TensorType kType>
+constexpr int kIntegerOffset = kType == TensorType::Q4_0 ? 8 : kType == TensorType::Q5_0 ? 16 : 0;
+template <TensorType kType>
+constexpr bool kHasMinimum = kType == TensorType::Q4_1 || kType == TensorType::Q5_1;
+
+// factor and minimum of a 32-element block: sum_i w_i x_i = factor * d_x * isum + m * s_x.
 template <TensorType kType>
 FFNSKIP_TARGET_AVX2 inline void block_scales_avx2(const typename Format<kType>::BlockType& b,
-                                                  float& factor, float& offset) {
+                                                  float& factor, float& minimum) {
   factor = fp16_avx2(b.d);
-  if constexpr (kType == TensorType::Q4_1 || kType == TensorType::Q5_1) {
-    offset = fp16_avx2(b.m);
-  } else if constexpr (kType == TensorType::Q4_0) {
-    offset = -8.0f * factor;
-  } else if constexpr (kType == TensorType::Q5_0) {
-    offset = -16.0f * factor;
+  if constexpr (kHasMinimum<kType>) {
+    minimum = fp16_avx2(b.m);
   } else {
-    offset = 0.0f;
+    minimum = 0.0f;
   }
+}
+
+// The scales of a K-quant super-block as the AVX2 tile uses them.
+struct KScales {
+  float d, dmin;
+  alignas(16) int16_t mul[8];    // Q4_K/Q5_K: the 6-bit scale of each sub-block of 32
+  alignas(16) int16_t mins[8];   // Q4_K/Q5_K: the 6-bit minimum of each sub-block
+  alignas(16) int8_t mul6[16];   // Q6_K: the int8 scale of each sub-block of 16
+};
+
+// Q4_K/Q5_K's 12 bytes of scales as words w0..w2 (bytes s0..s11): scales 0-3 are s0-3 & 63,
+// minimums 0-3 are s4-7 & 63; scale 4 + j is the low nibble of s8+j with the top two bits of
+// s_j above it, minimum 4 + j the high nibble of s8+j with the top two bits of s4+j.
+FFNSKIP_TARGET_AVX2 inline void k4_scale_bytes(const uint8_t* scales, uint8_t* sc, uint8_t* m) {
+  uint32_t w[3];
+  std::memcpy(w, scales, 12);
+  const uint32_t low6 = 0x3F3F3F3Fu, low4 = 0x0F0F0F0Fu, low2 = 0x03030303u;
+  const uint32_t words[4] = {w[0] & low6, (w[2] & low4) | (((w[0] >> 6) & low2) << 4),
+                             w[1] & low6, ((w[2] >> 4) & low4) | (((w[1] >> 6) & low2) << 4)};
+  std::memcpy(sc, words, 8);
+  std::memcpy(m, words + 2, 8);
+}
+
+template <TensorType kType>
+FFNSKIP_TARGET_AVX2 inline void k_scales_avx2(const typename Format<kType>::BlockType& b,
+                                              KScales& k) {
+  k.d = fp16_avx2(b.d);
+  if constexpr (kType == TensorType::Q6_K) {
+    std::memcpy(k.mul6, b.scales, 16);
+  } else {
+    k.dmin = fp16_avx2(b.dmin);
+    uint8_t sc[8], m[8];
+    k4_scale_bytes(b.scales, sc, m);
+    _mm_store_si128(reinterpret_cast<__m128i*>(k.mul),
+                    _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sc))));
+    _mm_store_si128(reinterpret_cast<__m128i*>(k.mins),
+                    _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m))));
+  }
+}
+
+// The vpmaddwd weights of sub-block group g: its scale on both halves (Q4_K/Q5_K), or the
+// scales of its two sub-blocks of 16 on the low and high halves (Q6_K).
+template <TensorType kType>
+FFNSKIP_TARGET_AVX2 inline __m256i k_mul(const KScales& k, int g) {
+  if constexpr (kType != TensorType::Q6_K) return _mm256_set1_epi16(k.mul[g]);
+  alignas(16) static const uint8_t kPairs[8][16] = {
+      {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
+      {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+      {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},
+      {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
+      {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},
+      {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
+      {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13},
+      {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15}};
+  return _mm256_cvtepi8_epi16(
+      _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k.mul6)),
+                       _mm_load_si128(reinterpret_cast<const __m128i*>(kPairs[g]))));
 }
 
 FFNSKIP_TARGET_AVX2 inline __m256i dot_pairs_avx2(__m256i q, __m256i x, bool is_signed) {
@@ -292,79 +376,21 @@ FFNSKIP_TARGET_AVX2 inline __m256i dot_pairs_avx2(__m256i q, __m256i x, bool is_
                    : _mm256_maddubs_epi16(q, x);
 }
 
-// R weight rows times T tokens: each group of weights is unpacked once for the T tokens.
-template <TensorType kType, int R, int T>
-FFNSKIP_TARGET_AVX2 void tile_avx2(const QuantMatrix& w, int64_t row, const BlockQ8* xq,
-                                   int64_t x_blocks, float* y, int64_t y_stride,
-                                   bool accumulate) {
-  using F = Format<kType>;
-  using Block = typename F::BlockType;
-  const int64_t blocks = w.in / block_elements(kType);
-  const Block* wb[R];
-  for (int r = 0; r < R; ++r) wb[r] = static_cast<const Block*>(w.data) + (row + r) * blocks;
-  // The offset terms go into lanes 0 and 1 of the same accumulators (s_x of the two halves
-  // times the weights' offsets): the final horizontal sum adds them.
-  __m256 acc[R][T];
-  for (int r = 0; r < R; ++r) {
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+// A decode step streams each weight once and computes little per byte: each row is fetched
+// about 4 KiB ahead, so that the loads of later blocks overlap this one's arithmetic.
+template <typename Block>
+FFNSKIP_TARGET_AVX2 inline void prefetch_ahead(const Block* row, int64_t b) {
+  constexpr int64_t kAhead = (4096 + sizeof(Block) - 1) / sizeof(Block);
+  constexpr int64_t kEvery = sizeof(Block) >= 64 ? 1 : 64 / sizeof(Block);  // once a line
+  if (b % kEvery != 0) return;
+  for (size_t line = 0; line < sizeof(Block); line += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + b + kAhead) + line, _MM_HINT_T0);
   }
-  if constexpr (F::kGroups == 1) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t b = 0; b < blocks; ++b) {
-      __m256i q[R];
-      float factor[R], off[R];
-      for (int r = 0; r < R; ++r) {
-        q[r] = unpack_avx2<kType>(wb[r][b], 0);
-        block_scales_avx2<kType>(wb[r][b], factor[r], off[r]);
-      }
-      for (int t = 0; t < T; ++t) {
-        const BlockQ8& x = xq[t * x_blocks + b];
-        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q));
-        const __m256 xd = _mm256_broadcast_ss(&x.d);
-        const __m256 xs = _mm256_castps128_ps256(_mm_castsi128_ps(
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x.s))));
-        for (int r = 0; r < R; ++r) {
-          const __m256 sums = _mm256_cvtepi32_ps(
-              _mm256_madd_epi16(dot_pairs_avx2(q[r], xv, F::kSigned), ones));
-          acc[r][t] = _mm256_fmadd_ps(sums, _mm256_mul_ps(xd, _mm256_set1_ps(factor[r])),
-                                      acc[r][t]);
-          if constexpr (kType != TensorType::Q8_0) {
-            acc[r][t] = _mm256_fmadd_ps(xs, _mm256_set1_ps(off[r]), acc[r][t]);
-          }
-        }
-      }
-    }
-  } else {
-    GroupScales s[R];
-    for (int64_t b = 0; b < blocks; ++b) {
-      for (int r = 0; r < R; ++r) F::scales(wb[r][b], s[r]);
-      for (int g = 0; g < F::kGroups; ++g) {
-        __m256i q[R], mul[R];
-        __m256 off[R];
-        for (int r = 0; r < R; ++r) {
-          q[r] = unpack_avx2<kType>(wb[r][b], g);
-          mul[r] = _mm256_set_m128i(_mm_set1_epi16(s[r].mul[g][1]),
-                                    _mm_set1_epi16(s[r].mul[g][0]));
-          off[r] = _mm256_castps128_ps256(_mm_setr_ps(s[r].offset[g][0], s[r].offset[g][1],
-                                                      0.0f, 0.0f));
-        }
-        for (int t = 0; t < T; ++t) {
-          const BlockQ8& x = xq[t * x_blocks + b * F::kGroups + g];
-          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q));
-          const __m256 xd = _mm256_broadcast_ss(&x.d);
-          const __m256 xs = _mm256_castps128_ps256(_mm_castsi128_ps(
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x.s))));
-          for (int r = 0; r < R; ++r) {
-            const __m256 sums = _mm256_cvtepi32_ps(
-                _mm256_madd_epi16(dot_pairs_avx2(q[r], xv, F::kSigned), mul[r]));
-            acc[r][t] = _mm256_fmadd_ps(sums, _mm256_mul_ps(xd, _mm256_set1_ps(s[r].factor[g])),
-                                        acc[r][t]);
-            acc[r][t] = _mm256_fmadd_ps(xs, off[r], acc[r][t]);
-          }
-        }
-      }
-    }
-  }
+}
+
+template <int R, int T>
+FFNSKIP_TARGET_AVX2 inline void store_tile(__m256 (&acc)[R][T], float* y, int64_t y_stride,
+                                           int64_t row, bool accumulate) {
   for (int r = 0; r < R; ++r) {
     for (int t = 0; t < T; ++t) {
       const float v = hsum_avx2(acc[r][t]);
@@ -374,40 +400,223 @@ FFNSKIP_TARGET_AVX2 void tile_avx2(const QuantMatrix& w, int64_t row, const Bloc
   }
 }
 
+// 32-element formats, R weight rows times T tokens: each block of weights is unpacked once for
+// the T tokens; the minimum terms go into lanes 0 and 1 of the accumulators.
+template <TensorType kType, int R, int T>
+FFNSKIP_TARGET_AVX2 void tile32_avx2(const QuantMatrix& w, int64_t row, const BlockQ8* xq,
+                                     float* y, int64_t y_stride, bool accumulate) {
+  using F = Format<kType>;
+  using Block = typename F::BlockType;
+  const int64_t blocks = w.in / 32;
+  const Block* wb[R];
+  for (int r = 0; r < R; ++r) wb[r] = static_cast<const Block*>(w.data) + (row + r) * blocks;
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m256i q[R];
+    float factor[R], minimum[R];
+    for (int r = 0; r < R; ++r) {
+      if constexpr (T == 1) prefetch_ahead(wb[r], b);
+      q[r] = unpack_avx2<kType>(wb[r][b], 0);
+      block_scales_avx2<kType>(wb[r][b], factor[r], minimum[r]);
+    }
+    for (int t = 0; t < T; ++t) {
+      const BlockQ8& x = xq[t * blocks + b];
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q));
+      const __m256 xd = _mm256_broadcast_ss(&x.d);
+      [[maybe_unused]] __m256i x_offset;  // offset * x in pair sums, shared by the rows
+      if constexpr (kIntegerOffset<kType> != 0) {
+        x_offset = _mm256_maddubs_epi16(_mm256_set1_epi8(kIntegerOffset<kType>), xv);
+      }
+      for (int r = 0; r < R; ++r) {
+        __m256i pairs = dot_pairs_avx2(q[r], xv, F::kSigned);
+        if constexpr (kIntegerOffset<kType> != 0) pairs = _mm256_sub_epi16(pairs, x_offset);
+        const __m256 sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+        acc[r][t] = _mm256_fmadd_ps(sums, _mm256_mul_ps(xd, _mm256_set1_ps(factor[r])),
+                                    acc[r][t]);
+        if constexpr (kHasMinimum<kType>) {
+          const __m256 xs = _mm256_castps128_ps256(_mm_castsi128_ps(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(x.s))));
+          acc[r][t] = _mm256_fmadd_ps(xs, _mm256_set1_ps(minimum[r]), acc[r][t]);
+        }
+      }
+    }
+  }
+  store_tile<R, T>(acc, y, y_stride, row, accumulate);
+}
+
+// K-quants, R rows times T tokens: the eight sub-blocks of a super-block summed in int32 with
+// their integer scales (vpmaddwd), converted once; Q6_K's -32 folded into the integer sums,
+// Q4_K/Q5_K's minimums dotted with the activations' sub-block sums.
+template <TensorType kType, int R, int T>
+FFNSKIP_TARGET_AVX2 void tile_k_avx2(const QuantMatrix& w, int64_t row, const BlockQ8K* xk,
+                                     float* y, int64_t y_stride, bool accumulate) {
+  using Block = typename Format<kType>::BlockType;
+  const int64_t blocks = w.in / 256;
+  const Block* wb[R];
+  for (int r = 0; r < R; ++r) wb[r] = static_cast<const Block*>(w.data) + (row + r) * blocks;
+  __m256 acc[R][T];
+  for (int r = 0; r < R; ++r) {
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    KScales ks[R];
+    for (int r = 0; r < R; ++r) {
+      if constexpr (T == 1) prefetch_ahead(wb[r], b);
+      k_scales_avx2<kType>(wb[r][b], ks[r]);
+    }
+    __m256i isum[R][T];
+    for (int r = 0; r < R; ++r) {
+      for (int t = 0; t < T; ++t) isum[r][t] = _mm256_setzero_si256();
+    }
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; ++g) {
+      __m256i q[R];
+      for (int r = 0; r < R; ++r) q[r] = unpack_avx2<kType>(wb[r][b], g);
+      for (int t = 0; t < T; ++t) {
+        const __m256i xv = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(xk[t * blocks + b].q + 32 * g));
+        [[maybe_unused]] __m256i x32;
+        if constexpr (kType == TensorType::Q6_K) {
+          x32 = _mm256_maddubs_epi16(_mm256_set1_epi8(32), xv);
+        }
+        for (int r = 0; r < R; ++r) {
+          __m256i pairs = _mm256_maddubs_epi16(q[r], xv);
+          if constexpr (kType == TensorType::Q6_K) pairs = _mm256_sub_epi16(pairs, x32);
+          isum[r][t] = _mm256_add_epi32(isum[r][t],
+                                        _mm256_madd_epi16(pairs, k_mul<kType>(ks[r], g)));
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      const BlockQ8K& x = xk[t * blocks + b];
+      [[maybe_unused]] __m128i sums;
+      if constexpr (kType != TensorType::Q6_K) {
+        sums = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x.sums));
+      }
+      for (int r = 0; r < R; ++r) {
+        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][t]),
+                                    _mm256_set1_ps(ks[r].d * x.d), acc[r][t]);
+        if constexpr (kType != TensorType::Q6_K) {
+          // sum_g m_g * sums_g in four int32 lanes, times -dmin * d_x, into the low lanes.
+          const __m128i m = _mm_madd_epi16(
+              _mm_load_si128(reinterpret_cast<const __m128i*>(ks[r].mins)), sums);
+          acc[r][t] = _mm256_fmadd_ps(_mm256_castps128_ps256(_mm_cvtepi32_ps(m)),
+                                      _mm256_set1_ps(-ks[r].dmin * x.d), acc[r][t]);
+        }
+      }
+    }
+  }
+  store_tile<R, T>(acc, y, y_stride, row, accumulate);
+}
+
+// Blocks of `size` floats (32 or 256) into their int8 block, as the plain loop below: the same
+// rounding (to nearest, ties to even: vcvtps2dq in the default MXCSR mode).
+template <int kSize>
+FFNSKIP_TARGET_AVX2 inline float quantize_block_avx2(const float* x, int8_t* q,
+                                                     int32_t* sums32) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 amax = _mm256_setzero_ps();
+  for (int i = 0; i < kSize; i += 8) {
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  }
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float max_abs = _mm_cvtss_f32(m);
+  const __m256 inv = _mm256_set1_ps(max_abs > 0.0f ? 127.0f / max_abs : 0.0f);
+  for (int j = 0; j < kSize; j += 32) {
+    __m256i v[4];
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + j + 8 * i), inv));
+    }
+    // Pack 32 int32 to int8 in order (the packs interleave 128-bit lanes: permute back).
+    __m256i q8 = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]),
+                                    _mm256_packs_epi32(v[2], v[3]));
+    q8 = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + j), q8);
+    // The sums of the halves of 16: v[0], v[1] and v[2], v[3].
+    const __m256i halves = _mm256_hadd_epi32(_mm256_add_epi32(v[0], v[1]),
+                                             _mm256_add_epi32(v[2], v[3]));
+    const __m128i folded = _mm_add_epi32(_mm256_castsi256_si128(halves),
+                                         _mm256_extracti128_si256(halves, 1));
+    const __m128i pairs = _mm_hadd_epi32(folded, folded);  // [lo, hi, lo, hi]
+    sums32[2 * (j / 32)] = _mm_cvtsi128_si32(pairs);
+    sums32[2 * (j / 32) + 1] = _mm_extract_epi32(pairs, 1);
+  }
+  return max_abs / 127.0f;
+}
+
+FFNSKIP_TARGET_AVX2 void quantize_avx2(const float* x, int64_t blocks, BlockQ8* out) {
+  for (int64_t b = 0; b < blocks; ++b, x += 32, ++out) {
+    int32_t sums[2];
+    out->d = quantize_block_avx2<32>(x, out->q, sums);
+    out->s[0] = out->d * static_cast<float>(sums[0]);
+    out->s[1] = out->d * static_cast<float>(sums[1]);
+  }
+}
+
+FFNSKIP_TARGET_AVX2 void quantize_avx2(const float* x, int64_t blocks, BlockQ8K* out) {
+  for (int64_t b = 0; b < blocks; ++b, x += 256, ++out) {
+    int32_t sums[16];
+    out->d = quantize_block_avx2<256>(x, out->q, sums);
+    for (int g = 0; g < 8; ++g) out->sums[g] = static_cast<int16_t>(sums[2 * g] + sums[2 * g + 1]);
+  }
+}
+
 // Tokens in blocks whose activations stay in L2 while the rows stream past; within a block,
-// tiles of 2 rows x 4 tokens, and 4 rows x 1 token for the rest (and for decode).
+// tiles of several rows and tokens, and of one token for the rest (and for decode).
 constexpr int64_t kTokenBlock = 64;
 
+template <TensorType kType, int R, int T, typename X>
+FFNSKIP_TARGET_AVX2 inline void tile_avx2(const QuantMatrix& w, int64_t row, const X* x,
+                                          float* y, int64_t y_stride, bool accumulate) {
+  if constexpr (is_k_quant(kType)) {
+    tile_k_avx2<kType, R, T>(w, row, x, y, y_stride, accumulate);
+  } else {
+    tile32_avx2<kType, R, T>(w, row, x, y, y_stride, accumulate);
+  }
+}
+
 template <TensorType kType>
-FFNSKIP_TARGET_AVX2 void rows_avx2(const QuantMatrix& w, const BlockQ8* xq, int64_t n, float* y,
+FFNSKIP_TARGET_AVX2 void rows_avx2(const QuantMatrix& w, const QuantInput& input, float* y,
                                    int64_t y_stride, int64_t row_begin, int64_t row_end,
                                    bool accumulate) {
-  const int64_t x_blocks = w.in / 32;
+  // The many-token tile: 2 rows x 4 tokens, or for the K-quants (twice the accumulators)
+  // 1 row x 4 tokens. One token: rows one at a time, each a single stream from memory ahead of
+  // which prefetch_ahead reads, except that the small blocks of the 4- and 5-bit formats go
+  // two rows at a time (more independent work per block; measured: bench_kernels.py).
+  constexpr int R = is_k_quant(kType) ? 1 : 2, T = 4;
+  constexpr int kDecodeRows = is_k_quant(kType) || kType == TensorType::Q8_0 ? 1 : 2;
+  const auto* x = [&] {
+    if constexpr (is_k_quant(kType)) return input.x256; else return input.x32;
+  }();
+  const int64_t x_blocks = w.in / (is_k_quant(kType) ? 256 : 32);
+  const int64_t n = input.n;
   for (int64_t t0 = 0; t0 < n; t0 += kTokenBlock) {
     const int64_t t_end = std::min(n, t0 + kTokenBlock);
-    const int64_t t_tiled = t0 + (t_end - t0) / 4 * 4;
+    const int64_t t_tiled = t0 + (t_end - t0) / T * T;
     int64_t row = row_begin;
-    for (; row + 2 <= row_end; row += 2) {
-      for (int64_t t = t0; t < t_tiled; t += 4) {
-        tile_avx2<kType, 2, 4>(w, row, xq + t * x_blocks, x_blocks, y + t * y_stride, y_stride,
-                               accumulate);
+    for (; row + R <= row_end; row += R) {
+      for (int64_t t = t0; t < t_tiled; t += T) {
+        tile_avx2<kType, R, T>(w, row, x + t * x_blocks, y + t * y_stride, y_stride, accumulate);
       }
     }
     for (; row < row_end; ++row) {
-      for (int64_t t = t0; t < t_tiled; t += 4) {
-        tile_avx2<kType, 1, 4>(w, row, xq + t * x_blocks, x_blocks, y + t * y_stride, y_stride,
-                               accumulate);
+      for (int64_t t = t0; t < t_tiled; t += T) {
+        tile_avx2<kType, 1, T>(w, row, x + t * x_blocks, y + t * y_stride, y_stride, accumulate);
       }
     }
     for (int64_t t = t_tiled; t < t_end; ++t) {  // one token (decode), or a block's last few
       int64_t r = row_begin;
-      for (; r + 4 <= row_end; r += 4) {
-        tile_avx2<kType, 4, 1>(w, r, xq + t * x_blocks, x_blocks, y + t * y_stride, y_stride,
-                               accumulate);
+      for (; r + kDecodeRows <= row_end; r += kDecodeRows) {
+        tile_avx2<kType, kDecodeRows, 1>(w, r, x + t * x_blocks, y + t * y_stride, y_stride, accumulate);
       }
       for (; r < row_end; ++r) {
-        tile_avx2<kType, 1, 1>(w, r, xq + t * x_blocks, x_blocks, y + t * y_stride, y_stride,
-                               accumulate);
+        tile_avx2<kType, 1, 1>(w, r, x + t * x_blocks, y + t * y_stride, y_stride, accumulate);
       }
     }
   }
@@ -415,49 +624,72 @@ FFNSKIP_TARGET_AVX2 void rows_avx2(const QuantMatrix& w, const BlockQ8* xq, int6
 #endif
 
 template <TensorType kType>
-void rows_of_type(const QuantMatrix& w, const BlockQ8* xq, int64_t n, float* y,
-                  int64_t y_stride, int64_t row_begin, int64_t row_end, bool accumulate,
-                  Isa isa) {
+void rows_of_type(const QuantMatrix& w, const QuantInput& x, float* y, int64_t y_stride,
+                  int64_t row_begin, int64_t row_end, bool accumulate, Isa isa) {
 #ifdef FFNSKIP_X86_DISPATCH
   if (isa != Isa::Default) {
-    rows_avx2<kType>(w, xq, n, y, y_stride, row_begin, row_end, accumulate);
+    rows_avx2<kType>(w, x, y, y_stride, row_begin, row_end, accumulate);
     return;
   }
 #endif
   (void)isa;
-  rows_scalar<kType>(w, xq, n, y, y_stride, row_begin, row_end, accumulate);
+  rows_scalar<kType>(w, x, y, y_stride, row_begin, row_end, accumulate);
+}
+
+// A block of `size` activations as the SIMD path quantises them.
+template <int kSize>
+float quantize_block_scalar(const float* v, int8_t* q, int32_t* sums16) {
+  float amax = 0.0f;
+  for (int i = 0; i < kSize; ++i) amax = std::max(amax, std::fabs(v[i]));
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  for (int h = 0; h < kSize / 16; ++h) {
+    int32_t sum = 0;
+    for (int i = 16 * h; i < 16 * h + 16; ++i) {
+      q[i] = static_cast<int8_t>(std::nearbyint(v[i] * inv));
+      sum += q[i];
+    }
+    sums16[h] = sum;
+  }
+  return amax / 127.0f;
 }
 
 }  // namespace
 
-void quantize_activations(const float* x, int64_t n, int64_t in, BlockQ8* out) {
-  for (int64_t t = 0; t < n; ++t) {
-    for (int64_t b = 0; b < in / 32; ++b, ++out) {
-      const float* v = x + t * in + b * 32;
-      float amax = 0.0f;
-      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(v[i]));
-      const float d = amax / 127.0f;
-      const float inv = d > 0.0f ? 1.0f / d : 0.0f;
-      out->d = d;
-      for (int h = 0; h < 2; ++h) {
-        int sum = 0;
-        for (int i = 16 * h; i < 16 * h + 16; ++i) {
-          const int q = static_cast<int>(std::nearbyint(v[i] * inv));
-          out->q[i] = static_cast<int8_t>(q);
-          sum += q;
-        }
-        out->s[h] = d * static_cast<float>(sum);
-      }
-    }
+bool uses_k_activations(TensorType type) { return is_k_quant(type); }
+
+void quantize_activations(const float* x, int64_t n, int64_t in, BlockQ8* out, Isa isa) {
+  const int64_t blocks = n * in / 32;
+#ifdef FFNSKIP_X86_DISPATCH
+  if (isa != Isa::Default) return quantize_avx2(x, blocks, out);
+#endif
+  (void)isa;
+  for (int64_t b = 0; b < blocks; ++b, x += 32, ++out) {
+    int32_t sums[2];
+    out->d = quantize_block_scalar<32>(x, out->q, sums);
+    out->s[0] = out->d * static_cast<float>(sums[0]);
+    out->s[1] = out->d * static_cast<float>(sums[1]);
   }
 }
 
-void quant_rows(const QuantMatrix& w, const BlockQ8* xq, int64_t n, float* y, int64_t y_stride,
+void quantize_activations(const float* x, int64_t n, int64_t in, BlockQ8K* out, Isa isa) {
+  const int64_t blocks = n * in / 256;
+#ifdef FFNSKIP_X86_DISPATCH
+  if (isa != Isa::Default) return quantize_avx2(x, blocks, out);
+#endif
+  (void)isa;
+  for (int64_t b = 0; b < blocks; ++b, x += 256, ++out) {
+    int32_t sums[16];
+    out->d = quantize_block_scalar<256>(x, out->q, sums);
+    for (int g = 0; g < 8; ++g) out->sums[g] = static_cast<int16_t>(sums[2 * g] + sums[2 * g + 1]);
+  }
+}
+
+void quant_rows(const QuantMatrix& w, const QuantInput& x, float* y, int64_t y_stride,
                 int64_t row_begin, int64_t row_end, bool accumulate, Isa isa) {
   switch (w.type) {
-#define FFNSKIP_QUANT_CASE(T)                                                             \
-  case TensorType::T:                                                                     \
-    return rows_of_type<TensorType::T>(w, xq, n, y, y_stride, row_begin, row_end, accumulate, \
+#define FFNSKIP_QUANT_CASE(T)                                                              \
+  case TensorType::T:                                                                      \
+    return rows_of_type<TensorType::T>(w, x, y, y_stride, row_begin, row_end, accumulate, \
                                        isa);
     FFNSKIP_QUANT_CASE(Q8_0)
     FFNSKIP_QUANT_CASE(Q4_0)

@@ -1,6 +1,8 @@
-// Linears over quantised weights (GGUF block formats, as stored): the activations are quantised
-// per block of 32 to int8 with an fp32 scale, and each block of weights is multiplied with them
-// in integer arithmetic (AVX2: vpmaddubsw/vpmaddwd), fp32 accumulation across blocks.
+// Linears over quantised weights (GGUF block formats, as stored). The activations are quantised
+// to int8 and each block of weights is multiplied with them in integer arithmetic (AVX2:
+// vpmaddubsw/vpmaddwd), fp32 across blocks: per block of 32 with an fp32 scale for the 32-element
+// formats, per super-block of 256 with one scale for the K-quants, whose sub-block scales are
+// integers (as llama.cpp's Q8_K), so a whole super-block is summed in int32.
 #pragma once
 
 #include <cstdint>
@@ -11,15 +13,28 @@
 namespace ffnskip::cpu {
 
 // 32 activations: x[i] ~ d * q[i]; s[h] = d * (the sum of q over half h of 16) carries the
-// weights' minimum and offset terms (per half: Q6_K's scales are per 16).
+// weights' minimum (Q4_1/Q5_1).
 struct BlockQ8 {
   float d;
   float s[2];
   int8_t q[32];
 };
 
-// x [n, in] (in a multiple of 32) into n rows of in / 32 blocks.
-void quantize_activations(const float* x, int64_t n, int64_t in, BlockQ8* out);
+// 256 activations for the K-quants: x[i] ~ d * q[i]; sums[g], the sum of q over sub-block g
+// of 32, carries Q4_K/Q5_K's minimums.
+struct BlockQ8K {
+  float d;
+  int16_t sums[8];
+  int8_t q[256];
+};
+
+// Whether a format reads BlockQ8K activations (else BlockQ8).
+bool uses_k_activations(TensorType type);
+
+// x [n, in] into n rows of in / 32 blocks (in a multiple of 32), or of in / 256 (a multiple of
+// 256).
+void quantize_activations(const float* x, int64_t n, int64_t in, BlockQ8* out, Isa isa);
+void quantize_activations(const float* x, int64_t n, int64_t in, BlockQ8K* out, Isa isa);
 
 // A matrix of quantised rows, each in / block_elements(type) blocks.
 struct QuantMatrix {
@@ -28,9 +43,16 @@ struct QuantMatrix {
   int64_t in = 0;  // elements per row
 };
 
-// y[t, r] (+)= row r of w . x[t] for rows [row_begin, row_end) and t < n, from the quantised
-// activations xq ([n, in / 32] blocks); y rows are y_stride floats apart. No bias.
-void quant_rows(const QuantMatrix& w, const BlockQ8* xq, int64_t n, float* y, int64_t y_stride,
+// The n tokens' activations in the formats the matrices of a linear read (null where unused).
+struct QuantInput {
+  const BlockQ8* x32 = nullptr;
+  const BlockQ8K* x256 = nullptr;
+  int64_t n = 0;
+};
+
+// y[t, r] (+)= row r of w . x[t] for rows [row_begin, row_end) and t < n; y rows are y_stride
+// floats apart. No bias.
+void quant_rows(const QuantMatrix& w, const QuantInput& x, float* y, int64_t y_stride,
                 int64_t row_begin, int64_t row_end, bool accumulate, Isa isa);
 
 }  // namespace ffnskip::cpu

@@ -16,7 +16,7 @@ int main() {
     for (auto d : shape) n *= d;
     storage.emplace_back(n);
     for (int64_t i = 0; i < n; ++i) storage.back()[i] = 0.01f * static_cast<float>(i % 7) - 0.02f;
-    weights[name] = {storage.back().data(), shape};
+    weights[name] = {storage.back().data(), ffnskip::TensorType::F32, shape, nullptr};
   };
   storage.reserve(64);
   add("model.embed_tokens.weight", {32, 16});

@@ -3,9 +3,11 @@
     python fuzz_loaders.py MODEL_DIR GGUF_FILE WORK_DIR ITERATIONS SECONDS SEED
 
 Each iteration copies a valid file, mutates it (truncation, bit flips, edited header bytes,
-overwritten lengths) and loads it, then builds a Decoder when the load succeeds. Every
-outcome must be a clean load or a ValueError/FileNotFoundError; anything else is printed as
-FAIL with the mutation and the process exits 1. A crash shows as the process dying.
+overwritten lengths) and loads it both ways: as float32 arrays (load_checkpoint) and read in
+place from the mapped file (Decoder.from_pretrained), then runs a prefill when the load
+succeeds. Every outcome must be a clean load or a ValueError/FileNotFoundError; anything else
+is printed as FAIL with the mutation and the process exits 1. A crash shows as the process
+dying.
 """
 
 from __future__ import annotations
@@ -58,10 +60,11 @@ def run(path: str, original: bytes, header_end: int, rng: random.Random,
     what = mutate(data, rng, header_end)
     with open(path, "wb") as f:
         f.write(data)
+    source = os.path.dirname(path) if kind == "st" else path
     try:
-        config, weights = ffnskip_ext.load_checkpoint(os.path.dirname(path) if kind == "st"
-                                                      else path)
+        config, weights = ffnskip_ext.load_checkpoint(source)
         ffnskip_ext.Decoder(config, weights, max_seq_len=8).prefill([0])
+        ffnskip_ext.Decoder.from_pretrained(source, max_seq_len=8).prefill([0])
         outcomes[f"{kind}: loaded"] += 1
     except CLEAN_ERRORS as e:
         # A clear message names the file (loader) or the tensor (the engine's value checks).

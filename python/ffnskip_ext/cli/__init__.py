@@ -1,6 +1,7 @@
 """Command line: ``ffnskip SUBCOMMAND`` (also ``python -m ffnskip_ext SUBCOMMAND``).
 
-Subcommands: generate, calibrate, train-routers, eval; each module here adds its parser.
+Subcommands: generate, calibrate, train-routers, eval, models; each module here adds its
+parser.
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import calibrate, eval, generate, train_routers
+from . import calibrate, eval, generate, models, train_routers
 
-SUBCOMMANDS = (generate, calibrate, train_routers, eval)
+SUBCOMMANDS = (generate, calibrate, train_routers, eval, models)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,17 +9,20 @@ from .. import _core
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="HF model directory or .gguf file (default: SmolLM2-135M)")
+    parser.add_argument("--model", help="a .gguf file, a Hugging Face directory or a model name "
+                        "of `ffnskip models list` (default: smollm2-135m)")
     parser.add_argument("--device", default="cpu", choices=_core.DEVICES)
-    parser.add_argument("--dtype", default=None, choices=_core.DTYPES)
+    parser.add_argument("--dtype", default=None, choices=_core.DTYPES,
+                        help="weight storage: auto (as the file stores them, the default) or a "
+                        "conversion")
     parser.add_argument("--max-seq-len", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
 
 
 def model_path(args: argparse.Namespace) -> str:
-    from ..loaders.models import default_model_path
+    from ..loaders.models import resolve_model
 
-    return args.model or default_model_path()
+    return resolve_model(args.model)
 
 
 def load_model(args: argparse.Namespace) -> tuple[Any, Any]:

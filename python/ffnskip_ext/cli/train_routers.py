@@ -35,12 +35,12 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..loaders.models import default_model_path
+    from ..loaders.models import resolve_model
     from ..training.first import train_routers
 
     if args.model and args.model_option and args.model != args.model_option:
         raise ValueError("give the model once: as MODEL or as --model")
-    model = args.model or args.model_option or default_model_path()
+    model = resolve_model(args.model or args.model_option)
     start = time.perf_counter()
     routers = train_routers(
         model, data=args.data, epochs=args.epochs, lr=args.lr, max_tokens=args.max_tokens,

@@ -1,8 +1,11 @@
-"""GGUF files (llama.cpp's format): model config, weights and tokenizer metadata from one parse.
+"""GGUF files (llama.cpp's format), read by this module from a memory-mapped file: the model
+config, the tensors in their stored formats (read in place by the engine), and the tokenizer
+metadata, all from one parse.
 
-``open_gguf`` parses a file once and caches the result for its path and modification time,
-so that the weights (``load_gguf``) and the tokenizer (``runtime.tokenizer``) read the same
-parse. The ``gguf`` package is imported only when a GGUF file is read.
+``open_gguf`` parses a file once and keeps the parse for its path while the file is unchanged,
+so that the weights and the tokenizer (``runtime.tokenizer``) share it. Every length, count
+and offset is checked against the file before it is used: a corrupt file gives a
+``ValueError`` naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -11,15 +14,24 @@ import functools
 import math
 import os
 import re
+import struct
 from typing import Any
 
 import numpy as np
 
+from .. import _core
 from ..config import ModelConfig
 from .tensors import Weights, check_shape, expected_shapes
 
-# The tensor types the loader dequantises (names of gguf.GGMLQuantizationType).
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
+# ggml's type ids: the ones the engine reads, and the others by name for error messages.
+TYPE_IDS = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
+            12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 30: "BF16"}
+OTHER_TYPE_IDS = {9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS",
+                  18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+                  23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64",
+                  29: "IQ1_M", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+SUPPORTED_TYPES = tuple(sorted(TYPE_IDS.values()))
+
 _GLOBAL_NAMES = {
     "model.embed_tokens": "token_embd",
     "model.norm": "output_norm",
@@ -38,28 +50,154 @@ _LAYER_NAMES = {
 }
 _HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
+# Far beyond any real file; larger counts come from corrupt headers.
+_MAX_COUNT = 1 << 24
+_MAX_DIMS = 4
+# Metadata value types: struct format of the scalars.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+            11: "<q", 12: "<d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+          10: "<u8", 11: "<i8", 12: "<f8"}
+_STRING, _ARRAY = 8, 9
+
 
 def is_gguf(path: str) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError as e:  # /proc/self/mem and the like
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def gguf_name(hf_name: str) -> str:
+    stem, kind = hf_name.rsplit(".", 1)
+    m = _HF_LAYER_RE.fullmatch(stem)
+    if m:
+        return f"blk.{m[1]}.{_LAYER_NAMES[m[2]]}.{kind}"
+    return f"{_GLOBAL_NAMES[stem]}.{kind}"
+
+
+class _Reader:
+    """Sequential reads from the mapped bytes, each checked against the end."""
+
+    def __init__(self, data: memoryview, path: str) -> None:
+        self.data, self.path, self.pos = data, path, 0
+
+    def take(self, size: int, what: str) -> memoryview:
+        if size < 0 or self.pos + size > len(self.data):
+            raise ValueError(f"{self.path}: truncated GGUF file: {what} at byte {self.pos} "
+                             f"needs {size} bytes, the file has {len(self.data)}")
+        view = self.data[self.pos:self.pos + size]
+        self.pos += size
+        return view
+
+    def scalar(self, fmt: str, what: str) -> Any:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
+
+    def count(self, what: str, limit: int = _MAX_COUNT) -> int:
+        n = self.scalar("<Q", what)
+        if n > limit:
+            raise ValueError(f"{self.path}: corrupt GGUF file: {what} is {n}")
+        return n
+
+    def string(self, what: str) -> str:
+        size = self.count(f"the length of {what}", limit=len(self.data))
+        try:
+            return str(self.take(size, what), "utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{self.path}: corrupt GGUF file: {what} is not UTF-8") from e
+
+    def value(self, kind: int, what: str) -> Any:
+        if kind in _SCALARS:
+            return self.scalar(_SCALARS[kind], what)
+        if kind == _STRING:
+            return self.string(what)
+        if kind != _ARRAY:
+            raise ValueError(f"{self.path}: corrupt GGUF file: {what} has value type {kind}")
+        item = self.scalar("<I", f"the item type of {what}")
+        n = self.count(f"the length of {what}")
+        if item in _NUMPY:
+            size = np.dtype(_NUMPY[item]).itemsize
+            return np.frombuffer(self.take(n * size, what), _NUMPY[item]).tolist()
+        if item == _STRING:
+            return [self.string(f"item {i} of {what}") for i in range(n)]
+        raise ValueError(f"{self.path}: corrupt GGUF file: {what} holds items of type {item}")
+
+
+class TensorInfo:
+    """One tensor of the file: its name, HF-order shape, stored type and place."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], type_id: int, offset: int) -> None:
+        self.name, self.shape, self.type_id, self.offset = name, shape, type_id, offset
+
+    @property
+    def type_name(self) -> str:
+        return TYPE_IDS.get(self.type_id) or OTHER_TYPE_IDS.get(self.type_id,
+                                                                f"type {self.type_id}")
 
 
 class GGUFFile:
-    """One parsed GGUF file: metadata fields and tensor infos (data stays memory-mapped)."""
+    """One parsed GGUF file: metadata fields and tensor infos; the data stays mapped."""
 
     def __init__(self, path: str) -> None:
-        import gguf
-
         self.path = path
-        try:
-            self.reader = gguf.GGUFReader(path)
-        except Exception as e:  # the gguf parser fails on corrupt files in many ways
-            raise ValueError(f"{path}: corrupt GGUF file ({type(e).__name__}: {e})") from e
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.file = _core.MappedFile(path)  # ValueError for a FIFO, a device, no access
+        reader = _Reader(memoryview(self.file), path)
+        if bytes(reader.take(4, "the magic")) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (bad magic)")
+        version = reader.scalar("<I", "the version")
+        if version not in (2, 3):
+            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        n_tensors = reader.count("the tensor count")
+        n_fields = reader.count("the metadata count")
+        self.fields: dict[str, Any] = {}
+        for i in range(n_fields):
+            key = reader.string(f"metadata key {i}")
+            kind = reader.scalar("<I", f"the type of {key}")
+            self.fields[key] = reader.value(kind, f"metadata {key!r}")
+        infos = []
+        for i in range(n_tensors):
+            name = reader.string(f"the name of tensor {i}")
+            dims = reader.scalar("<I", f"the dimensions of {name!r}")
+            if not 1 <= dims <= _MAX_DIMS:
+                raise ValueError(f"{path}: corrupt GGUF file: tensor {name!r} has {dims} dims")
+            ne = [reader.count(f"a dimension of {name!r}", limit=1 << 40) for _ in range(dims)]
+            if min(ne) < 1:
+                raise ValueError(f"{path}: corrupt GGUF file: tensor {name!r} has shape {ne}")
+            type_id = reader.scalar("<I", f"the type of {name!r}")
+            offset = reader.scalar("<Q", f"the offset of {name!r}")
+            # ggml lists dims fastest-varying first: the reverse of numpy/HF order.
+            infos.append(TensorInfo(name, tuple(int(d) for d in reversed(ne)), type_id, offset))
+        alignment = self.fields.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+            raise ValueError(f"{path}: corrupt GGUF file: alignment {alignment!r}")
+        self.data_start = (reader.pos + alignment - 1) // alignment * alignment
+        self.tensors = {t.name: t for t in infos}
 
     def field(self, key: str, default: Any = None) -> Any:
-        f = self.reader.get_field(key)
-        return default if f is None else f.contents()
+        return self.fields.get(key, default)
+
+    def tensor(self, name: str, hf_name: str | None = None) -> Any:
+        """The tensor in its stored format, mapped (``_core.Tensor``); ValueError naming it
+        when its type is not supported or it runs past the file."""
+        info = self.tensors[name]
+        label = f"{name!r}" + (f" (for {hf_name!r})" if hf_name else "")
+        if info.type_id not in TYPE_IDS:
+            raise ValueError(f"{self.path}: tensor {label} has unsupported type "
+                             f"{info.type_name} (supported: {', '.join(SUPPORTED_TYPES)})")
+        elements = _core.TENSOR_TYPES[info.type_name][0]
+        if info.shape[-1] % elements:
+            raise ValueError(f"{self.path}: tensor {label} of type {info.type_name} has rows of "
+                             f"{info.shape[-1]} elements, not a whole number of {elements}-element "
+                             "blocks")
+        if info.offset > self.file.size:
+            raise ValueError(f"{self.path}: tensor {label} ({info.type_name}) starts at offset "
+                             f"{info.offset}, past the end of the file")
+        try:
+            return _core.Tensor(self.file, self.data_start + info.offset, info.type_name,
+                                list(info.shape))
+        except ValueError as e:
+            raise ValueError(f"{self.path}: tensor {label} ({info.type_name}): {e}") from None
 
 
 def open_gguf(path: str) -> GGUFFile:
@@ -74,66 +212,64 @@ def _parse(path: str, inode: int, size: int, mtime_ns: int) -> GGUFFile:
     return GGUFFile(path)
 
 
+def gguf_tensors(path: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """The config and every tensor the engine reads, mapped in their stored formats. LLaMA's
+    Q and K rows stay in llama.cpp's order (``config.rope_interleaved``)."""
+    return _read(path, native=True)
+
+
 def load_gguf(path: str) -> tuple[ModelConfig, Weights]:
+    """The config and float32 copies of the tensors in Hugging Face order (LLaMA's Q and K rows
+    put back), for code that wants arrays."""
+    return _read(path, native=False)  # type: ignore[return-value]
+
+
+def _read(path: str, native: bool) -> tuple[ModelConfig, dict[str, Any]]:
     try:
-        return _read_gguf(path)
-    except Exception as e:  # the gguf parser fails on corrupt files in many ways
-        if type(e) is ValueError and path in str(e):
-            raise  # ours: already names the file and the problem
+        return _read_tensors(path, native)
+    except ValueError:
+        raise
+    except Exception as e:  # a parse that does not stop at our checks: name the file
         raise ValueError(f"{path}: corrupt GGUF file ({type(e).__name__}: {e})") from e
-
-
-def gguf_name(hf_name: str) -> str:
-    stem, kind = hf_name.rsplit(".", 1)
-    m = _HF_LAYER_RE.fullmatch(stem)
-    if m:
-        return f"blk.{m[1]}.{_LAYER_NAMES[m[2]]}.{kind}"
-    return f"{_GLOBAL_NAMES[stem]}.{kind}"
 
 
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation (the inverse of convert_hf_to_gguf's ``permute``).
 
     llama.cpp's rope rotates adjacent pairs (x0, x1) where HF rotates the two halves of each
-    head (x0, x_{d/2}), so the converter interleaves the halves of every head's rows. Same
-    as transformers' ``LlamaTensorProcessor._reverse_permute_weights``.
+    head (x0, x_{d/2}), so the converter interleaves the halves of every head's rows.
     """
     half = w.shape[0] // n_head // 2
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _read_gguf(path: str) -> tuple[ModelConfig, Weights]:
-    import gguf
-
+def _read_tensors(path: str, native: bool) -> tuple[ModelConfig, dict[str, Any]]:
     parsed = open_gguf(path)
     config = _gguf_config(parsed)
-    weights: Weights = {}
+    if native and config.architecture == "llama":
+        config.rope_interleaved = True
+    weights: dict[str, Any] = {}
     for name, shape in expected_shapes(config).items():
         stored_name = gguf_name(name)
-        tensor = parsed.tensors.get(stored_name)
-        if tensor is None:
+        info = parsed.tensors.get(stored_name)
+        if info is None:
             raise ValueError(f"{path}: missing tensor {stored_name!r} (for {name!r})")
-        if tensor.tensor_type.name not in SUPPORTED_TYPES:
-            raise ValueError(
-                f"{path}: tensor {stored_name!r} has unsupported type {tensor.tensor_type.name} "
-                f"(supported: {', '.join(sorted(SUPPORTED_TYPES))})"
-            )
-        # GGUF lists dims as ggml ne (fastest-varying first): the reverse of numpy/HF order.
-        found = tuple(int(d) for d in reversed(tensor.shape))
-        check_shape(path, f"{stored_name} ({name})", found, shape)
-        w = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        check_shape(path, f"{stored_name} ({name})", info.shape, shape)
+        tensor = parsed.tensor(stored_name, name)
+        if native:
+            weights[name] = tensor
+            continue
+        w = tensor.to_float()
         if config.architecture == "llama":
             if ".self_attn.q_proj." in name:
                 w = _unpermute_rows(w, config.num_heads)
             elif ".self_attn.k_proj." in name:
                 w = _unpermute_rows(w, config.num_kv_heads)
-        weights[name] = np.array(w, dtype=np.float32, order="C")
+        weights[name] = np.ascontiguousarray(w, dtype=np.float32)
     return config, weights
 
 
 def _gguf_config(parsed: GGUFFile) -> ModelConfig:
-    import gguf
-
     path, field, tensors = parsed.path, parsed.field, parsed.tensors
     arch = field("general.architecture")
     if arch is None:
@@ -163,6 +299,9 @@ def _gguf_config(parsed: GGUFFile) -> ModelConfig:
         attention_bias="blk.0.attn_q.bias" in tensors,
         mlp_bias="blk.0.ffn_gate.bias" in tensors,
     )
+    for key, value in hf.items():
+        if key != "model_type" and isinstance(value, (str, list, dict)):
+            raise ValueError(f"{path}: GGUF metadata for {key} is {value!r}, not a number")
     context = field(f"{arch}.context_length")
     if context is not None:
         hf["max_position_embeddings"] = context
@@ -174,10 +313,9 @@ def _gguf_config(parsed: GGUFFile) -> ModelConfig:
     if "rope_freqs.weight" in tensors:
         # llama.cpp stores LLaMA 3.1 rope scaling only as this per-frequency factor table.
         head_dim = hf["head_dim"] or hf["hidden_size"] // hf["num_attention_heads"]
-        freqs = tensors["rope_freqs.weight"]
         hf["rope_scaling"] = _llama3_rope_from_factors(
             path,
-            gguf.quants.dequantize(freqs.data, freqs.tensor_type),
+            parsed.tensor("rope_freqs.weight").to_float(),
             head_dim,
             float(hf["rope_theta"]),
             int(field(f"{arch}.rope.scaling.original_context_length", 8192)),
@@ -186,14 +324,12 @@ def _gguf_config(parsed: GGUFFile) -> ModelConfig:
 
 
 def _gguf_vocab_size(parsed: GGUFFile) -> int:
-    tokens = parsed.reader.get_field("tokenizer.ggml.tokens")
-    if tokens is not None:
-        return len(tokens.data)
+    tokens = parsed.field("tokenizer.ggml.tokens")
+    if isinstance(tokens, list):
+        return len(tokens)
     if "token_embd.weight" in parsed.tensors:
-        return int(parsed.tensors["token_embd.weight"].shape[-1])
+        return int(parsed.tensors["token_embd.weight"].shape[0])
     raise ValueError(f"{parsed.path}: cannot determine the vocabulary size")
-
-
 def _llama3_rope_factors(
     head_dim: int,
     theta: float,
@@ -261,3 +397,4 @@ def _llama3_rope_from_factors(
     if not np.allclose(rebuilt, table, rtol=1e-4, atol=0):
         raise unsupported
     return params
+

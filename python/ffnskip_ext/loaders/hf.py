@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,7 +21,17 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
+def hf_dir_tensors(directory: str) -> tuple[ModelConfig, dict[str, Any]]:
+    """The config and every tensor the engine reads, mapped as stored (``_core.Tensor``)."""
+    return _read_dir(directory, native=True)
+
+
 def load_hf_dir(directory: str) -> tuple[ModelConfig, Weights]:
+    """The config and float32 copies of the tensors."""
+    return _read_dir(directory, native=False)  # type: ignore[return-value]
+
+
+def _read_dir(directory: str, native: bool) -> tuple[ModelConfig, dict[str, Any]]:
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{directory}: no config.json in the model directory")
@@ -34,7 +44,7 @@ def load_hf_dir(directory: str) -> tuple[ModelConfig, Weights]:
 
     locate = _safetensors_locator(directory)
     files: dict[str, SafetensorsFile] = {}
-    weights: Weights = {}
+    weights: dict[str, Any] = {}
     for name, shape in expected_shapes(config).items():
         file_path = locate(name)
         if file_path not in files:
@@ -44,7 +54,7 @@ def load_hf_dir(directory: str) -> tuple[ModelConfig, Weights]:
         st = files[file_path]
         # Check the header's shape before touching the data.
         check_shape(file_path, name, st.shape(name), shape)
-        weights[name] = st.read(name)
+        weights[name] = st.tensor(name) if native else st.read(name)
     return config, weights
 
 

@@ -11,10 +11,10 @@ import numpy as np
 
 from .. import _core
 from ..config import ModelConfig
-from ..loaders import load_checkpoint, weights_from_hf_model
+from ..loaders import open_checkpoint, weights_from_hf_model
 from .policies import DensePolicy, Policy
 
-DEFAULT_DTYPE = "float32"
+DEFAULT_DTYPE = "auto"
 _INT64 = np.iinfo(np.int64)
 
 
@@ -67,7 +67,7 @@ class Decoder:
     def __init__(
         self,
         config: ModelConfig,
-        weights: Mapping[str, np.ndarray],
+        weights: Mapping[str, np.ndarray | Any],
         device: str = "cpu",
         dtype: str | None = None,
         max_seq_len: int | None = None,
@@ -98,8 +98,11 @@ class Decoder:
         max_seq_len: int | None = None,
         num_threads: int | None = None,
     ) -> Decoder:
-        """Load a Hugging Face model directory or a ``.gguf`` file."""
-        config, weights = load_checkpoint(path)
+        """Load a Hugging Face model directory or a ``.gguf`` file, memory-mapped: with the
+        default ``dtype`` (``"auto"``) each tensor is read in place, in the type the file
+        stores (GGUF block formats included); ``"float32"``, ``"float16"`` or ``"bfloat16"``
+        convert the weights."""
+        config, weights = open_checkpoint(path)
         return cls(config, weights, device, dtype, max_seq_len, num_threads)
 
     @classmethod
