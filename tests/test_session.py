@@ -130,3 +130,16 @@ def test_direct_decoder_calls_and_errors_invalidate_the_cache(model) -> None:
         s.generate(prompt[:3] + [10**6], **GREEDY)  # refused by the prefill, after the cut
     assert s.reusable_tokens(prompt) == 0
     assert s.generate(prompt, **GREEDY).token_ids == result.token_ids
+
+
+def test_logit_bias_steers_sampling(model) -> None:
+    s = session(model)
+    prompt = s.tokenizer.encode("Bias")
+    no_eos = {s.tokenizer.eos_token_id: -100.0}
+    free = s.generate(prompt, **GREEDY, logit_bias=no_eos)
+    assert free.finish_reason == "length" and len(free.token_ids) == GREEDY["max_new_tokens"]
+    first = free.token_ids[0]
+    steered = s.generate(prompt, **GREEDY, logit_bias={**no_eos, first: -100.0})
+    assert first not in steered.token_ids
+    with pytest.raises(ValueError, match="logit_bias"):
+        s.generate(prompt, **GREEDY, logit_bias={10**6: 1.0})

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,7 @@ class DecodeOptions:
     seed: int | None
     stops: tuple[str, ...]
     stop_at: Callable[[str], int | None] | None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     @classmethod
     def make(
@@ -47,13 +49,18 @@ class DecodeOptions:
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         stop_at: Callable[[str], int | None] | None = None,
+        logit_bias: Mapping[int, float] | None = None,
     ) -> DecodeOptions:
         sampling = SamplingParams(temperature, top_k, top_p)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        return cls(max_new_tokens, sampling, seed, tuple(s for s in (stop or []) if s), stop_at)
+        bias = tuple((int(t), float(b)) for t, b in (logit_bias or {}).items())
+        if not all(math.isfinite(b) for _, b in bias):
+            raise ValueError("logit_bias values must be finite numbers")
+        return cls(max_new_tokens, sampling, seed, tuple(s for s in (stop or []) if s), stop_at,
+                   bias)
 
 
 def encode_prompt(tokenizer: Any, prompt_or_messages: str | Sequence[Message]) -> list[int]:
@@ -120,6 +127,13 @@ def prefill_and_decode(
         eos_ids.add(int(tokenizer.eos_token_id))
     rng = np.random.default_rng(options.seed)
     stops = options.stops
+    bias = None
+    if options.logit_bias:
+        ids, values = zip(*options.logit_bias, strict=True)
+        if not all(0 <= t < decoder.config.vocab_size for t in ids):
+            raise ValueError(f"logit_bias: token ids must be in [0, {decoder.config.vocab_size})")
+        bias = np.zeros(decoder.config.vocab_size, dtype=np.float32)
+        bias[list(ids)] = values
 
     start = time.perf_counter()
     logits = decoder.prefill(prompt_ids[cached_tokens:])
@@ -131,7 +145,7 @@ def prefill_and_decode(
     steps = 0
     decode_start = time.perf_counter()
     while len(generated) < options.max_new_tokens:
-        token = sample(logits, options.sampling, rng)
+        token = sample(logits if bias is None else logits + bias, options.sampling, rng)
         if token in eos_ids:
             finish_reason = "eos"
             break

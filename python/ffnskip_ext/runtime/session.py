@@ -9,7 +9,7 @@ prompt and answer, so only the new message is computed again. The decode loop is
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .decoder import Decoder
@@ -93,13 +93,14 @@ class ChatSession:
         stream: Callable[[str], None] | None = None,
         stop_at: Callable[[str], int | None] | None = None,
         cancelled: Callable[[], bool] | None = None,
+        logit_bias: Mapping[int, float] | None = None,
     ) -> GenerationResult:
         """As ``ffnskip_ext.generate``, reusing the cache: ``prompt`` is a string, chat
         messages or token ids; ``result.cached_tokens`` says how many prompt tokens were not
         computed again. ``cancelled()`` is asked before every decode step (finish_reason
-        "cancelled")."""
+        "cancelled"); ``logit_bias`` adds to the logits of token ids before sampling."""
         options = DecodeOptions.make(max_new_tokens, temperature, top_k, top_p, seed, stop,
-                                     stop_at)
+                                     stop_at, logit_bias)
         prompt_ids = _prompt_ids(self.tokenizer, prompt)
         check_prompt_fits(self.decoder, len(prompt_ids))
         cached = self.reusable_tokens(prompt_ids)
