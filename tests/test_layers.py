@@ -21,6 +21,7 @@ LAYERS = [
     ("base", ["ffnskip_ext._core", "ffnskip_ext.config"]),
     ("loaders", ["ffnskip_ext.loaders"]),
     ("runtime", ["ffnskip_ext.runtime"]),
+    ("serve", ["ffnskip_ext.serve"]),  # the HTTP server: the runtime and what is below it
     ("root", ["ffnskip_ext"]),
     ("tuning", ["ffnskip_ext.tuning"]),
     ("eval", ["ffnskip_ext.eval"]),
@@ -146,7 +147,8 @@ import sys
 for name in {blocked!r}:
     sys.modules[name] = None  # any import of it now raises ImportError
 import ffnskip_ext
-from ffnskip_ext.runtime import decoder, generate, policies, routers, sampling, tokenizer
+from ffnskip_ext.runtime import (decoder, generate, policies, routers, sampling, session,
+                                 tokenizer)
 policies.FFNSkipPolicy(threshold=0.9)
 print("ok")
 """
