@@ -26,8 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..loaders import load_checkpoint
-from ..loaders.models import default_model_path
+from ..loaders import open_checkpoint
+from ..loaders.models import resolve_model
 from ..runtime.decoder import Decoder
 from ..runtime.policies import Policy
 from ..runtime.session import ChatSession
@@ -96,18 +96,21 @@ def create_app(
     queue_size: int = DEFAULT_QUEUE_SIZE,
     model_name: str | None = None,
 ) -> Starlette:
-    """An ASGI application serving ``model`` (default: the bundled SmolLM2) with ``workers``
-    decoders. ``num_threads`` is per decoder (default: the CPUs shared out among the
-    workers); ``policy`` is the default skip policy (a Policy, "first", or what
-    ``load_policy`` takes); ``queue_size`` requests may wait when every worker is busy.
-    The model is loaded here; the workers start with the application (its lifespan)."""
+    """An ASGI application serving ``model`` (a path or a name of ``ffnskip models list``;
+    default: the bundled SmolLM2) with ``workers`` decoders. ``dtype`` is as in
+    ``Decoder.from_pretrained`` (default "auto": the types the file stores). ``num_threads``
+    is per decoder (default: the CPUs shared out among the workers); ``policy`` is the
+    default skip policy (a Policy, "first", or what ``load_policy`` takes); ``queue_size``
+    requests may wait when every worker is busy. The model is loaded here; the workers start
+    with the application (its lifespan)."""
     for name, value in (("workers", workers), ("queue_size", queue_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    path = os.fspath(model) if model is not None else default_model_path()
+    path = resolve_model(model)
     threads = num_threads or max(1, (os.cpu_count() or 1) // workers)
-    config, weights = load_checkpoint(path)
-    # The checkpoint is read once for every worker, and not kept: a rebuild reads it again.
+    # The checkpoint is opened once for every worker (memory-mapped, read as from_pretrained
+    # reads it), and not kept: a rebuild opens it again.
+    config, weights = open_checkpoint(path)
     decoders = [Decoder(config, weights, device, dtype, max_seq_len, threads)
                 for _ in range(workers)]
     del weights
