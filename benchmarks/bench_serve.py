@@ -193,7 +193,8 @@ def report(args: argparse.Namespace, samples: list[Sample], wall: float,
         f"## {command}",
         "",
         f"Date: {datetime.date.today().isoformat()}. Machine: {machine()}. Commit: {commit()}.",
-        f"Model: {model}; {args.workers} workers, {threads} thread(s) each; greedy, "
+        f"Model: {model}, weights {args.dtype or 'auto'}; {args.workers} workers, "
+        f"{threads} thread(s) each; greedy, "
         f"{args.max_tokens} tokens per request, streamed. Time to first token includes the "
         "wait for a free worker.",
         "",
@@ -207,13 +208,15 @@ def report(args: argparse.Namespace, samples: list[Sample], wall: float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="default: the bundled SmolLM2")
+    parser.add_argument("--model", default=None,
+                        help="a path or a model name (default: the bundled SmolLM2)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--clients", type=int, default=4, help="K concurrent clients")
     parser.add_argument("--requests", type=int, default=4, help="M requests per client")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="per worker")
-    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--dtype", default=None,
+                        help="as ffnskip serve's (default auto: the types the file stores)")
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--time-limit", type=float, default=600.0,
                         help="no request starts after this many seconds")
