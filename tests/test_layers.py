@@ -28,9 +28,11 @@ LAYERS = [
     ("training", ["ffnskip_ext.training"]),
     ("cli", ["ffnskip_ext.cli", "ffnskip_ext.__main__"]),
 ]
-# Modules the runtime (base, loaders, runtime) must never import.
-RUNTIME_FORBIDDEN = ("torch", "argparse", "ffnskip_ext.tuning", "ffnskip_ext.eval",
-                     "ffnskip_ext.training", "ffnskip_ext.cli")
+# Modules the runtime (base, loaders, runtime) must never import: the server's among them, so
+# that the runtime needs neither it nor starlette and uvicorn.
+RUNTIME_FORBIDDEN = ("torch", "argparse", "ffnskip_ext.serve", "starlette", "uvicorn",
+                     "ffnskip_ext.tuning", "ffnskip_ext.eval", "ffnskip_ext.training",
+                     "ffnskip_ext.cli")
 
 
 def module_name(path: Path) -> str:
@@ -155,8 +157,8 @@ print("ok")
 
 
 def test_runtime_imports_with_torch_and_upper_layers_blocked() -> None:
-    blocked = ["torch", "ffnskip_ext.tuning", "ffnskip_ext.eval", "ffnskip_ext.training",
-               "ffnskip_ext.cli"]
+    blocked = ["torch", "ffnskip_ext.serve", "starlette", "uvicorn", "ffnskip_ext.tuning",
+               "ffnskip_ext.eval", "ffnskip_ext.training", "ffnskip_ext.cli"]
     done = subprocess.run([sys.executable, "-c", BLOCKED_RUNTIME.format(blocked=blocked)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
