@@ -25,11 +25,11 @@ struct HeadQuery {
 };
 
 // softmax(q K^T * scale) V for one query of one head.
-template <Isa>
+template <Isa I>
 __attribute__((always_inline)) inline void attend_head(const HeadQuery& a) {
   float max_score = -INFINITY;
   for (int64_t j = 0; j < a.len; ++j) {
-    a.scores[j] = dot_kernel(a.q, a.k + j * a.kv_stride, a.head_dim) * a.scale;
+    a.scores[j] = dot_kernel<I>(a.q, a.k + j * a.kv_stride, a.head_dim) * a.scale;
     max_score = std::max(max_score, a.scores[j]);
   }
   float sum = 0.0f;
@@ -40,7 +40,7 @@ __attribute__((always_inline)) inline void attend_head(const HeadQuery& a) {
   const float inv_sum = 1.0f / sum;
   std::memset(a.out, 0, sizeof(float) * a.head_dim);
   for (int64_t j = 0; j < a.len; ++j) {
-    axpy_kernel(a.scores[j] * inv_sum, a.v + j * a.kv_stride, a.out, a.head_dim);
+    axpy_kernel<I>(a.scores[j] * inv_sum, a.v + j * a.kv_stride, a.out, a.head_dim);
   }
 }
 

@@ -14,15 +14,17 @@ namespace ffnskip::cpu {
 namespace {
 
 // Four independent accumulators so the adds never wait on each other: loads set the pace.
-template <Isa>
+template <Isa I>
 __attribute__((always_inline)) inline float sum_kernel(const float* p, int64_t len) {
-  vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  using V = vfloat<I>;
+  constexpr int L = kLanes<I>;
+  V a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t i = 0;
-  for (; i + 4 * kLanes <= len; i += 4 * kLanes) {
-    a0 += load(p + i);
-    a1 += load(p + i + kLanes);
-    a2 += load(p + i + 2 * kLanes);
-    a3 += load(p + i + 3 * kLanes);
+  for (; i + 4 * L <= len; i += 4 * L) {
+    a0 += load<V>(p + i);
+    a1 += load<V>(p + i + L);
+    a2 += load<V>(p + i + 2 * L);
+    a3 += load<V>(p + i + 3 * L);
   }
   float s = reduce_add((a0 + a1) + (a2 + a3));
   for (; i < len; ++i) s += p[i];

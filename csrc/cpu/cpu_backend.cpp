@@ -21,7 +21,6 @@
 #include "linear.h"
 #include "norm.h"
 #include "rope.h"
-#include "simd.h"
 #include "thread_pool.h"
 
 namespace ffnskip {

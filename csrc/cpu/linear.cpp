@@ -18,12 +18,19 @@ namespace {
 
 // Tokens whose inputs stay cache-resident (L2) while a slice of weight rows streams past them.
 constexpr int64_t kTokenBlock = 64;
-// The many-token register tile: kTileRows weight rows times kTileTokens tokens.
-constexpr int kTileRows = 4;
+// The dot-product tiles: weight rows times tokens, and decode's rows per tile, as many
+// accumulators as the registers hold (32 zmm with AVX-512, 16 ymm or xmm otherwise).
+template <Isa I>
+constexpr int kTileRows = I == Isa::Avx512 ? 4 : 2;
 constexpr int kTileTokens = 4;
+constexpr int kDecodeRows = 8;
+// Threads take whole chunks of rows, a multiple of every instruction set's panel (below).
+constexpr int kChunkRows = 32;
 
-typedef uint16_t vu16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-typedef uint32_t vu32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+template <Isa I>
+using vu16 = typename VectorOf<uint16_t, kLanes<I>>::type;
+template <Isa I>
+using vu32 = typename VectorOf<uint32_t, kLanes<I>>::type;
 
 // One float matrix of a linear's part, as the float kernels read it: its rows [row, ...) write
 // y[t * out + row]; `out` is the whole linear's row count (the y stride), `bias` the part's.
@@ -34,56 +41,59 @@ struct Matrix {
   int64_t in;
 };
 
-// How a storage type widens to fp32. A block of kParts * kLanes weights becomes kParts
-// vectors, each multiplied by the vector of x at the same offset in the block; `at` widens one
-// weight of the scalar tail (x is in its natural order there).
+// How a storage type widens to fp32 vectors of instruction set I. A block of kParts * lanes
+// weights becomes kParts vectors, each multiplied by the vector of x at the same offset in the
+// block; `at` widens one weight of the scalar tail (x is in its natural order there).
+template <Isa I>
 struct F32Weights {
   using Stored = float;
   static constexpr int kParts = 1;
-  __attribute__((always_inline)) static void widen(const float* p, vfloat* out) {
-    out[0] = load(p);
+  __attribute__((always_inline)) static void widen(const float* p, vfloat<I>* out) {
+    out[0] = load<vfloat<I>>(p);
   }
   static float at(const float* p) { return *p; }
 };
 
-// 32 bf16 weights read as 16 u32 lanes hold the even-indexed weights in their low halves and
+// 2L bf16 weights read as L u32 lanes hold the even-indexed weights in their low halves and
 // the odd ones in their high halves, so a shift and a mask widen them (the usual zero-extend
-// and shift take a cross-lane shuffle per 16). x is stored de-interleaved to match: the 16
-// even elements of each block of 32, then the 16 odd ones. Activations stay fp32.
+// and shift take a cross-lane shuffle per vector). x is stored de-interleaved to match: the L
+// even elements of each block of 2L, then the L odd ones. Activations stay fp32.
+template <Isa I>
 struct BF16Weights {
   using Stored = uint16_t;
   static constexpr int kParts = 2;
-  __attribute__((always_inline)) static void widen(const uint16_t* p, vfloat* out) {
-    vu32 pairs;
+  __attribute__((always_inline)) static void widen(const uint16_t* p, vfloat<I>* out) {
+    vu32<I> pairs;
     std::memcpy(&pairs, p, sizeof(pairs));
-    out[0] = bits_as<vfloat>(pairs << 16);
-    out[1] = bits_as<vfloat>(pairs & 0xFFFF0000u);
+    out[0] = bits_as<vfloat<I>>(pairs << 16);
+    out[1] = bits_as<vfloat<I>>(pairs & 0xFFFF0000u);
   }
   static float at(const uint16_t* p) { return bf16_to_float(*p); }
 };
 
 #ifdef FFNSKIP_X86_DISPATCH
-// F16C conversions. Not always_inline: the intrinsics may only be inlined into code compiled
-// for their target, which the kernel templates are not until they are inlined into a
-// per-instruction-set entry point; `flatten` there inlines these.
-FFNSKIP_TARGET_AVX512 inline vfloat widen_f16_avx512(const uint16_t* p) {
+// F16C conversions and broadcasts. Not always_inline: the intrinsics may only be inlined into
+// code compiled for their target, which the kernel templates are not until they are inlined
+// into a per-instruction-set entry point; `flatten` there inlines these.
+FFNSKIP_TARGET_AVX512 inline vfloat<Isa::Avx512> widen_f16_avx512(const uint16_t* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return bits_as<vfloat>(_mm512_maskz_cvtph_ps(0xFFFF, h));  // maskz: no -Wmaybe-uninitialized
+  // maskz: no -Wmaybe-uninitialized
+  return bits_as<vfloat<Isa::Avx512>>(_mm512_maskz_cvtph_ps(0xFFFF, h));
+}
+
+FFNSKIP_TARGET_AVX2 inline vfloat<Isa::Avx2> widen_f16_avx2(const uint16_t* p) {
+  return bits_as<vfloat<Isa::Avx2>>(
+      _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
 // One float broadcast to every lane straight from memory (a generic-vector splat costs an add
-// or a lane-by-lane build in GCC's code for this target).
-FFNSKIP_TARGET_AVX512 inline vfloat broadcast_avx512(const float* p) {
-  return bits_as<vfloat>(_mm512_set1_ps(*p));
+// or a lane-by-lane build in GCC's code for these targets).
+FFNSKIP_TARGET_AVX512 inline vfloat<Isa::Avx512> broadcast_avx512(const float* p) {
+  return bits_as<vfloat<Isa::Avx512>>(_mm512_set1_ps(*p));
 }
 
-FFNSKIP_TARGET_AVX2 inline vfloat widen_f16_avx2(const uint16_t* p) {
-  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-  vfloat v;
-  std::memcpy(&v, &lo, sizeof(lo));
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
-  return v;
+FFNSKIP_TARGET_AVX2 inline vfloat<Isa::Avx2> broadcast_avx2(const float* p) {
+  return bits_as<vfloat<Isa::Avx2>>(_mm256_broadcast_ss(p));
 }
 #endif
 
@@ -91,7 +101,7 @@ template <Isa I>
 struct F16Weights {
   using Stored = uint16_t;
   static constexpr int kParts = 1;
-  __attribute__((always_inline)) static void widen(const uint16_t* p, vfloat* out) {
+  __attribute__((always_inline)) static void widen(const uint16_t* p, vfloat<I>* out) {
 #ifdef FFNSKIP_X86_DISPATCH
     if constexpr (I == Isa::Avx512) {
       out[0] = widen_f16_avx512(p);
@@ -101,36 +111,38 @@ struct F16Weights {
       return;
     }
 #endif
-    vu16 h;
+    vu16<I> h;
     std::memcpy(&h, p, sizeof(h));
-    out[0] = widen_f16<vfloat>(__builtin_convertvector(h, vu32));
+    out[0] = widen_f16<vfloat<I>>(__builtin_convertvector(h, vu32<I>));
   }
   static float at(const uint16_t* p) { return f16_to_float(*p); }
 };
 
 // R weight rows times T tokens: R*T accumulators, each weight block widened once per T tokens.
-template <int R, int T, typename W>
+template <Isa I, int R, int T, template <Isa> class Weights>
 __attribute__((always_inline)) inline void tile(const Matrix& w, int64_t row,
                                                 const float* x, float* y, bool accumulate) {
-  constexpr int P = W::kParts;
-  constexpr int64_t kBlock = P * kLanes;
+  using V = vfloat<I>;
+  using W = Weights<I>;
+  constexpr int L = kLanes<I>, P = W::kParts;
+  constexpr int64_t kBlock = P * L;
   const int64_t in = w.in;
   const typename W::Stored* wr = static_cast<const typename W::Stored*>(w.weight) + row * in;
-  vfloat acc[R][T] = {};
+  V acc[R][T] = {};
   int64_t i = 0;
   for (; i + kBlock <= in; i += kBlock) {
-    vfloat xv[T][P];
+    V xv[T][P];
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {
 #pragma GCC unroll 2
-      for (int p = 0; p < P; ++p) xv[t][p] = load(x + t * in + i + p * kLanes);
+      for (int p = 0; p < P; ++p) xv[t][p] = load<V>(x + t * in + i + p * L);
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       // A decode step reads each weight once, and the hardware prefetcher starts over at each
       // tile (a bf16 row of 576 is 18 cache lines): fetch the next tile's rows meanwhile.
       if constexpr (T == 1) __builtin_prefetch(wr + (r + R) * in + i);
-      vfloat wv[P];
+      V wv[P];
       W::widen(wr + r * in + i, wv);
 #pragma GCC unroll 2
       for (int p = 0; p < P; ++p) {
@@ -153,23 +165,23 @@ __attribute__((always_inline)) inline void tile(const Matrix& w, int64_t row,
 }
 
 // Every row of [row_begin, row_end) for one token, R rows at a time.
-template <int R, typename W>
+template <Isa I, int R, template <Isa> class W>
 __attribute__((always_inline)) inline void rows_for_token(const Matrix& w,
                                                           int64_t row_begin, int64_t row_end,
                                                           const float* x, float* y,
                                                           bool accumulate) {
   int64_t row = row_begin;
-  for (; row + R <= row_end; row += R) tile<R, 1, W>(w, row, x, y, accumulate);
-  for (; row < row_end; ++row) tile<1, 1, W>(w, row, x, y, accumulate);
+  for (; row + R <= row_end; row += R) tile<I, R, 1, W>(w, row, x, y, accumulate);
+  for (; row < row_end; ++row) tile<I, 1, 1, W>(w, row, x, y, accumulate);
 }
 
 // Within a block of tokens, each tile of weight rows stays in L1 while every group of
 // kTileTokens tokens (their inputs in L2) passes it: the rows come from memory once per block.
-template <typename W>
+template <Isa I, template <Isa> class W>
 __attribute__((always_inline)) inline void token_blocks(const Matrix& w, const float* x,
                                                         int64_t n, float* y, int64_t row_begin,
                                                         int64_t row_end, bool accumulate) {
-  constexpr int R = kTileRows, T = kTileTokens;
+  constexpr int R = kTileRows<I>, T = kTileTokens;
   const int64_t in = w.in, out = w.out;
   for (int64_t t0 = 0; t0 < n; t0 += kTokenBlock) {
     const int64_t t_end = std::min(n, t0 + kTokenBlock);
@@ -177,96 +189,137 @@ __attribute__((always_inline)) inline void token_blocks(const Matrix& w, const f
     int64_t row = row_begin;
     for (; row + R <= row_end; row += R) {
       for (int64_t t = t0; t < t_tiled; t += T) {
-        tile<R, T, W>(w, row, x + t * in, y + t * out, accumulate);
+        tile<I, R, T, W>(w, row, x + t * in, y + t * out, accumulate);
       }
     }
     for (; row < row_end; ++row) {
       for (int64_t t = t0; t < t_tiled; t += T) {
-        tile<1, T, W>(w, row, x + t * in, y + t * out, accumulate);
+        tile<I, 1, T, W>(w, row, x + t * in, y + t * out, accumulate);
       }
     }
     for (int64_t t = t_tiled; t < t_end; ++t) {  // one token (decode), or a block's last few
-      rows_for_token<8, W>(w, row_begin, row_end, x + t * in, y + t * out, accumulate);
+      rows_for_token<I, kDecodeRows, W>(w, row_begin, row_end, x + t * in, y + t * out,
+                                        accumulate);
     }
   }
 }
 
-// The AVX-512 outer-product kernel's tile (below): kPanelRows weight rows x kPanelTokens tokens.
-constexpr int kPanelRows = 2 * kLanes;
-constexpr int kPanelTokens = 12;
+// The outer-product kernel's tile (below): a panel of kPanelVectors vectors of weight rows
+// times kPanelTokens<I> tokens, its accumulators filling the registers but a few (AVX-512: 24
+// of 32 zmm; AVX2: 12 of 16 ymm). None on the baseline.
+constexpr int kPanelVectors = 2;
+template <Isa I>
+constexpr int kPanelRows = kPanelVectors * kLanes<I>;
+template <Isa I>
+constexpr int kPanelTokens = I == Isa::Avx512 ? 12 : 6;
+static_assert(kChunkRows % kPanelRows<Isa::Avx512> == 0 &&
+              kChunkRows % kPanelRows<Isa::Avx2> == 0);
+
+bool has_panels(Isa isa) { return isa == Isa::Avx512 || isa == Isa::Avx2; }
+int panel_tokens_of(Isa isa) {
+  return isa == Isa::Avx512 ? kPanelTokens<Isa::Avx512> : kPanelTokens<Isa::Avx2>;
+}
 
 // The inputs of a linear in the layouts its kernels read.
 struct LinearInput {
   const float* x;   // [n, in], natural order
-  const float* xs;  // x, or for bf16 weights each block of 32 de-interleaved (BF16Weights)
-  const float* xt;  // the panel path's token groups, [n / kPanelTokens][in][kPanelTokens]; or
-                    // null where that path is not taken
+  const float* xs;  // x, or for bf16 weights each block of 2 * lanes de-interleaved
+                    // (BF16Weights)
+  const float* xt;  // the panel path's token groups, [n / G][in][G] for G = kPanelTokens<I>;
+                    // or null where that path is not taken
   QuantInput xq;     // for quantised weights, in the formats they read
   int64_t n;
 };
 
 #ifdef FFNSKIP_X86_DISPATCH
-// Many tokens with AVX-512 (one vfloat per register): y[t, rows] as outer products. A panel of
-// kPanelRows weight rows is transposed and widened to fp32 once, [in][kPanelRows], then every
-// group of kPanelTokens tokens broadcasts its inputs against it: two panel loads per 24 FMAs
-// and no horizontal sums, where the dot-product tiles above need both.
+// Many tokens: y[t, rows] as outer products. A panel of kPanelRows<I> weight rows is
+// transposed and widened to fp32 once, [in][kPanelRows<I>], then every group of T tokens
+// broadcasts its inputs against it: two panel loads per 2T FMAs and no horizontal sums, where
+// the dot-product tiles above need both.
 
-template <typename W>
+template <Isa I>
+__attribute__((always_inline)) inline vfloat<I> broadcast(const float* p) {
+  if constexpr (I == Isa::Avx512) {
+    return broadcast_avx512(p);
+  } else {
+    return broadcast_avx2(p);
+  }
+}
+
+// Row by row, a vector at a time where the widened lanes are in their natural order (one
+// instruction for F16 where a scalar fp16 conversion takes a dozen).
+template <Isa I, typename W>
 __attribute__((always_inline)) inline void pack_panel(const Matrix& w, int64_t row,
                                                       float* panel) {
-  const typename W::Stored* src = static_cast<const typename W::Stored*>(w.weight) + row * w.in;
-  for (int64_t k = 0; k < w.in; ++k) {
-    for (int r = 0; r < kPanelRows; ++r) panel[k * kPanelRows + r] = W::at(src + r * w.in + k);
+  constexpr int L = kLanes<I>, kRows = kPanelRows<I>;
+  const int64_t in = w.in;
+  const typename W::Stored* src = static_cast<const typename W::Stored*>(w.weight) + row * in;
+  for (int r = 0; r < kRows; ++r) {
+    const typename W::Stored* wr = src + r * in;
+    int64_t k = 0;
+    if constexpr (W::kParts == 1) {
+      for (; k + L <= in; k += L) {
+        vfloat<I> v;
+        W::widen(wr + k, &v);
+#pragma GCC unroll 16
+        for (int j = 0; j < L; ++j) panel[(k + j) * kRows + r] = v[j];
+      }
+    }
+    for (; k < in; ++k) panel[k * kRows + r] = W::at(wr + k);
   }
 }
 
 // T tokens' outputs for one panel; token t's input k is x[t * t_stride + k * k_stride].
-template <int T>
+template <Isa I, int T>
 __attribute__((always_inline)) inline void panel_tokens(const Matrix& w, int64_t row,
                                                         const float* panel, const float* x,
                                                         int64_t t_stride, int64_t k_stride,
                                                         float* y, bool accumulate) {
-  vfloat acc[T][2] = {};
+  using V = vfloat<I>;
+  constexpr int L = kLanes<I>, kRows = kPanelRows<I>;
+  V acc[T][kPanelVectors] = {};
   for (int64_t k = 0; k < w.in; ++k) {
-    const vfloat p0 = load(panel + k * kPanelRows);
-    const vfloat p1 = load(panel + k * kPanelRows + kLanes);
+    const V p0 = load<V>(panel + k * kRows);
+    const V p1 = load<V>(panel + k * kRows + L);
 #pragma GCC unroll 12
     for (int t = 0; t < T; ++t) {
-      const vfloat xv = broadcast_avx512(x + t * t_stride + k * k_stride);
+      const V xv = broadcast<I>(x + t * t_stride + k * k_stride);
       acc[t][0] += xv * p0;
       acc[t][1] += xv * p1;
     }
   }
-  const vfloat b0 = w.bias ? load(w.bias + row) : vfloat{};
-  const vfloat b1 = w.bias ? load(w.bias + row + kLanes) : vfloat{};
+  const V b0 = w.bias ? load<V>(w.bias + row) : V{};
+  const V b1 = w.bias ? load<V>(w.bias + row + L) : V{};
 #pragma GCC unroll 12
   for (int t = 0; t < T; ++t) {
     float* dst = y + t * w.out + row;
-    store(dst, accumulate ? load(dst) + (acc[t][0] + b0) : acc[t][0] + b0);
-    store(dst + kLanes, accumulate ? load(dst + kLanes) + (acc[t][1] + b1) : acc[t][1] + b1);
+    store(dst, accumulate ? load<V>(dst) + (acc[t][0] + b0) : acc[t][0] + b0);
+    store(dst + L, accumulate ? load<V>(dst + L) + (acc[t][1] + b1) : acc[t][1] + b1);
   }
 }
 
-// Rows [row_begin, row_end) in whole panels; returns the first row it left (fewer than
-// kPanelRows remain).
-template <typename W>
+// Rows [row_begin, row_end) in whole panels; returns the first row it left (fewer than a
+// panel remain).
+template <Isa I, typename W>
 __attribute__((always_inline)) inline int64_t panel_rows(const Matrix& w,
                                                          const LinearInput& input, float* y,
                                                          int64_t row_begin, int64_t row_end,
                                                          bool accumulate) {
+  constexpr int T = kPanelTokens<I>, kRows = kPanelRows<I>;
   thread_local std::vector<float> panel;  // grows to the widest input, then never allocates
-  panel.resize(static_cast<size_t>(w.in * kPanelRows));
+  panel.resize(static_cast<size_t>(w.in * kRows));
   const int64_t in = w.in, out = w.out, n = input.n;
-  const int64_t grouped = n / kPanelTokens * kPanelTokens;
+  const int64_t grouped = n / T * T;
   int64_t row = row_begin;
-  for (; row + kPanelRows <= row_end; row += kPanelRows) {
-    pack_panel<W>(w, row, panel.data());
-    for (int64_t t = 0; t < grouped; t += kPanelTokens) {
-      panel_tokens<kPanelTokens>(w, row, panel.data(), input.xt + t * in, 1, kPanelTokens,
-                                 y + t * out, accumulate);
+  for (; row + kRows <= row_end; row += kRows) {
+    pack_panel<I, W>(w, row, panel.data());
+    for (int64_t t = 0; t < grouped; t += T) {
+      panel_tokens<I, T>(w, row, panel.data(), input.xt + t * in, 1, T, y + t * out,
+                         accumulate);
     }
     for (int64_t t = grouped; t < n; ++t) {
-      panel_tokens<1>(w, row, panel.data(), input.x + t * in, in, 1, y + t * out, accumulate);
+      panel_tokens<I, 1>(w, row, panel.data(), input.x + t * in, in, 1, y + t * out,
+                         accumulate);
     }
   }
   return row;
@@ -274,17 +327,17 @@ __attribute__((always_inline)) inline int64_t panel_rows(const Matrix& w,
 
 #endif
 
-template <Isa I, typename W>
+template <Isa I, template <Isa> class W>
 __attribute__((always_inline)) inline void rows_of_type(const Matrix& w,
                                                         const LinearInput& input, float* y,
                                                         int64_t row_begin, int64_t row_end,
                                                         bool accumulate) {
 #ifdef FFNSKIP_X86_DISPATCH
-  if constexpr (I == Isa::Avx512) {
-    if (input.xt) row_begin = panel_rows<W>(w, input, y, row_begin, row_end, accumulate);
+  if constexpr (I != Isa::Default) {
+    if (input.xt) row_begin = panel_rows<I, W<I>>(w, input, y, row_begin, row_end, accumulate);
   }
 #endif
-  token_blocks<W>(w, input.xs, input.n, y, row_begin, row_end, accumulate);
+  token_blocks<I, W>(w, input.xs, input.n, y, row_begin, row_end, accumulate);
 }
 
 template <Isa I>
@@ -300,7 +353,7 @@ __attribute__((always_inline)) inline void float_rows(const Matrix& w, TensorTyp
       rows_of_type<I, BF16Weights>(w, input, y, row_begin, row_end, accumulate);
       break;
     case TensorType::F16:
-      rows_of_type<I, F16Weights<I>>(w, input, y, row_begin, row_end, accumulate);
+      rows_of_type<I, F16Weights>(w, input, y, row_begin, row_end, accumulate);
       break;
     default:
       break;  // quantised: quant_rows
@@ -313,34 +366,40 @@ FFNSKIP_ISA_VARIANTS(void, float_rows,
                      (w, type, input, y, row_begin, row_end, accumulate))
 
 // The exported dot and axpy, in the instruction set of the other kernels.
-template <Isa>
+template <Isa I>
 __attribute__((always_inline)) inline float dot_any(const float* a, const float* b,
                                                     int64_t len) {
-  return dot_kernel(a, b, len);
+  return dot_kernel<I>(a, b, len);
 }
 FFNSKIP_ISA_VARIANTS(float, dot_any, (const float* a, const float* b, int64_t len), (a, b, len))
 
-template <Isa>
+template <Isa I>
 __attribute__((always_inline)) inline void axpy_any(float a, const float* x, float* y,
                                                     int64_t len) {
-  axpy_kernel(a, x, y, len);
+  axpy_kernel<I>(a, x, y, len);
 }
 FFNSKIP_ISA_VARIANTS(void, axpy_any, (float a, const float* x, float* y, int64_t len),
                      (a, x, y, len))
 
-// x with each full block of 32 elements de-interleaved for BF16Weights; the tail as it is.
-const float* deinterleave_pairs(const float* x, int64_t n, int64_t in) {
-  constexpr int64_t kBlock = 2 * kLanes;
+int lanes_of_isa(Isa isa) {
+  return isa == Isa::Avx512 ? kLanes<Isa::Avx512>
+                            : isa == Isa::Avx2 ? kLanes<Isa::Avx2> : kLanes<Isa::Default>;
+}
+
+// x with each full block of 2 * lanes elements de-interleaved for BF16Weights; the tail as it
+// is.
+const float* deinterleave_pairs(const float* x, int64_t n, int64_t in, int lanes) {
+  const int64_t block = 2 * lanes;
   thread_local std::vector<float> out;  // grows to the largest input, then never allocates
   out.resize(static_cast<size_t>(n * in));
   for (int64_t t = 0; t < n; ++t) {
     const float* src = x + t * in;
     float* dst = out.data() + t * in;
     int64_t i = 0;
-    for (; i + kBlock <= in; i += kBlock) {
-      for (int64_t j = 0; j < kLanes; ++j) {
+    for (; i + block <= in; i += block) {
+      for (int64_t j = 0; j < lanes; ++j) {
         dst[i + j] = src[i + 2 * j];
-        dst[i + kLanes + j] = src[i + 2 * j + 1];
+        dst[i + lanes + j] = src[i + 2 * j + 1];
       }
     }
     std::copy(src + i, src + in, dst + i);
@@ -348,17 +407,17 @@ const float* deinterleave_pairs(const float* x, int64_t n, int64_t in) {
   return out.data();
 }
 
-// x's whole groups of kPanelTokens tokens, each transposed to [in][kPanelTokens] (the panel
-// kernel's broadcasts then read consecutive floats).
-const float* token_groups(const float* x, int64_t n, int64_t in) {
+// x's whole groups of `size` tokens, each transposed to [in][size] (the panel kernel's
+// broadcasts then read consecutive floats).
+const float* token_groups(const float* x, int64_t n, int64_t in, int size) {
   thread_local std::vector<float> out;  // grows to the largest input, then never allocates
-  const int64_t groups = n / kPanelTokens;
-  out.resize(static_cast<size_t>(groups * kPanelTokens * in));
+  const int64_t groups = n / size;
+  out.resize(static_cast<size_t>(groups * size * in));
   for (int64_t g = 0; g < groups; ++g) {
-    const float* src = x + g * kPanelTokens * in;
-    float* dst = out.data() + g * kPanelTokens * in;
+    const float* src = x + g * size * in;
+    float* dst = out.data() + g * size * in;
     for (int64_t k = 0; k < in; ++k) {
-      for (int t = 0; t < kPanelTokens; ++t) dst[k * kPanelTokens + t] = src[t * in + k];
+      for (int t = 0; t < size; ++t) dst[k * size + t] = src[t * in + k];
     }
   }
   return out.data();
@@ -442,17 +501,17 @@ void linear(ThreadPool& pool, const LinearWeights& w, const float* x, int64_t n,
   const bool accumulate = mode == Output::Accumulate;
   LinearInput input{x, x, nullptr, {}, n};
   if (w.any_of([](TensorType t) { return t == TensorType::BF16; })) {
-    input.xs = deinterleave_pairs(x, n, w.in);
+    input.xs = deinterleave_pairs(x, n, w.in, lanes_of_isa(isa));
   }
-  if (isa == Isa::Avx512 && n >= kPanelTokens && w.any_of(is_float)) {
-    input.xt = token_groups(x, n, w.in);
+  if (has_panels(isa) && n >= panel_tokens_of(isa) && w.any_of(is_float)) {
+    input.xt = token_groups(x, n, w.in, panel_tokens_of(isa));
   }
   if (w.any_of(is_quantized)) input.xq = quantized_activations(w, x, n, isa);
-  // Threads take whole panels of rows, so which kernel computes a row (and hence its rounding)
-  // does not depend on the thread count.
-  const int64_t panels = (w.out + kPanelRows - 1) / kPanelRows;
-  pool.parallel_for(panels, [&](int64_t begin, int64_t end, int) {
-    linear_rows(w, input, y, begin * kPanelRows, std::min(w.out, end * kPanelRows), accumulate,
+  // Threads take whole chunks of panels, so which kernel computes a row (and hence its
+  // rounding) does not depend on the thread count.
+  const int64_t chunks = (w.out + kChunkRows - 1) / kChunkRows;
+  pool.parallel_for(chunks, [&](int64_t begin, int64_t end, int) {
+    linear_rows(w, input, y, begin * kChunkRows, std::min(w.out, end * kChunkRows), accumulate,
                 isa);
   });
 }
