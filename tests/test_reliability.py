@@ -26,23 +26,27 @@ def small_config() -> ModelConfig:
 
 def test_fuzzed_checkpoints_load_or_fail_cleanly(tiny_model_dir, tmp_path) -> None:
     """Thousands of mutated safetensors and GGUF files (truncations, bit flips, edited header
-    fields), in a separate process with a memory cap: each loads or raises a clear error."""
+    fields), in a separate process with a memory cap: each loads or raises a clear error. The
+    GGUF files: Q8_0, and one mixing every block type (the K-quants' 256-blocks, Q4_1, Q5_x)."""
+    from test_quantized_models import TINY_FILES, tiny_tensors
+
     _, model_dir = tiny_model_dir("llama_mha_tied")
     config = small_config()
-    gguf_file = write_gguf(tmp_path / "small.gguf", config,
-                           encode(random_weights(config), gguf.GGMLQuantizationType.Q8_0))
+    q8 = write_gguf(tmp_path / "q8.gguf", config,
+                    encode(random_weights(config), gguf.GGMLQuantizationType.Q8_0))
+    mixed = write_gguf(tmp_path / "mixed.gguf", *tiny_tensors(*TINY_FILES["mixed"], seed=3))
     work = tmp_path / "work"
     work.mkdir()
     done = subprocess.run(
         [sys.executable, str(HERE / "fuzz" / "fuzz_loaders.py"), str(model_dir),
-         str(gguf_file), str(work), "2500", "150", "7"],
+         f"{q8},{mixed}", str(work), "2500", "150", "7"],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, (done.stdout[-4000:], done.stderr[-2000:])
     outcomes = eval(done.stdout.strip().splitlines()[-1])  # the fuzzer's summary dict
     assert sum(outcomes.values()) >= 1000, outcomes
-    assert outcomes.get("st: loaded") and outcomes.get("st: ValueError")
-    assert outcomes.get("gguf: loaded") and outcomes.get("gguf: ValueError")
+    for kind in ("st", "q8", "mixed"):
+        assert outcomes.get(f"{kind}: loaded") and outcomes.get(f"{kind}: ValueError"), outcomes
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

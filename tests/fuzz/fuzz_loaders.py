@@ -1,6 +1,9 @@
 """Mutation fuzzer for the checkpoint loaders (run as a script, in its own process).
 
-    python fuzz_loaders.py MODEL_DIR GGUF_FILE WORK_DIR ITERATIONS SECONDS SEED
+    python fuzz_loaders.py MODEL_DIR GGUF_FILES WORK_DIR ITERATIONS SECONDS SEED
+
+GGUF_FILES is a comma-separated list (say one float or Q8_0 file and one mixing block types);
+outcomes are counted per kind: "st" and each GGUF file's stem.
 
 Each iteration copies a valid file, mutates it (truncation, bit flips, edited header bytes,
 overwritten lengths) and loads it both ways: as float32 arrays (load_checkpoint) and read in
@@ -80,7 +83,7 @@ def run(path: str, original: bytes, header_end: int, rng: random.Random,
 
 
 def main() -> int:
-    model_dir, gguf_file, work, iterations, seconds, seed = sys.argv[1:]
+    model_dir, gguf_files, work, iterations, seconds, seed = sys.argv[1:]
     # A file that makes the loader allocate without bound must fail here, not take the machine.
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
     rng = random.Random(int(seed))
@@ -89,21 +92,22 @@ def main() -> int:
     st_path = os.path.join(st_dir, "model.safetensors")
     with open(st_path, "rb") as f:
         st_original = f.read()
-    st_header = 8 + struct.unpack("<Q", st_original[:8])[0]
-    gguf_path = os.path.join(work, "model.gguf")
-    with open(gguf_file, "rb") as f:
-        gguf_original = f.read()
-    gguf_header = min(len(gguf_original), 4096)
+    # (kind, path the mutants are written to, original bytes, header length)
+    targets = [("st", st_path, st_original, 8 + struct.unpack("<Q", st_original[:8])[0])]
+    for gguf_file in gguf_files.split(","):
+        kind = os.path.splitext(os.path.basename(gguf_file))[0]
+        with open(gguf_file, "rb") as f:
+            original = f.read()
+        targets.append((kind, os.path.join(work, f"{kind}.gguf"), original,
+                        min(len(original), 4096)))
     outcomes: collections.Counter = collections.Counter()
     deadline = time.monotonic() + float(seconds)
     ok = True
     for i in range(int(iterations)):
         if time.monotonic() > deadline:
             break
-        if i % 2:
-            ok &= run(st_path, st_original, st_header, rng, outcomes, "st")
-        else:
-            ok &= run(gguf_path, gguf_original, gguf_header, rng, outcomes, "gguf")
+        kind, path, original, header_end = targets[i % len(targets)]
+        ok &= run(path, original, header_end, rng, outcomes, kind)
     print(dict(outcomes), flush=True)
     return 0 if ok else 1
 
