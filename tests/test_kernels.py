@@ -45,9 +45,10 @@ def assert_sum_within(got: np.ndarray, exact: np.ndarray, abs_terms: np.ndarray,
 
 
 # out, in: odd widths, widths that are not a multiple of the 16/32-lane blocks, wide rows;
-# n: one token (GEMV), a few (dot-product tiles), 12+ (the AVX-512 panel path) with tails.
+# n: one token (GEMV), up to 16 (dot-product tiles), more (the outer-product panels of 6 or 12
+# tokens) with tails of tokens and of rows.
 LINEAR_SHAPES = [(1, 1, 1), (33, 37, 1), (50, 64, 3), (96, 576, 1), (200, 72, 5),
-                 (64, 100, 12), (70, 130, 16), (40, 33, 29), (576, 1536, 1)]
+                 (64, 100, 12), (70, 130, 16), (70, 130, 23), (40, 33, 29), (576, 1536, 1)]
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -255,3 +256,44 @@ def test_quantized_kernels_agree_across_instruction_sets(pool) -> None:
         results = [kernels.linear(pool, data, type_name, None, x, None, isa) for isa in ISAS]
         for other in results[1:]:
             np.testing.assert_allclose(other, results[0], rtol=1e-5, atol=1e-4)
+
+
+# Passes of up to kStepExactTokens (16) tokens give each token exactly what a one-token step
+# gives: speculative verification relies on it for output identical to dense decoding.
+STEP_EXACT_TOKENS = 16
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16"] + QUANTIZABLE + K_QUANTS)
+def test_passes_of_up_to_16_tokens_equal_one_token_steps(pool, isa, type_name) -> None:
+    rng = np.random.default_rng(len(type_name))
+    out_features, in_features = 70, 512
+    if type_name in ("F32", "F16", "BF16"):
+        data, _ = stored(rng.standard_normal((out_features, in_features)), type_name)
+    else:
+        data = quantized(type_name, out_features, in_features, rng)
+    bias = rng.standard_normal(out_features).astype(np.float32)
+    x = rng.standard_normal((STEP_EXACT_TOKENS, in_features)).astype(np.float32)
+    steps = np.concatenate([kernels.linear(pool, data, type_name, bias, x[t:t + 1], None, isa)
+                            for t in range(STEP_EXACT_TOKENS)])
+    for n in (2, 4, 5, 6, 12, 13, STEP_EXACT_TOKENS):
+        np.testing.assert_array_equal(
+            kernels.linear(pool, data, type_name, bias, x[:n], None, isa), steps[:n],
+            err_msg=f"{n} tokens")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("n, heads, kv_heads, head_dim", [(5, 4, 2, 64), (16, 12, 2, 128)])
+def test_attention_of_up_to_16_queries_equals_one_query_steps(pool, isa, n, heads, kv_heads,
+                                                              head_dim) -> None:
+    rng = np.random.default_rng(n)
+    pos = 9
+    q = rng.standard_normal((n, heads * head_dim)).astype(np.float32)
+    k = rng.standard_normal((pos + n, kv_heads * head_dim)).astype(np.float32)
+    v = rng.standard_normal((pos + n, kv_heads * head_dim)).astype(np.float32)
+    got = kernels.attention(pool, q, k, v, pos, heads, kv_heads, head_dim, isa)
+    for t in range(n):
+        visible = pos + t + 1
+        step = kernels.attention(pool, q[t:t + 1], k[:visible], v[:visible], pos + t, heads,
+                                 kv_heads, head_dim, isa)
+        np.testing.assert_array_equal(got[t:t + 1], step, err_msg=f"query {t}")

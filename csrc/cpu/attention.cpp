@@ -46,11 +46,10 @@ __attribute__((always_inline)) inline void attend_head(const HeadQuery& a) {
 
 FFNSKIP_ISA_VARIANTS(void, attend_head, (const HeadQuery& a), (a))
 
-// From this many new tokens on (prefill), attention runs as two GEMMs per KV head and block of
-// kQueryBlock tokens: scores = Q K^T over the keys the block can see, a causal softmax, then
+// Above kStepExactTokens new tokens (prefill), attention runs as two GEMMs per KV head and block
+// of kQueryBlock tokens: scores = Q K^T over the keys the block can see, a causal softmax, then
 // P V. The GEMMs also multiply the masked-out upper triangle (zeros), but at GEMM speed, where
 // one dot product per (query, key) spends most of its time on horizontal sums.
-constexpr int kManyQueries = 16;
 constexpr int kQueryBlock = 64;
 
 void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const float* q, int n,
@@ -126,7 +125,7 @@ void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const flo
 void attention(ThreadPool& pool, const AttentionShape& shape, const float* q, int n, int pos,
                const float* k_cache, const float* v_cache, float* scratch, float* out,
                Isa isa) {
-  if (n >= kManyQueries) {
+  if (n > kStepExactTokens) {
     attention_as_gemms(pool, shape, q, n, pos, k_cache, v_cache, out, isa);
     return;
   }

@@ -503,7 +503,7 @@ void linear(ThreadPool& pool, const LinearWeights& w, const float* x, int64_t n,
   if (w.any_of([](TensorType t) { return t == TensorType::BF16; })) {
     input.xs = deinterleave_pairs(x, n, w.in, lanes_of_isa(isa));
   }
-  if (has_panels(isa) && n >= panel_tokens_of(isa) && w.any_of(is_float)) {
+  if (has_panels(isa) && n > kStepExactTokens && w.any_of(is_float)) {
     input.xt = token_groups(x, n, w.in, panel_tokens_of(isa));
   }
   if (w.any_of(is_quantized)) input.xq = quantized_activations(w, x, n, isa);

@@ -37,6 +37,12 @@ struct LinearWeights {
 
 enum class Output { Overwrite, Accumulate };
 
+// Passes of up to this many tokens compute each token's outputs exactly as a one-token step
+// does (bit for bit: the same sums in the same order), so that a speculative verification's
+// logits are the steps' and its greedy output the dense model's. The kernels that sum in
+// another order (the float panels, attention as GEMMs) start above it.
+constexpr int64_t kStepExactTokens = 16;
+
 // y[t, :] = x[t, :] W^T + b for t < n (Accumulate: y[t, :] += ..., which fuses a residual add).
 // x is [n, in], y is [n, out]; rows are split across the pool so each weight row is read once.
 // `isa` picks the kernels' instruction set (tests cover each one the CPU has).
