@@ -124,7 +124,7 @@ void bench_shape(const Shape& s, const char* dtype, cublasHandle_t handle, cudaS
     g.y = s.swiglu ? gate_up.data : y_cublas.data;
     g.y_stride = s.rows;
     gemm(handle, stream, g);
-    if (s.swiglu) launch_swiglu(gate_up.data, 1, s.rows / 2, act_cublas.data, stream);
+    if (s.swiglu) launch_swiglu(gate_up.data, 1, s.rows / 2, act_cublas.data, nullptr, stream);
   };
   const double custom_us = time_us(stream, copies, iterations, custom);
   const double cublas_us = time_us(stream, copies, iterations, cublas);

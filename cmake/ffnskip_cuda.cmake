@@ -140,6 +140,7 @@ function(ffnskip_add_cuda_backend core_target)
   # The kernel families, compiled once for the library and the GEMV benchmark.
   add_library(ffnskip_cuda_kernels OBJECT
     ${cuda_dir}/decode_attention.cu
+    ${cuda_dir}/dequantize.cu
     ${cuda_dir}/embedding.cu
     ${cuda_dir}/ffn_gate.cu
     ${cuda_dir}/gemm.cu
@@ -147,6 +148,7 @@ function(ffnskip_add_cuda_backend core_target)
     ${cuda_dir}/logits.cu
     ${cuda_dir}/norm.cu
     ${cuda_dir}/prefill_attention.cu
+    ${cuda_dir}/quant_gemv.cu
     ${cuda_dir}/rope.cu
     ${cuda_dir}/router.cu
     ${cuda_dir}/score.cu

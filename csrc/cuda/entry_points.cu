@@ -49,12 +49,12 @@ ffnskip::Backend* ffnskip_cuda_create_backend(const ffnskip::ModelConfig* config
   require_device();
   switch (dtype) {
     case ffnskip::DType::F32:
-      return new_cuda_backend<float>(*config, *model, max_seq_len);
-    case ffnskip::DType::Auto:  // until the device reads quantised blocks: every weight in fp16
+      return new_cuda_backend<float>(*config, *model, max_seq_len, dtype);
+    case ffnskip::DType::Auto:  // block formats the kernels read in place, everything else fp16
     case ffnskip::DType::F16:
-      return new_cuda_backend<__half>(*config, *model, max_seq_len);
+      return new_cuda_backend<__half>(*config, *model, max_seq_len, dtype);
     case ffnskip::DType::BF16:
-      return new_cuda_backend<__nv_bfloat16>(*config, *model, max_seq_len);
+      return new_cuda_backend<__nv_bfloat16>(*config, *model, max_seq_len, dtype);
   }
   throw std::invalid_argument("unknown dtype");
 }

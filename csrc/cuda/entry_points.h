@@ -38,7 +38,8 @@ FFNSKIP_CUDA_EXPORT const char* ffnskip_cuda_interface();
 
 FFNSKIP_CUDA_EXPORT void ffnskip_cuda_query(ffnskip::CudaRuntimeQuery* out);
 
-// A backend on the current CUDA device holding the weights in `dtype` (F32, F16 or BF16).
+// A backend on the current CUDA device holding the weights in `dtype` (F32, F16 or BF16; Auto:
+// the block formats the kernels read in place as stored, everything else in F16).
 // Throws std::invalid_argument when no device is usable, the model's shape is not supported or
 // the GPU memory does not suffice (nothing stays allocated), std::runtime_error on CUDA errors.
 FFNSKIP_CUDA_EXPORT ffnskip::Backend* ffnskip_cuda_create_backend(
