@@ -27,6 +27,8 @@ import pytest
 
 import ffnskip_ext
 from conftest import TINY_VARIANTS, hf_greedy, hf_logits, smollm2_path
+from ffnskip_ext.config import ModelConfig
+from ffnskip_ext.loaders import expected_shapes
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -81,6 +83,20 @@ def test_cuda_without_device_raises_clear_value_error(tiny_model_dir) -> None:
     assert np.isfinite(logits).all()
 
 
+def test_weight_conversions_are_reported(tmp_path) -> None:
+    """On the CPU: dtype "auto" keeps every stored type, an explicit dtype lists each matrix it
+    converts; weight_bytes counts what is held."""
+    path = write_mixed_gguf(tmp_path / "mixed.gguf", tied=False)
+    kept = ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=8)
+    assert kept.weight_conversions == {}
+    types = mixed_types(tied=False)
+    assert set(kept.weight_bytes) == set(types.values())
+    converted = ffnskip_ext.Decoder.from_pretrained(path, dtype="float16", max_seq_len=8)
+    assert converted.weight_conversions == {
+        name: (t, "F16") for name, t in types.items() if t != "F16"}
+    assert set(converted.weight_bytes) == {"F16"}
+
+
 # ---- helpers ----
 
 
@@ -116,6 +132,64 @@ def assert_within_dtype_tolerance(ours, ref, torch_low, dtype: str, where: str) 
         tolerance = 2 * max_error(torch_low, ref) + 1e-4 * span
     err = max_error(ours, ref)
     assert err <= tolerance, f"{where}: max |error| {err:.3g} > tolerance {tolerance:.3g}"
+
+
+# A GGUF with llama.cpp-like mixes of types: attn_v Q6_K beside attn_q/attn_k Q4_K, ffn_down
+# varying by layer, gate and up in different types, a stacked q/k/v of three segments; types
+# the CUDA kernels read in place (Q8_0, Q5_0, Q4_K, Q6_K, and F16) and types they convert to
+# F16 (Q5_1, Q4_0, F32, Q5_K, Q4_1).
+MIXED_LAYER_TYPES = [
+    dict(q="Q4_K", k="Q4_K", v="Q6_K", o="Q5_0", gate="Q4_K", up="Q5_0", down="Q6_K"),
+    dict(q="Q8_0", k="Q5_1", v="Q8_0", o="Q4_0", gate="Q6_K", up="Q6_K", down="Q4_K"),
+    dict(q="F16", k="F16", v="F16", o="F32", gate="Q5_K", up="Q4_1", down="Q8_0"),
+]
+CUDA_IN_PLACE = {"Q8_0", "Q5_0", "Q4_K", "Q6_K", "F16"}
+
+
+def mixed_config(tied: bool) -> ModelConfig:
+    return ModelConfig("llama", vocab_size=96, hidden_size=256, intermediate_size=512,
+                       num_layers=len(MIXED_LAYER_TYPES), num_heads=4, num_kv_heads=2,
+                       head_dim=64, tie_word_embeddings=tied, max_position_embeddings=128)
+
+
+def mixed_types(tied: bool) -> dict[str, str]:
+    """The stored type of every matrix, by Hugging Face name; the embedding Q8_0 (as SmolLM2's)
+    when tied, else Q4_K with a Q6_K LM head."""
+    types = {"model.embed_tokens.weight": "Q8_0" if tied else "Q4_K"}
+    if not tied:
+        types["lm_head.weight"] = "Q6_K"
+    projections = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                       o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj",
+                       down="mlp.down_proj")
+    for layer, layer_types in enumerate(MIXED_LAYER_TYPES):
+        for part, t in layer_types.items():
+            types[f"model.layers.{layer}.{projections[part]}.weight"] = t
+    return types
+
+
+def write_mixed_gguf(path, tied: bool):
+    gguf = pytest.importorskip("gguf")
+    from test_checkpoint import write_gguf
+    from test_kernels import random_k_blocks
+
+    config = mixed_config(tied)
+    types = mixed_types(tied)
+    rng = np.random.default_rng(21)
+    tensors = {}
+    for name, shape in expected_shapes(config).items():
+        t = types.get(name, "F32")  # norms stay F32
+        qtype = gguf.GGMLQuantizationType[t]
+        values = rng.standard_normal(shape).astype(np.float32)
+        if len(shape) == 1:
+            tensors[name] = (values, qtype)
+        elif t in ("Q4_K", "Q5_K", "Q6_K"):  # gguf-py cannot quantise K-quants: random blocks
+            tensors[name] = (random_k_blocks(t, *shape, rng, scale_range=(0.0003, 0.001)), qtype)
+        elif t in ("F16", "F32"):
+            tensors[name] = ((0.5 * values).astype(np.float16 if t == "F16" else np.float32),
+                             qtype)
+        else:
+            tensors[name] = (gguf.quants.quantize(0.5 * values, qtype), qtype)
+    return write_gguf(path, config, tensors)
 
 
 # ---- on a GPU ----

@@ -203,11 +203,12 @@ QUANTIZABLE = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # gguf.quants can quanti
 K_QUANTS = ["Q4_K", "Q5_K", "Q6_K"]  # dequantise only: random blocks are made by hand
 
 
-def random_k_blocks(type_name: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+def random_k_blocks(type_name: str, rows: int, cols: int, rng: np.random.Generator,
+                    scale_range: tuple[float, float] = (0.001, 0.02)) -> np.ndarray:
     """Random K-quant rows: random integers and sub-block scales, small finite fp16 scales."""
     elements, size = _core.TENSOR_TYPES[type_name]
     blocks = rng.integers(0, 256, size=(rows, cols // elements, size), dtype=np.uint8)
-    scales = rng.uniform(0.001, 0.02, size=(rows, cols // elements, 2)).astype(np.float16)
+    scales = rng.uniform(*scale_range, size=(rows, cols // elements, 2)).astype(np.float16)
     at = size - 2 if type_name == "Q6_K" else 0  # Q6_K keeps d last; Q4_K/Q5_K d, dmin first
     width = 2 if type_name == "Q6_K" else 4
     blocks[..., at:at + width] = scales.view(np.uint8).reshape(rows, -1, 4)[..., :width]

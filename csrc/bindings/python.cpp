@@ -593,6 +593,15 @@ PYBIND11_MODULE(_core, m) {
                                }
                                return out;
                              })
+      .def_property_readonly("weight_conversions",
+                             [](const Decoder& d) {
+                               py::dict out;
+                               for (const auto& c : d.weight_footprint().conversions) {
+                                 out[py::str(c.tensor)] = py::make_tuple(
+                                     tensor_type_name(c.stored), tensor_type_name(c.held));
+                               }
+                               return out;
+                             })
       .def_property_readonly("dense_step_bytes",
                              [](const Decoder& d) { return d.weight_footprint().dense_step_bytes(); })
       .def("reset_stats", &Decoder::reset_stats)

@@ -233,6 +233,10 @@ class CudaBackend final : public Backend {
     return f;
   }
 
+  TensorType held_type(TensorType stored) const override {
+    return DeviceModel<T>::held_type(stored, requested_);
+  }
+
   // ---- the sub-blocks of a pass, in the order forward() (plan.h) calls them ----
 
   void begin_pass(const Pass& pass) {
