@@ -1,10 +1,15 @@
 """CPU decode and prefill speed of ffnskip_ext, HF transformers and llama.cpp, in one run.
 
-The three engines run the same weights at the same precision (--dtype), with the same number
-of threads, on the same token ids (the chat prompt below, tokenized once):
+The engines run the same weights, with the same number of threads, on the same token ids (the
+chat prompt below, tokenized once). With --dtype auto (the default) ffnskip_ext and llama.cpp
+both read the file as it is stored (GGUF block formats included: what users run), and each
+engine is also loaded once in a process of its own to measure load time and peak RSS.
+--model takes a path or a name of `ffnskip models list` (default: SmolLM2-135M-Instruct Q4_1).
 
-- ffnskip_ext: ``Decoder`` on the checkpoint (default: the bundled SmolLM2-135M-Instruct Q4_1
-  GGUF, dequantised to fp32 on load, stored in --dtype);
+With --dtype float32|bfloat16|float16 the three engines run the checkpoint dequantised and
+stored at that precision:
+
+- ffnskip_ext: ``Decoder`` on the checkpoint's weights, stored in --dtype;
 - transformers: ``AutoModelForCausalLM.from_config`` (eager attention, dynamic KV cache)
   filled with the state dict of our loader, i.e. the same dequantised weights cast to --dtype,
   and checked to hold only plain dense ``nn.Linear`` layers in that dtype;
@@ -25,8 +30,8 @@ of a 1 GiB buffer through the CPU kernels' vector loads, best of 5 passes, probe
 round of the run; the table divides by the best probe (this machine's bandwidth drifts by
 +-20% within minutes, so one probe can read below what a decode round then reaches).
 
-    python benchmarks/bench_cpu_compare.py [--dtype float32|bfloat16|float16] [--threads N]
-        [--tokens 64] [--rounds 3] [--prefill-tokens 512] [--model PATH]
+    python benchmarks/bench_cpu_compare.py [--dtype auto|float32|bfloat16|float16] [--threads N]
+        [--tokens 64] [--rounds 3] [--prefill-tokens 512] [--model PATH|NAME]
         [--engines ffnskip,hf,llamacpp] [--llamacpp-kv f16|f32|bf16] [--out FILE.md]
 """
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
@@ -50,6 +56,8 @@ import numpy as np
 
 import ffnskip_ext
 from ffnskip_ext.config import ModelConfig
+from ffnskip_ext.loaders import open_checkpoint
+from ffnskip_ext.loaders.models import resolve_model
 
 PROMPT = [{"role": "user", "content": "Tell me a short story about a lighthouse keeper."}]
 FILLER = (
@@ -57,7 +65,7 @@ FILLER = (
     "the spiral stairs to light the lamp, wind the clockwork and polish the great lens. "
 )
 ENGINES = ("ffnskip", "hf", "llamacpp")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 GGUF_TYPES = {
     "float32": gguf.GGMLQuantizationType.F32,
     "float16": gguf.GGMLQuantizationType.F16,
@@ -94,14 +102,16 @@ class Engine(Protocol):
 class FfnskipEngine:
     name = "ffnskip_ext"
 
-    def __init__(
-        self, config: ModelConfig, weights: dict[str, np.ndarray], dtype: str, threads: int,
-        n_ctx: int,
-    ) -> None:
-        self.decoder = ffnskip_ext.Decoder(
-            config, weights, dtype=dtype, max_seq_len=n_ctx, num_threads=threads
-        )
-        self.detail = f"Decoder, {self.decoder.dtype} weights"
+    def __init__(self, decoder: ffnskip_ext.Decoder) -> None:
+        self.decoder = decoder
+        types = ", ".join(f"{t} {n / 1e6:.0f} MB" for t, n in sorted(decoder.weight_bytes.items()))
+        self.detail = f"Decoder, {decoder.dtype} weights ({types})"
+
+    @classmethod
+    def load(cls, path: str, dtype: str, threads: int, n_ctx: int) -> FfnskipEngine:
+        """As a user loads it: the file mapped, tensors in place or converted to ``dtype``."""
+        return cls(ffnskip_ext.Decoder.from_pretrained(
+            path, dtype=dtype, max_seq_len=n_ctx, num_threads=threads))
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         self.decoder.reset()
@@ -363,28 +373,49 @@ def agreement(
             report(f"    {engine.name}'s continuation: {tokenizer.decode(ids)!r}")
 
 
+def loaded_rss(load: dict[str, float]) -> float:
+    """Peak RSS of a load probe above what the process held before loading."""
+    return load["peak_rss"] - load["base_rss"]
+
+
 def print_table(
     report: Report, engines: Sequence[Engine], decode: dict[str, list[float]],
     prefill: dict[str, list[float]], bytes_per_token: int, bandwidth: float,
+    loads: dict[str, dict[str, float]],
 ) -> None:
     report(f"{'engine':<14}{'decode tok/s':>13}{'MB/token':>10}{'GB/s':>7}{'of read BW':>11}"
-           f"{'prefill tok/s':>15}   decode rounds / prefill rounds")
+           f"{'prefill tok/s':>15}{'load s':>8}{'peak RSS MB':>13}"
+           "   decode rounds / prefill rounds")
     for e in engines:
         tok_s, pre = statistics.median(decode[e.name]), statistics.median(prefill[e.name])
         gb_s = bytes_per_token * tok_s / 1e9
         rounds = f"{[round(x, 1) for x in decode[e.name]]} / {[round(x) for x in prefill[e.name]]}"
+        load = loads.get(e.name)
+        load_cols = (f"{load['load_s']:>8.2f}{loaded_rss(load) / 1e6:>13.0f}"
+                     if load else f"{'-':>8}{'-':>13}")
         report(f"{e.name:<14}{tok_s:>13.2f}{bytes_per_token / 1e6:>10.1f}{gb_s:>7.2f}"
-               f"{gb_s * 1e9 / bandwidth:>11.1%}{pre:>15.1f}   {rounds}")
+               f"{gb_s * 1e9 / bandwidth:>11.1%}{pre:>15.1f}{load_cols}   {rounds}")
+    for name, load in loads.items():
+        report(f"{name} load probe (own process): load {load['load_s']:.2f} s"
+               + f", RSS {load['base_rss'] / 1e6:.0f} MB before loading (interpreter, imports),"
+               f" peak {load['peak_rss'] / 1e6:.0f} MB after decoding {WARMUP_TOKENS} tokens"
+               + (f"; then the tokenizer (transformers): {load['tokenizer_s']:.2f} s, peak RSS "
+                  f"+{load['tokenizer_rss'] / 1e6:.0f} MB" if load["tokenizer_s"] else ""))
     ours = FfnskipEngine.name
     if ours not in decode:
         report(f"ratios: none ({ours} did not run)")
         return
     for other in (LlamaCppEngine.name, TransformersEngine.name):
         if other in decode:
-            report(f"ratio {ours} / {other}: decode "
-                   f"{statistics.median(decode[ours]) / statistics.median(decode[other]):.2f}x, "
-                   f"prefill "
-                   f"{statistics.median(prefill[ours]) / statistics.median(prefill[other]):.2f}x")
+            line = (f"ratio {ours} / {other}: decode "
+                    f"{statistics.median(decode[ours]) / statistics.median(decode[other]):.2f}x, "
+                    f"prefill "
+                    f"{statistics.median(prefill[ours]) / statistics.median(prefill[other]):.2f}x")
+            if ours in loads and other in loads:
+                a, b = loads[ours], loads[other]
+                line += (f", load time {a['load_s'] / b['load_s']:.2f}x, "
+                         f"peak RSS {loaded_rss(a) / loaded_rss(b):.2f}x")
+            report(line)
 
 
 def machine_description(threads: int) -> list[str]:
@@ -402,6 +433,8 @@ def machine_description(threads: int) -> list[str]:
     lines = [
         f"machine: {cpu}, {os.cpu_count()} cpus, {mem_kib / 2**20:.1f} GiB, ISA "
         f"{' '.join(isa) or 'none of avx2/avx512'}; threads={threads}",
+        f"ffnskip_ext CPU kernels: {ffnskip_ext.build_info()['cpu_isa']} "
+        f"(FFNSKIP_CPU_ISA={os.environ.get('FFNSKIP_CPU_ISA', 'unset')})",
         f"versions: {versions()}; commit {commit()}",
     ]
     if (llama_cpp := sys.modules.get("llama_cpp")) is not None:
@@ -452,8 +485,10 @@ def write_markdown(path: str, report: Report) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="HF directory or .gguf (default SmolLM2)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--model", default=None,
+                        help="HF directory, .gguf, or a model name (default SmolLM2)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="auto: each engine reads the file as stored; else convert")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens per round")
     parser.add_argument("--rounds", type=int, default=3)
@@ -466,6 +501,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ffnskip_ext", "bench"
     ), help="where the dense GGUF for llama.cpp is written (reused while newer than the source)")
+    parser.add_argument("--load-probe", choices=["ffnskip", "llamacpp"], help=argparse.SUPPRESS)
+    parser.add_argument("--n-ctx", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = set(args.engines) - set(ENGINES)
@@ -475,42 +512,110 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_engines(
-    args: argparse.Namespace, path: str, config: ModelConfig, weights: dict[str, np.ndarray],
-    n_ctx: int, report: Report,
+    args: argparse.Namespace, path: str, config: ModelConfig,
+    weights: dict[str, np.ndarray] | None, n_ctx: int, report: Report,
 ) -> list[Engine]:
+    """The engines of --engines; `weights` (our loader's fp32 arrays) only for a float
+    --dtype, where transformers and llama.cpp get them converted."""
     engines: list[Engine] = []
     if "ffnskip" in args.engines:
         try:
-            engines.append(FfnskipEngine(config, weights, args.dtype, args.threads, n_ctx))
+            engines.append(FfnskipEngine.load(path, args.dtype, args.threads, n_ctx))
         except ValueError as e:
             report(f"skipping ffnskip_ext: {e}")
     if "hf" in args.engines:
-        try:
-            engines.append(TransformersEngine(path, weights, args.dtype, args.threads))
-        except ImportError as e:
-            report(f"skipping transformers: {e} (pip install torch transformers)")
-    if "llamacpp" in args.engines:
-        engines.extend(llama_cpp_engine(args, path, config, weights, n_ctx, report))
+        if weights is None:
+            report("skipping transformers: it has no CPU kernels for GGUF block formats "
+                   "(it dequantises on load); compare it with --dtype float32")
+        else:
+            try:
+                engines.append(TransformersEngine(path, weights, args.dtype, args.threads))
+            except ImportError as e:
+                report(f"skipping transformers: {e} (pip install torch transformers)")
+    if "llamacpp" in args.engines and (gguf_path := llama_cpp_gguf(args, path, config,
+                                                                   weights, report)):
+        engines.append(LlamaCppEngine(gguf_path, args.threads, n_ctx, args.llamacpp_kv))
     return engines
 
 
-def llama_cpp_engine(
-    args: argparse.Namespace, path: str, config: ModelConfig, weights: dict[str, np.ndarray],
-    n_ctx: int, report: Report,
-) -> list[Engine]:
+def llama_cpp_gguf(
+    args: argparse.Namespace, path: str, config: ModelConfig,
+    weights: dict[str, np.ndarray] | None, report: Report,
+) -> str | None:
+    """The file llama.cpp reads: the model's own GGUF (--dtype auto) or a copy converted to
+    --dtype, checked to hold our loader's weights."""
     if os.path.isdir(path):
         report("skipping llama.cpp: it needs a .gguf source (for its tokenizer metadata)")
-        return []
+        return None
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         report("skipping llama.cpp: llama-cpp-python is not installed "
                "(pip install '.[bench]', built from source: see benchmarks/README.md)")
-        return []
+        return None
+    if weights is None:
+        return path
     gguf_path = dense_gguf_path(path, args.dtype, args.cache_dir)
     report(f"llama.cpp weights: {gguf_path}: "
            f"{check_same_weights(gguf_path, config, weights, args.dtype)}")
-    return [LlamaCppEngine(gguf_path, args.threads, n_ctx, args.llamacpp_kv)]
+    return gguf_path
+
+
+# --------------------------------------------------------------------------- load probes
+
+
+def rss_bytes(key: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process."""
+    with open("/proc/self/status", encoding="utf-8") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def load_probe(args: argparse.Namespace, path: str, n_ctx: int) -> dict[str, float]:
+    """In a fresh process (the --load-probe child): load one engine as a user would, decode a
+    few tokens so that every weight has been read, and report the load time and the peak RSS
+    (the interpreter and imports measured before loading, and subtracted); for ffnskip_ext
+    then its tokenizer's load time and RSS (llama.cpp's is inside its model load)."""
+    ids = list(range(1, 17))
+    if args.load_probe == "llamacpp":
+        import llama_cpp  # noqa: F401  (imported before the baseline)
+    base = rss_bytes("VmRSS")
+    start = time.perf_counter()
+    engine: Engine = (
+        FfnskipEngine.load(path, args.dtype, args.threads, n_ctx) if args.load_probe == "ffnskip"
+        else LlamaCppEngine(llama_cpp_path(args, path), args.threads, n_ctx, args.llamacpp_kv))
+    load = time.perf_counter() - start
+    token = int(np.argmax(engine.prefill(ids)))
+    for _ in range(WARMUP_TOKENS):
+        token = engine.step(token)
+    out = {"load_s": load, "tokenizer_s": 0.0, "base_rss": base,
+           "peak_rss": rss_bytes("VmHWM"), "tokenizer_rss": 0}
+    if args.load_probe == "ffnskip":  # llama.cpp loaded its tokenizer inside the model
+        start = time.perf_counter()
+        ffnskip_ext.load_tokenizer(path)
+        out["tokenizer_s"] = time.perf_counter() - start
+        out["tokenizer_rss"] = rss_bytes("VmHWM") - out["peak_rss"]
+    return out
+
+
+def llama_cpp_path(args: argparse.Namespace, path: str) -> str:
+    return path if args.dtype == "auto" else dense_gguf_path(path, args.dtype, args.cache_dir)
+
+
+def probe_loads(args: argparse.Namespace, path: str, n_ctx: int,
+                engines: Sequence[Engine]) -> dict[str, dict[str, float]]:
+    """{engine name: load_probe of a child process}, ffnskip_ext and llama.cpp only."""
+    names = {FfnskipEngine.name: "ffnskip", LlamaCppEngine.name: "llamacpp"}
+    out = {}
+    for e in engines:
+        if e.name not in names:
+            continue
+        command = [sys.executable, os.path.abspath(__file__), "--load-probe", names[e.name],
+                   "--model", path, "--dtype", args.dtype, "--threads", str(args.threads),
+                   "--llamacpp-kv", args.llamacpp_kv, "--cache-dir", args.cache_dir,
+                   "--n-ctx", str(n_ctx)]
+        done = subprocess.run(command, capture_output=True, text=True, check=True)
+        out[e.name] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
 
 
 def prefill_ids(tokenizer: Any, count: int) -> list[int]:
@@ -522,13 +627,19 @@ def prefill_ids(tokenizer: Any, count: int) -> list[int]:
 
 def main() -> None:
     args = parse_args()
+    path = resolve_model(args.model)
+    if args.load_probe:
+        print(json.dumps(load_probe(args, path, args.n_ctx)))
+        return
     report = Report()
-    path = args.model or ffnskip_ext.default_model_path()
     tokenizer = ffnskip_ext.load_tokenizer(path)
     prompt = ffnskip_ext.encode_prompt(tokenizer, PROMPT)
     long_prompt = prefill_ids(tokenizer, args.prefill_tokens)
     n_ctx = max(args.prefill_tokens, len(prompt) + max(args.tokens, AGREEMENT_TOKENS)) + 16
-    config, weights = ffnskip_ext.load_checkpoint(path)
+    if args.dtype == "auto":
+        config, weights = open_checkpoint(path)[0], None
+    else:
+        config, weights = ffnskip_ext.load_checkpoint(path)
 
     engines = build_engines(args, path, config, weights, n_ctx, report)
     del weights
@@ -555,6 +666,7 @@ def main() -> None:
                          probe)
     prefill = interleaved(engines, args.rounds, lambda e: prefill_rate(e, long_prompt), probe)
     bandwidth = max(probes)
+    loads = probe_loads(args, path, n_ctx, engines)
 
     for line in machine_description(args.threads):
         report(line)
@@ -564,8 +676,10 @@ def main() -> None:
     report(f"read bandwidth ({args.threads} threads, vector sum over 1 GiB, best of 5 passes, "
            f"probed before each round): best {bandwidth / 1e9:.1f} GB/s, probes "
            f"{[round(b / 1e9, 1) for b in probes]}")
-    print_table(report, engines, decode, prefill, weight_bytes_per_token(config, args.dtype),
-                bandwidth)
+    ours = next((e for e in engines if isinstance(e, FfnskipEngine)), None)
+    bytes_per_token = (ours.decoder.dense_step_bytes if args.dtype == "auto" and ours
+                       else weight_bytes_per_token(config, args.dtype))
+    print_table(report, engines, decode, prefill, bytes_per_token, bandwidth, loads)
     if args.out:
         write_markdown(args.out, report)
 

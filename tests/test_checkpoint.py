@@ -33,6 +33,7 @@ import ffnskip_ext
 from ffnskip_ext.config import ModelConfig
 from ffnskip_ext.loaders import expected_shapes, load_checkpoint, weights_from_hf_model
 from ffnskip_ext.runtime.tokenizer import load_tokenizer
+from gguf_files import Encoded, decode, encode, random_k_blocks, random_weights, write_gguf
 
 Q = gguf.GGMLQuantizationType
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -83,105 +84,8 @@ def assert_weights_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray]
         np.testing.assert_array_equal(g, w, err_msg=name)
 
 
-def gguf_name(hf_name: str) -> str:
-    """HF tensor name -> llama.cpp name (written independently of the loader's table)."""
-    for hf, gg in (
-        ("model.embed_tokens", "token_embd"),
-        ("model.norm", "output_norm"),
-        ("lm_head", "output"),
-        ("model.layers.", "blk."),
-        ("input_layernorm", "attn_norm"),
-        ("post_attention_layernorm", "ffn_norm"),
-        ("self_attn.q_proj", "attn_q"),
-        ("self_attn.k_proj", "attn_k"),
-        ("self_attn.v_proj", "attn_v"),
-        ("self_attn.o_proj", "attn_output"),
-        ("mlp.gate_proj", "ffn_gate"),
-        ("mlp.up_proj", "ffn_up"),
-        ("mlp.down_proj", "ffn_down"),
-    ):
-        hf_name = hf_name.replace(hf, gg)
-    return hf_name
-
-
-def llamacpp_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel.permute; rows may be quantised blocks."""
-    return (
-        rows.reshape(n_head, 2, rows.shape[0] // n_head // 2, *rows.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(rows.shape)
-    )
-
-
-Encoded = dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]
-
-
-def encode(weights: dict[str, np.ndarray], qtype: gguf.GGMLQuantizationType) -> Encoded:
-    """Quantise matrices to qtype; vectors stay F32 as llama.cpp keeps them."""
-    return {
-        name: (gguf.quants.quantize(w, qtype), qtype) if w.ndim == 2 else (w, Q.F32)
-        for name, w in weights.items()
-    }
-
-
-def decode(tensors: Encoded) -> dict[str, np.ndarray]:
-    return {name: gguf.quants.dequantize(d, t) for name, (d, t) in tensors.items()}
-
-
-def write_gguf(
-    path: Path,
-    config: ModelConfig,
-    tensors: Encoded,
-    *,
-    vocab_as_token_list: bool = False,
-    raw_tensors: dict[str, np.ndarray] | None = None,
-    edit: Callable[[gguf.GGUFWriter], None] | None = None,
-) -> Path:
-    """Write a GGUF the way llama.cpp's converter lays it out (HF-order data in ``tensors``)."""
-    w = gguf.GGUFWriter(str(path), config.architecture)
-    w.add_block_count(config.num_layers)
-    w.add_context_length(config.max_position_embeddings)
-    w.add_embedding_length(config.hidden_size)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_head_count(config.num_heads)
-    w.add_head_count_kv(config.num_kv_heads)
-    w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_rope_freq_base(config.rope_theta)
-    if config.head_dim != config.hidden_size // config.num_heads:
-        w.add_key_length(config.head_dim)
-        w.add_value_length(config.head_dim)
-    if vocab_as_token_list:
-        w.add_token_list([f"t{i}" for i in range(config.vocab_size)])
-    else:
-        w.add_vocab_size(config.vocab_size)
-    for eos in config.eos_token_ids:
-        w.add_eos_token_id(eos)
-    if edit is not None:
-        edit(w)
-    for name, (data, qtype) in tensors.items():
-        if config.architecture == "llama" and ".self_attn.q_proj." in name:
-            data = llamacpp_permute(data, config.num_heads)
-        elif config.architecture == "llama" and ".self_attn.k_proj." in name:
-            data = llamacpp_permute(data, config.num_kv_heads)
-        w.add_tensor(gguf_name(name), data, raw_dtype=qtype if data.dtype == np.uint8 else None)
-    for name, data in (raw_tensors or {}).items():
-        w.add_tensor(name, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def config_of(model: torch.nn.Module) -> ModelConfig:
     return ModelConfig.from_hf_dict(model.config.to_dict())
-
-
-def random_weights(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        n: rng.standard_normal(s).astype(np.float32) for n, s in expected_shapes(config).items()
-    }
 
 
 def rewrite_safetensors_header(path: Path, mutate: Callable[[dict], None]) -> None:
@@ -337,7 +241,7 @@ def test_gguf_quantised_round_trips_to_dequantised(tmp_path, qtype, tied):
 
 def test_gguf_k_quants(tmp_path):
     # K-quant super-blocks span 256 columns; gguf-py cannot quantise them, so write random
-    # blocks with sane f16 scales and expect gguf-py's dequantisation of the same bytes.
+    # blocks and expect gguf-py's dequantisation of the same bytes.
     config = ModelConfig("llama", vocab_size=32, hidden_size=256, intermediate_size=256,
                          num_layers=1, num_heads=4, num_kv_heads=2, head_dim=64,
                          tie_word_embeddings=True, max_position_embeddings=128)
@@ -346,15 +250,9 @@ def test_gguf_k_quants(tmp_path):
     for i, (name, shape) in enumerate(expected_shapes(config).items()):
         if len(shape) == 1:
             tensors[name] = (rng.standard_normal(shape).astype(np.float32), Q.F32)
-            continue
-        qtype = (Q.Q4_K, Q.Q6_K)[i % 2]
-        blocks = rng.integers(0, 256, (shape[0], gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8)
-        scales = np.array([0.01, 0.002] if qtype == Q.Q4_K else [0.01], np.float16)
-        if qtype == Q.Q4_K:
-            blocks[:, :4] = scales.view(np.uint8)  # d, dmin lead the block
         else:
-            blocks[:, -2:] = scales.view(np.uint8)  # d ends the block
-        tensors[name] = (blocks, qtype)
+            qtype = (Q.Q4_K, Q.Q6_K)[i % 2]
+            tensors[name] = (random_k_blocks(qtype.name, *shape, rng), qtype)
     path = write_gguf(tmp_path / "k.gguf", config, tensors)
 
     got_config, weights = load_checkpoint(path)

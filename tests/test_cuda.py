@@ -168,27 +168,22 @@ def mixed_types(tied: bool) -> dict[str, str]:
 
 
 def write_mixed_gguf(path, tied: bool):
-    gguf = pytest.importorskip("gguf")
-    from test_checkpoint import write_gguf
-    from test_kernels import random_k_blocks
+    """Each matrix quantised to its type by gguf_files.quantize; the norms stay F32."""
+    pytest.importorskip("gguf")
+    from gguf_files import Q, quantize, write_gguf
 
     config = mixed_config(tied)
     types = mixed_types(tied)
     rng = np.random.default_rng(21)
     tensors = {}
     for name, shape in expected_shapes(config).items():
-        t = types.get(name, "F32")  # norms stay F32
-        qtype = gguf.GGMLQuantizationType[t]
-        values = rng.standard_normal(shape).astype(np.float32)
-        if len(shape) == 1:
-            tensors[name] = (values, qtype)
-        elif t in ("Q4_K", "Q5_K", "Q6_K"):  # gguf-py cannot quantise K-quants: random blocks
-            tensors[name] = (random_k_blocks(t, *shape, rng, scale_range=(0.0003, 0.001)), qtype)
-        elif t in ("F16", "F32"):
-            tensors[name] = ((0.5 * values).astype(np.float16 if t == "F16" else np.float32),
-                             qtype)
+        t = types.get(name, "F32")
+        values = 0.5 * rng.standard_normal(shape)
+        if t in ("F16", "F32"):
+            data = values.astype(np.float16 if t == "F16" else np.float32)
         else:
-            tensors[name] = (gguf.quants.quantize(0.5 * values, qtype), qtype)
+            data = quantize(values, t)
+        tensors[name] = (data, Q[t])
     return write_gguf(path, config, tensors)
 
 

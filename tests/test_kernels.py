@@ -198,28 +198,7 @@ def test_bad_kernel_arguments_are_value_errors(pool) -> None:
 # ---- quantised weights -------------------------------------------------------------------
 
 gguf = pytest.importorskip("gguf")
-Q = gguf.GGMLQuantizationType
-QUANTIZABLE = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # gguf.quants can quantise these
-K_QUANTS = ["Q4_K", "Q5_K", "Q6_K"]  # dequantise only: random blocks are made by hand
-
-
-def random_k_blocks(type_name: str, rows: int, cols: int, rng: np.random.Generator,
-                    scale_range: tuple[float, float] = (0.001, 0.02)) -> np.ndarray:
-    """Random K-quant rows: random integers and sub-block scales, small finite fp16 scales."""
-    elements, size = _core.TENSOR_TYPES[type_name]
-    blocks = rng.integers(0, 256, size=(rows, cols // elements, size), dtype=np.uint8)
-    scales = rng.uniform(*scale_range, size=(rows, cols // elements, 2)).astype(np.float16)
-    at = size - 2 if type_name == "Q6_K" else 0  # Q6_K keeps d last; Q4_K/Q5_K d, dmin first
-    width = 2 if type_name == "Q6_K" else 4
-    blocks[..., at:at + width] = scales.view(np.uint8).reshape(rows, -1, 4)[..., :width]
-    return blocks.reshape(rows, -1)
-
-
-def quantized(type_name: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    if type_name in K_QUANTS:
-        return random_k_blocks(type_name, rows, cols, rng)
-    w = rng.standard_normal((rows, cols)).astype(np.float32)
-    return gguf.quants.quantize(w, Q[type_name])
+from gguf_files import K_QUANTS, QUANTIZABLE, Q, quantized  # noqa: E402  (needs gguf)
 
 
 @pytest.mark.parametrize("type_name", QUANTIZABLE + K_QUANTS)

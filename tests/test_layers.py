@@ -21,15 +21,18 @@ LAYERS = [
     ("base", ["ffnskip_ext._core", "ffnskip_ext.config"]),
     ("loaders", ["ffnskip_ext.loaders"]),
     ("runtime", ["ffnskip_ext.runtime"]),
+    ("serve", ["ffnskip_ext.serve"]),  # the HTTP server: the runtime and what is below it
     ("root", ["ffnskip_ext"]),
     ("tuning", ["ffnskip_ext.tuning"]),
     ("eval", ["ffnskip_ext.eval"]),
     ("training", ["ffnskip_ext.training"]),
     ("cli", ["ffnskip_ext.cli", "ffnskip_ext.__main__"]),
 ]
-# Modules the runtime (base, loaders, runtime) must never import.
-RUNTIME_FORBIDDEN = ("torch", "argparse", "ffnskip_ext.tuning", "ffnskip_ext.eval",
-                     "ffnskip_ext.training", "ffnskip_ext.cli")
+# Modules the runtime (base, loaders, runtime) must never import: the server's among them, so
+# that the runtime needs neither it nor starlette and uvicorn.
+RUNTIME_FORBIDDEN = ("torch", "argparse", "ffnskip_ext.serve", "starlette", "uvicorn",
+                     "ffnskip_ext.tuning", "ffnskip_ext.eval", "ffnskip_ext.training",
+                     "ffnskip_ext.cli")
 
 
 def module_name(path: Path) -> str:
@@ -146,15 +149,16 @@ import sys
 for name in {blocked!r}:
     sys.modules[name] = None  # any import of it now raises ImportError
 import ffnskip_ext
-from ffnskip_ext.runtime import decoder, generate, policies, routers, sampling, tokenizer
+from ffnskip_ext.runtime import (decoder, generate, policies, routers, sampling, session,
+                                 tokenizer)
 policies.FFNSkipPolicy(threshold=0.9)
 print("ok")
 """
 
 
 def test_runtime_imports_with_torch_and_upper_layers_blocked() -> None:
-    blocked = ["torch", "ffnskip_ext.tuning", "ffnskip_ext.eval", "ffnskip_ext.training",
-               "ffnskip_ext.cli"]
+    blocked = ["torch", "ffnskip_ext.serve", "starlette", "uvicorn", "ffnskip_ext.tuning",
+               "ffnskip_ext.eval", "ffnskip_ext.training", "ffnskip_ext.cli"]
     done = subprocess.run([sys.executable, "-c", BLOCKED_RUNTIME.format(blocked=blocked)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

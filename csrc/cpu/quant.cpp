@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "../core/half.h"
 #include "../core/tensor_types.h"
@@ -319,6 +320,7 @@ struct KScales {
   alignas(16) int16_t mul[8];    // Q4_K/Q5_K: the 6-bit scale of each sub-block of 32
   alignas(16) int16_t mins[8];   // Q4_K/Q5_K: the 6-bit minimum of each sub-block
   alignas(16) int8_t mul6[16];   // Q6_K: the int8 scale of each sub-block of 16
+  alignas(32) int16_t mul16[16];  // Q6_K: the same, widened for vpmaddwd with sums16
 };
 
 // Q4_K/Q5_K's 12 bytes of scales as words w0..w2 (bytes s0..s11): scales 0-3 are s0-3 & 63,
@@ -339,7 +341,9 @@ FFNSKIP_TARGET_AVX2 inline void k_scales_avx2(const typename Format<kType>::Bloc
                                               KScales& k) {
   k.d = fp16_avx2(b.d);
   if constexpr (kType == TensorType::Q6_K) {
-    std::memcpy(k.mul6, b.scales, 16);
+    const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales));
+    _mm_store_si128(reinterpret_cast<__m128i*>(k.mul6), scales);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(k.mul16), _mm256_cvtepi8_epi16(scales));
   } else {
     k.dmin = fp16_avx2(b.dmin);
     uint8_t sc[8], m[8];
@@ -400,16 +404,107 @@ FFNSKIP_TARGET_AVX2 inline void store_tile(__m256 (&acc)[R][T], float* y, int64_
   }
 }
 
+// Where a tile reads its weights. Decode uses each weight once, so it unpacks the stored
+// blocks as it goes (StoredRows); prefill unpacks a panel of rows once per block of tokens
+// and every tile of those tokens reads the integers ready for vpmaddubsw (PanelRows).
+template <TensorType kType>
+struct StoredRows {
+  using Block = typename Format<kType>::BlockType;
+  const Block* first;  // the tile's first row
+  int64_t blocks;      // per row
+
+  const Block& block(int r, int64_t b) const { return first[r * blocks + b]; }
+  FFNSKIP_TARGET_AVX2 void prefetch(int r, int64_t b) const {
+    prefetch_ahead(first + r * blocks, b);
+  }
+  FFNSKIP_TARGET_AVX2 __m256i q(int r, int64_t b, int g) const {
+    return unpack_avx2<kType>(block(r, b), g);
+  }
+  FFNSKIP_TARGET_AVX2 void scales(int r, int64_t b, float& factor, float& minimum) const {
+    block_scales_avx2<kType>(block(r, b), factor, minimum);
+  }
+  FFNSKIP_TARGET_AVX2 void k_scales(int r, int64_t b, KScales& k) const {
+    k_scales_avx2<kType>(block(r, b), k);
+  }
+};
+
+// Rows unpacked: per row and block, its groups of 32 integers and its scales.
+struct alignas(32) Group32 {
+  uint8_t q[32];
+};
+struct Panel {
+  std::vector<Group32> q;     // [row][block][group]
+  std::vector<KScales> k;     // K-quants: [row][block]
+  std::vector<float> factor;  // 32-element formats: [row][block]
+  std::vector<float> minimum;
+};
+
+template <TensorType kType>
+struct PanelRows {
+  static constexpr int kGroups = Format<kType>::kGroups;
+  const Group32* q_;  // from the tile's first row on
+  const KScales* k_;
+  const float* factor_;
+  const float* minimum_;
+  int64_t blocks;  // per row
+
+  PanelRows(const Panel& panel, int64_t blocks_per_row, int first_row)
+      : q_(panel.q.data() + first_row * blocks_per_row * kGroups),
+        k_(panel.k.data() + (kGroups == 8 ? first_row * blocks_per_row : 0)),
+        factor_(panel.factor.data() + (kGroups == 1 ? first_row * blocks_per_row : 0)),
+        minimum_(panel.minimum.data() + (kGroups == 1 ? first_row * blocks_per_row : 0)),
+        blocks(blocks_per_row) {}
+
+  void prefetch(int, int64_t) const {}
+  FFNSKIP_TARGET_AVX2 __m256i q(int r, int64_t b, int g) const {
+    return _mm256_load_si256(
+        reinterpret_cast<const __m256i*>(q_[(r * blocks + b) * kGroups + g].q));
+  }
+  void scales(int r, int64_t b, float& factor, float& minimum) const {
+    factor = factor_[r * blocks + b];
+    minimum = minimum_[r * blocks + b];
+  }
+  void k_scales(int r, int64_t b, KScales& k) const { k = k_[r * blocks + b]; }
+};
+
+// Rows [row, row + rows) of w into `panel`, once for all the tokens of a block.
+template <TensorType kType>
+FFNSKIP_TARGET_AVX2 void unpack_panel(const QuantMatrix& w, int64_t row, int rows,
+                                      Panel& panel) {
+  constexpr int kGroups = Format<kType>::kGroups;
+  const int64_t blocks = w.in / block_elements(kType);
+  const StoredRows<kType> stored{
+      static_cast<const typename Format<kType>::BlockType*>(w.data) + row * blocks, blocks};
+  const int64_t n = rows * blocks;
+  panel.q.resize(n * kGroups);
+  if constexpr (kGroups == 8) {
+    panel.k.resize(n);
+  } else {
+    panel.factor.resize(n);
+    panel.minimum.resize(n);
+  }
+  for (int r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t at = r * blocks + b;
+      for (int g = 0; g < kGroups; ++g) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(panel.q[at * kGroups + g].q),
+                           stored.q(r, b, g));
+      }
+      if constexpr (kGroups == 8) {
+        stored.k_scales(r, b, panel.k[at]);
+      } else {
+        stored.scales(r, b, panel.factor[at], panel.minimum[at]);
+      }
+    }
+  }
+}
+
 // 32-element formats, R weight rows times T tokens: each block of weights is unpacked once for
 // the T tokens; the minimum terms go into lanes 0 and 1 of the accumulators.
-template <TensorType kType, int R, int T>
-FFNSKIP_TARGET_AVX2 void tile32_avx2(const QuantMatrix& w, int64_t row, const BlockQ8* xq,
-                                     float* y, int64_t y_stride, bool accumulate) {
+template <TensorType kType, int R, int T, typename Rows>
+FFNSKIP_TARGET_AVX2 void tile32_avx2(const Rows& w, int64_t blocks, const BlockQ8* xq,
+                                     float* y, int64_t y_stride, int64_t row, bool accumulate) {
   using F = Format<kType>;
-  using Block = typename F::BlockType;
-  const int64_t blocks = w.in / 32;
-  const Block* wb[R];
-  for (int r = 0; r < R; ++r) wb[r] = static_cast<const Block*>(w.data) + (row + r) * blocks;
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r) {
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
@@ -419,9 +514,9 @@ FFNSKIP_TARGET_AVX2 void tile32_avx2(const QuantMatrix& w, int64_t row, const Bl
     __m256i q[R];
     float factor[R], minimum[R];
     for (int r = 0; r < R; ++r) {
-      if constexpr (T == 1) prefetch_ahead(wb[r], b);
-      q[r] = unpack_avx2<kType>(wb[r][b], 0);
-      block_scales_avx2<kType>(wb[r][b], factor[r], minimum[r]);
+      if constexpr (T == 1) w.prefetch(r, b);
+      q[r] = w.q(r, b, 0);
+      w.scales(r, b, factor[r], minimum[r]);
     }
     for (int t = 0; t < T; ++t) {
       const BlockQ8& x = xq[t * blocks + b];
@@ -449,15 +544,12 @@ FFNSKIP_TARGET_AVX2 void tile32_avx2(const QuantMatrix& w, int64_t row, const Bl
 }
 
 // K-quants, R rows times T tokens: the eight sub-blocks of a super-block summed in int32 with
-// their integer scales (vpmaddwd), converted once; Q6_K's -32 folded into the integer sums,
-// Q4_K/Q5_K's minimums dotted with the activations' sub-block sums.
-template <TensorType kType, int R, int T>
-FFNSKIP_TARGET_AVX2 void tile_k_avx2(const QuantMatrix& w, int64_t row, const BlockQ8K* xk,
-                                     float* y, int64_t y_stride, bool accumulate) {
-  using Block = typename Format<kType>::BlockType;
-  const int64_t blocks = w.in / 256;
-  const Block* wb[R];
-  for (int r = 0; r < R; ++r) wb[r] = static_cast<const Block*>(w.data) + (row + r) * blocks;
+// their integer scales (vpmaddwd), converted once; Q6_K's -32 subtracted once per super-block
+// from the integer sums (its scales dotted with the activations' sums per 16), Q4_K/Q5_K's
+// minimums dotted with the activations' sums per 32.
+template <TensorType kType, int R, int T, typename Rows>
+FFNSKIP_TARGET_AVX2 void tile_k_avx2(const Rows& w, int64_t blocks, const BlockQ8K* xk,
+                                     float* y, int64_t y_stride, int64_t row, bool accumulate) {
   __m256 acc[R][T];
   for (int r = 0; r < R; ++r) {
     for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
@@ -465,8 +557,8 @@ FFNSKIP_TARGET_AVX2 void tile_k_avx2(const QuantMatrix& w, int64_t row, const Bl
   for (int64_t b = 0; b < blocks; ++b) {
     KScales ks[R];
     for (int r = 0; r < R; ++r) {
-      if constexpr (T == 1) prefetch_ahead(wb[r], b);
-      k_scales_avx2<kType>(wb[r][b], ks[r]);
+      if constexpr (T == 1) w.prefetch(r, b);
+      w.k_scales(r, b, ks[r]);
     }
     __m256i isum[R][T];
     for (int r = 0; r < R; ++r) {
@@ -474,30 +566,35 @@ FFNSKIP_TARGET_AVX2 void tile_k_avx2(const QuantMatrix& w, int64_t row, const Bl
     }
 #pragma GCC unroll 8
     for (int g = 0; g < 8; ++g) {
-      __m256i q[R];
-      for (int r = 0; r < R; ++r) q[r] = unpack_avx2<kType>(wb[r][b], g);
+      __m256i q[R], mul[R];
+      for (int r = 0; r < R; ++r) {
+        q[r] = w.q(r, b, g);
+        mul[r] = k_mul<kType>(ks[r], g);
+      }
       for (int t = 0; t < T; ++t) {
         const __m256i xv = _mm256_loadu_si256(
             reinterpret_cast<const __m256i*>(xk[t * blocks + b].q + 32 * g));
-        [[maybe_unused]] __m256i x32;
-        if constexpr (kType == TensorType::Q6_K) {
-          x32 = _mm256_maddubs_epi16(_mm256_set1_epi8(32), xv);
-        }
         for (int r = 0; r < R; ++r) {
-          __m256i pairs = _mm256_maddubs_epi16(q[r], xv);
-          if constexpr (kType == TensorType::Q6_K) pairs = _mm256_sub_epi16(pairs, x32);
-          isum[r][t] = _mm256_add_epi32(isum[r][t],
-                                        _mm256_madd_epi16(pairs, k_mul<kType>(ks[r], g)));
+          isum[r][t] = _mm256_add_epi32(
+              isum[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(q[r], xv), mul[r]));
         }
       }
     }
     for (int t = 0; t < T; ++t) {
       const BlockQ8K& x = xk[t * blocks + b];
       [[maybe_unused]] __m128i sums;
+      [[maybe_unused]] __m256i sums16;
       if constexpr (kType != TensorType::Q6_K) {
         sums = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x.sums));
+      } else {
+        sums16 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.sums16));
       }
       for (int r = 0; r < R; ++r) {
+        if constexpr (kType == TensorType::Q6_K) {  // - 32 * sum_j sc_j * sums16_j
+          const __m256i offset = _mm256_madd_epi16(
+              _mm256_load_si256(reinterpret_cast<const __m256i*>(ks[r].mul16)), sums16);
+          isum[r][t] = _mm256_sub_epi32(isum[r][t], _mm256_slli_epi32(offset, 5));
+        }
         acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][t]),
                                     _mm256_set1_ps(ks[r].d * x.d), acc[r][t]);
         if constexpr (kType != TensorType::Q6_K) {
@@ -564,6 +661,7 @@ FFNSKIP_TARGET_AVX2 void quantize_avx2(const float* x, int64_t blocks, BlockQ8K*
     int32_t sums[16];
     out->d = quantize_block_avx2<256>(x, out->q, sums);
     for (int g = 0; g < 8; ++g) out->sums[g] = static_cast<int16_t>(sums[2 * g] + sums[2 * g + 1]);
+    for (int j = 0; j < 16; ++j) out->sums16[j] = static_cast<int16_t>(sums[j]);
   }
 }
 
@@ -571,13 +669,13 @@ FFNSKIP_TARGET_AVX2 void quantize_avx2(const float* x, int64_t blocks, BlockQ8K*
 // tiles of several rows and tokens, and of one token for the rest (and for decode).
 constexpr int64_t kTokenBlock = 64;
 
-template <TensorType kType, int R, int T, typename X>
-FFNSKIP_TARGET_AVX2 inline void tile_avx2(const QuantMatrix& w, int64_t row, const X* x,
-                                          float* y, int64_t y_stride, bool accumulate) {
+template <TensorType kType, int R, int T, typename Rows, typename X>
+FFNSKIP_TARGET_AVX2 inline void tile_avx2(const Rows& w, int64_t blocks, const X* x, float* y,
+                                          int64_t y_stride, int64_t row, bool accumulate) {
   if constexpr (is_k_quant(kType)) {
-    tile_k_avx2<kType, R, T>(w, row, x, y, y_stride, accumulate);
+    tile_k_avx2<kType, R, T>(w, blocks, x, y, y_stride, row, accumulate);
   } else {
-    tile32_avx2<kType, R, T>(w, row, x, y, y_stride, accumulate);
+    tile32_avx2<kType, R, T>(w, blocks, x, y, y_stride, row, accumulate);
   }
 }
 
@@ -585,38 +683,53 @@ template <TensorType kType>
 FFNSKIP_TARGET_AVX2 void rows_avx2(const QuantMatrix& w, const QuantInput& input, float* y,
                                    int64_t y_stride, int64_t row_begin, int64_t row_end,
                                    bool accumulate) {
-  // The many-token tile: 2 rows x 4 tokens, or for the K-quants (twice the accumulators)
-  // 1 row x 4 tokens. One token: rows one at a time, each a single stream from memory ahead of
-  // which prefetch_ahead reads, except that the small blocks of the 4- and 5-bit formats go
-  // two rows at a time (more independent work per block; measured: bench_kernels.py).
+  // Many tokens: panels of R rows unpacked once per token block, then tiles of R rows x T
+  // tokens (for the K-quants, whose int32 sums double the accumulators, 1 row x 4 tokens).
+  // One token: rows one at a time, each a single stream from memory ahead of which
+  // prefetch_ahead reads, except that the small blocks of the 4- and 5-bit formats go two
+  // rows at a time (more independent work per block; measured: bench_kernels.py).
   constexpr int R = is_k_quant(kType) ? 1 : 2, T = 4;
   constexpr int kDecodeRows = is_k_quant(kType) || kType == TensorType::Q8_0 ? 1 : 2;
+  using Block = typename Format<kType>::BlockType;
   const auto* x = [&] {
     if constexpr (is_k_quant(kType)) return input.x256; else return input.x32;
   }();
-  const int64_t x_blocks = w.in / (is_k_quant(kType) ? 256 : 32);
+  const int64_t blocks = w.in / block_elements(kType);
+  const auto* rows = static_cast<const Block*>(w.data);
   const int64_t n = input.n;
+  thread_local Panel panel;
   for (int64_t t0 = 0; t0 < n; t0 += kTokenBlock) {
     const int64_t t_end = std::min(n, t0 + kTokenBlock);
     const int64_t t_tiled = t0 + (t_end - t0) / T * T;
-    int64_t row = row_begin;
-    for (; row + R <= row_end; row += R) {
-      for (int64_t t = t0; t < t_tiled; t += T) {
-        tile_avx2<kType, R, T>(w, row, x + t * x_blocks, y + t * y_stride, y_stride, accumulate);
+    for (int64_t row = row_begin; row < row_end && t_tiled > t0; row += R) {
+      const int panel_rows = static_cast<int>(std::min<int64_t>(R, row_end - row));
+      unpack_panel<kType>(w, row, panel_rows, panel);
+      if (panel_rows == R) {
+        const PanelRows<kType> unpacked(panel, blocks, 0);
+        for (int64_t t = t0; t < t_tiled; t += T) {
+          tile_avx2<kType, R, T>(unpacked, blocks, x + t * blocks, y + t * y_stride, y_stride,
+                                 row, accumulate);
+        }
+        continue;
       }
-    }
-    for (; row < row_end; ++row) {
-      for (int64_t t = t0; t < t_tiled; t += T) {
-        tile_avx2<kType, 1, T>(w, row, x + t * x_blocks, y + t * y_stride, y_stride, accumulate);
+      for (int r = 0; r < panel_rows; ++r) {  // the last rows, fewer than R
+        const PanelRows<kType> unpacked(panel, blocks, r);
+        for (int64_t t = t0; t < t_tiled; t += T) {
+          tile_avx2<kType, 1, T>(unpacked, blocks, x + t * blocks, y + t * y_stride, y_stride,
+                                 row + r, accumulate);
+        }
       }
     }
     for (int64_t t = t_tiled; t < t_end; ++t) {  // one token (decode), or a block's last few
       int64_t r = row_begin;
       for (; r + kDecodeRows <= row_end; r += kDecodeRows) {
-        tile_avx2<kType, kDecodeRows, 1>(w, r, x + t * x_blocks, y + t * y_stride, y_stride, accumulate);
+        tile_avx2<kType, kDecodeRows, 1>(StoredRows<kType>{rows + r * blocks, blocks}, blocks,
+                                         x + t * blocks, y + t * y_stride, y_stride, r,
+                                         accumulate);
       }
       for (; r < row_end; ++r) {
-        tile_avx2<kType, 1, 1>(w, r, x + t * x_blocks, y + t * y_stride, y_stride, accumulate);
+        tile_avx2<kType, 1, 1>(StoredRows<kType>{rows + r * blocks, blocks}, blocks,
+                               x + t * blocks, y + t * y_stride, y_stride, r, accumulate);
       }
     }
   }
@@ -681,6 +794,7 @@ void quantize_activations(const float* x, int64_t n, int64_t in, BlockQ8K* out, 
     int32_t sums[16];
     out->d = quantize_block_scalar<256>(x, out->q, sums);
     for (int g = 0; g < 8; ++g) out->sums[g] = static_cast<int16_t>(sums[2 * g] + sums[2 * g + 1]);
+    for (int j = 0; j < 16; ++j) out->sums16[j] = static_cast<int16_t>(sums[j]);
   }
 }
 

@@ -21,10 +21,11 @@ struct BlockQ8 {
 };
 
 // 256 activations for the K-quants: x[i] ~ d * q[i]; sums[g], the sum of q over sub-block g
-// of 32, carries Q4_K/Q5_K's minimums.
+// of 32, carries Q4_K/Q5_K's minimums, sums16[j] over the sub-blocks of 16 Q6_K's offset -32.
 struct BlockQ8K {
   float d;
   int16_t sums[8];
+  int16_t sums16[16];
   int8_t q[256];
 };
 

@@ -4,8 +4,10 @@ The package is layered, each layer importing only the ones before it:
 
 - ``config`` and the native ``_core``: the model configuration and the engine;
 - ``loaders``: checkpoints (Hugging Face directories, GGUF files) into configs and tensors;
-- ``runtime``: the decoder, skip policies, FiRST routers, sampling, generation, tokenizer
-  (no torch, no evaluation or training code, no argparse);
+- ``runtime``: the decoder, skip policies, FiRST routers, sampling, generation, chat
+  sessions that reuse their cache, tokenizer (no torch, no evaluation or training code, no
+  argparse);
+- ``serve``: the OpenAI-compatible HTTP server (Starlette; not imported here);
 - ``tuning``: calibration of each method on a model;
 - ``eval``: task sets, the evaluation harness, sweeps and reports;
 - ``training``: FiRST router training and the PyTorch reference (needs torch);
@@ -33,9 +35,11 @@ from .runtime.policies import (
 )
 from .runtime.routers import Routers, load_routers
 from .runtime.sampling import SamplingParams
+from .runtime.session import ChatSession
 from .runtime.tokenizer import load_tokenizer
 
 __all__ = [
+    "ChatSession",
     "DecodeStats",
     "Decoder",
     "DensePolicy",

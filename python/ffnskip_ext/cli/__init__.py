@@ -1,7 +1,7 @@
 """Command line: ``ffnskip SUBCOMMAND`` (also ``python -m ffnskip_ext SUBCOMMAND``).
 
-Subcommands: generate, calibrate, train-routers, eval, models; each module here adds its
-parser.
+Subcommands: generate, calibrate, train-routers, eval, models, serve; each module here adds
+its parser.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import calibrate, eval, generate, models, train_routers
+from . import calibrate, eval, generate, models, serve, train_routers
 
-SUBCOMMANDS = (generate, calibrate, train_routers, eval, models)
+SUBCOMMANDS = (generate, calibrate, train_routers, eval, models, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

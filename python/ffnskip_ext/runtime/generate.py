@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,9 +21,46 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    finish_reason: str  # "eos", "stop" (a stop string), "length" (max_new_tokens or context)
+    # "eos", "stop" (a stop string), "length" (max_new_tokens or context), "cancelled"
+    finish_reason: str
     prefill_ms: float
     decode_tokens_per_s: float
+    cached_tokens: int = 0  # prompt tokens whose K/V were already cached (ChatSession)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """What a generation decodes and where it ends, checked once (``DecodeOptions.make``)."""
+
+    max_new_tokens: int
+    sampling: SamplingParams
+    seed: int | None
+    stops: tuple[str, ...]
+    stop_at: Callable[[str], int | None] | None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+
+    @classmethod
+    def make(
+        cls,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        stop_at: Callable[[str], int | None] | None = None,
+        logit_bias: Mapping[int, float] | None = None,
+    ) -> DecodeOptions:
+        sampling = SamplingParams(temperature, top_k, top_p)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        bias = tuple((int(t), float(b)) for t, b in (logit_bias or {}).items())
+        if not all(math.isfinite(b) for _, b in bias):
+            raise ValueError("logit_bias values must be finite numbers")
+        return cls(max_new_tokens, sampling, seed, tuple(s for s in (stop or []) if s), stop_at,
+                   bias)
 
 
 def encode_prompt(tokenizer: Any, prompt_or_messages: str | Sequence[Message]) -> list[int]:
@@ -36,6 +74,13 @@ def encode_prompt(tokenizer: Any, prompt_or_messages: str | Sequence[Message]) -
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in transformers 5
         ids = ids["input_ids"]
     return [int(i) for i in ids]
+
+
+def check_prompt_fits(decoder: Decoder, prompt_tokens: int) -> None:
+    if prompt_tokens >= decoder.max_seq_len:
+        raise ValueError(
+            f"prompt of {prompt_tokens} tokens does not fit max_seq_len {decoder.max_seq_len}"
+        )
 
 
 def generate(
@@ -58,25 +103,40 @@ def generate(
     ``stop_at(text)`` returns a position (the text is cut there; for ends a stop string
     cannot express), after ``max_new_tokens`` or when the context is full.
     """
-    params = SamplingParams(temperature, top_k, top_p)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-        raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    stops = [s for s in (stop or []) if s]
+    options = DecodeOptions.make(max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at)
     prompt_ids = encode_prompt(tokenizer, prompt_or_messages)
-    if len(prompt_ids) >= decoder.max_seq_len:
-        raise ValueError(
-            f"prompt of {len(prompt_ids)} tokens does not fit max_seq_len {decoder.max_seq_len}"
-        )
+    check_prompt_fits(decoder, len(prompt_ids))
+    decoder.reset()
+    return prefill_and_decode(decoder, tokenizer, prompt_ids, 0, options, stream)
+
+
+def prefill_and_decode(
+    decoder: Decoder,
+    tokenizer: Any,
+    prompt_ids: Sequence[int],
+    cached_tokens: int,
+    options: DecodeOptions,
+    stream: Callable[[str], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> GenerationResult:
+    """The generation loop of ``generate`` and ``ChatSession``: the cache holds the first
+    ``cached_tokens`` prompt ids; prefill the rest, then sample, detokenize, stream and stop.
+    ``cancelled()`` is asked before every decode step; True ends the generation there."""
     eos_ids = set(decoder.config.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos_ids.add(int(tokenizer.eos_token_id))
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(options.seed)
+    stops = options.stops
+    bias = None
+    if options.logit_bias:
+        ids, values = zip(*options.logit_bias, strict=True)
+        if not all(0 <= t < decoder.config.vocab_size for t in ids):
+            raise ValueError(f"logit_bias: token ids must be in [0, {decoder.config.vocab_size})")
+        bias = np.zeros(decoder.config.vocab_size, dtype=np.float32)
+        bias[list(ids)] = values
 
-    decoder.reset()
     start = time.perf_counter()
-    logits = decoder.prefill(prompt_ids)
+    logits = decoder.prefill(prompt_ids[cached_tokens:])
     prefill_ms = (time.perf_counter() - start) * 1e3
 
     generated: list[int] = []
@@ -84,14 +144,14 @@ def generate(
     finish_reason = "length"
     steps = 0
     decode_start = time.perf_counter()
-    while len(generated) < max_new_tokens:
-        token = sample(logits, params, rng)
+    while len(generated) < options.max_new_tokens:
+        token = sample(logits if bias is None else logits + bias, options.sampling, rng)
         if token in eos_ids:
             finish_reason = "eos"
             break
         generated.append(token)
         new_text = tokenizer.decode(generated, skip_special_tokens=True)
-        hit = _first_stop(new_text, stops, stop_at)
+        hit = _first_stop(new_text, stops, options.stop_at)
         if hit is not None:
             new_text = new_text[:hit]
             finish_reason = "stop"
@@ -99,7 +159,10 @@ def generate(
         emitted = _emit(stream, emitted, _settled(text, stops))
         if finish_reason == "stop":
             break
-        if len(generated) == max_new_tokens or decoder.position >= decoder.max_seq_len:
+        if len(generated) == options.max_new_tokens or decoder.position >= decoder.max_seq_len:
+            break
+        if cancelled is not None and cancelled():
+            finish_reason = "cancelled"
             break
         logits = decoder.step(token)
         steps += 1
@@ -112,6 +175,7 @@ def generate(
         finish_reason=finish_reason,
         prefill_ms=prefill_ms,
         decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else 0.0,
+        cached_tokens=cached_tokens,
     )
 
 
