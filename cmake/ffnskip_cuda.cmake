@@ -157,7 +157,7 @@ function(ffnskip_add_cuda_backend core_target)
   _ffnskip_cuda_compile_settings(ffnskip_cuda_kernels)
   add_library(ffnskip_cuda SHARED
     ${cuda_dir}/cuda_backend.cu ${cuda_dir}/device.cu ${cuda_dir}/device_model.cu
-    ${cuda_dir}/entry_points.cu
+    ${cuda_dir}/entry_points.cu ${cuda_dir}/kernel_calls.cu
     $<TARGET_OBJECTS:ffnskip_cuda_kernels>)
   _ffnskip_cuda_compile_settings(ffnskip_cuda)
   # The core's static archive supplies stacked_bias() and rope_inv_freq(); its symbols stay
@@ -173,7 +173,7 @@ function(ffnskip_add_cuda_backend core_target)
 
   # The loader accepts only a library built against the same interface headers (their hash;
   # editing one of them re-runs the configuration).
-  set(interface_headers "${cuda_dir}/entry_points.h")
+  set(interface_headers "${cuda_dir}/entry_points.h" "${cuda_dir}/kernel_calls.h")
   foreach(header config.h decoder.h policy.h weights.h)
     list(APPEND interface_headers "${PROJECT_SOURCE_DIR}/csrc/include/ffnskip/${header}")
   endforeach()

@@ -13,6 +13,7 @@
 #include "cuda_backend.cuh"
 #include "cuda_check.cuh"
 #include "device.cuh"
+#include "kernel_calls.cuh"
 
 extern "C" {
 
@@ -62,6 +63,16 @@ ffnskip::Backend* ffnskip_cuda_create_backend(const ffnskip::ModelConfig* config
 double ffnskip_cuda_copy_bandwidth(size_t bytes, int iterations) {
   ffnskip::cuda::require_device();
   return ffnskip::cuda::copy_bandwidth(bytes, iterations);
+}
+
+void ffnskip_cuda_kernel_linear(const ffnskip::CudaLinearCall* call) {
+  ffnskip::cuda::require_device();
+  ffnskip::cuda::run_linear(*call);
+}
+
+void ffnskip_cuda_kernel_dequantize(const ffnskip::CudaDequantizeCall* call) {
+  ffnskip::cuda::require_device();
+  ffnskip::cuda::run_dequantize(*call);
 }
 
 }  // extern "C"

@@ -14,6 +14,7 @@
 #include "../core/model_view.h"
 #include "ffnskip/config.h"
 #include "ffnskip/decoder.h"
+#include "kernel_calls.h"
 
 #define FFNSKIP_CUDA_EXPORT __attribute__((visibility("default")))
 
@@ -49,5 +50,10 @@ FFNSKIP_CUDA_EXPORT ffnskip::Backend* ffnskip_cuda_create_backend(
 // Device-to-device copy bandwidth on the current device, in bytes moved (read + written) per
 // second: the median of `iterations` copies of `bytes` bytes. Throws like the factory.
 FFNSKIP_CUDA_EXPORT double ffnskip_cuda_copy_bandwidth(size_t bytes, int iterations);
+
+// One kernel on the current device, on copies of the call's host buffers (kernel_calls.h), for
+// the per-kernel tests. Throws like the factory.
+FFNSKIP_CUDA_EXPORT void ffnskip_cuda_kernel_linear(const ffnskip::CudaLinearCall* call);
+FFNSKIP_CUDA_EXPORT void ffnskip_cuda_kernel_dequantize(const ffnskip::CudaDequantizeCall* call);
 
 }  // extern "C"
