@@ -4,8 +4,9 @@ Without a GPU (CI): the build reports whether CUDA was compiled, and ``device="c
 with a ValueError saying why, leaving the process usable.
 
 On a GPU: the CUDA backend against the CPU backend and transformers, on the random tiny models
-and on SmolLM2; exact replay of the captured decode graph against eager decode steps; the skip
-decisions against the CPU backend's.
+and on SmolLM2; a GGUF mixing block formats read in place with converted ones (dtype "auto")
+against the CPU backend; exact replay of the captured decode graph against eager decode steps;
+the skip decisions against the CPU backend's. The kernels one by one: test_cuda_kernels.py.
 
 Tolerance for fp16/bf16 (a choice): the max |error| of our logits against the fp32 transformers
 reference may be at most twice that of transformers running the same model entirely in that
@@ -168,7 +169,9 @@ def mixed_types(tied: bool) -> dict[str, str]:
 
 
 def write_mixed_gguf(path, tied: bool):
-    """Each matrix quantised to its type by gguf_files.quantize; the norms stay F32."""
+    """Rows of norm about 1 and norm weights about 1, so that the random model is not chaotic
+    (larger weights amplify rounding errors layer by layer); each matrix quantised to its type
+    by gguf_files.quantize, the norms F32."""
     pytest.importorskip("gguf")
     from gguf_files import Q, quantize, write_gguf
 
@@ -178,7 +181,8 @@ def write_mixed_gguf(path, tied: bool):
     tensors = {}
     for name, shape in expected_shapes(config).items():
         t = types.get(name, "F32")
-        values = 0.5 * rng.standard_normal(shape)
+        values = (rng.standard_normal(shape) / np.sqrt(shape[1]) if len(shape) == 2
+                  else 1.0 + 0.1 * rng.standard_normal(shape))
         if t in ("F16", "F32"):
             data = values.astype(np.float16 if t == "F16" else np.float32)
         else:
@@ -188,6 +192,56 @@ def write_mixed_gguf(path, tied: bool):
 
 
 # ---- on a GPU ----
+
+
+@needs_gpu
+@pytest.mark.parametrize("tied", [True, False])
+def test_mixed_block_formats_on_cuda_match_cpu(tmp_path, tied) -> None:
+    """dtype "auto" on CUDA reads the in-place formats as stored, segment by segment, and
+    converts the rest: its logits (prefill through dequantised tiles, graph-replayed decode
+    steps through the block GEMVs) against the CPU on the dequantised weights in fp32 must be
+    within twice the error of the CUDA backend on all weights rounded to fp16; the same with
+    FFNs skipped on the device (the skip flag of every kernel of a mixed FFN); the bytes held
+    and read per step are the stored sizes."""
+    path = write_mixed_gguf(tmp_path / "mixed.gguf", tied)
+    types = mixed_types(tied)
+    cuda = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", max_seq_len=64)
+    cuda16 = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", dtype="float16",
+                                                 max_seq_len=64)
+    cpu = ffnskip_ext.Decoder.from_pretrained(path, dtype="float32", max_seq_len=64)
+    cpu_kept = ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=64)
+
+    assert cuda.weight_conversions == {
+        name: (t, "F16") for name, t in types.items() if t not in CUDA_IN_PLACE}
+    converted_elements = sum(int(np.prod(shape)) for name, shape in
+                             expected_shapes(mixed_config(tied)).items()
+                             if name in cuda.weight_conversions)
+    for t, size in cpu_kept.weight_bytes.items():
+        if t in CUDA_IN_PLACE - {"F16"}:
+            assert cuda.weight_bytes[t] == size, t
+    assert cuda.weight_bytes["F16"] == cpu_kept.weight_bytes["F16"] + 2 * converted_elements
+    # A decode step reads every matrix but the embedding table (unless it is the LM head).
+    elements, size = ffnskip_ext._core.TENSOR_TYPES[types["model.embed_tokens.weight"]]
+    embed_bytes = 96 * 256 // elements * size
+    assert cuda.dense_step_bytes == sum(cuda.weight_bytes.values()) - (0 if tied else embed_bytes)
+
+    rng = np.random.default_rng(22)
+    prompt = rng.integers(0, 96, size=13).tolist()
+    feed = rng.integers(0, 96, size=24).tolist()
+    for policy in (ffnskip_ext.DensePolicy(),
+                   ffnskip_ext.RandomFFNSkip(k=1, seed=5, cold_start=0, cold_end=0)):
+        for decoder in (cuda, cuda16, cpu):
+            decoder.set_policy(policy)
+        ref = teacher_forced(cpu, prompt, feed)
+        ours = teacher_forced(cuda, prompt, feed)
+        fp16 = teacher_forced(cuda16, prompt, feed)
+        tolerance = 2 * max_error(fp16, ref) + 1e-3 * float(np.ptp(ref))
+        assert max_error(ours, ref) <= tolerance, f"{policy}: {max_error(ours, ref)}"
+    cuda.set_policy(ffnskip_ext.DensePolicy())
+    cuda.reset_stats()
+    teacher_forced(cuda, prompt, feed)
+    stats = cuda.stats()
+    assert stats.weight_bytes_read == len(feed) * cuda.dense_step_bytes
 
 
 @needs_gpu
