@@ -24,13 +24,14 @@ namespace ffnskip::cuda {
 namespace {
 
 // `bytes` of device memory (256-byte aligned, as the arena's pieces), filled from `host` when
-// given.
-DeviceMemory device_buffer(size_t bytes, const void* host = nullptr) {
+// given, on `stream`: the kernels' stream does not wait for the legacy default stream that
+// cudaMemcpy would use (the pageable source is staged before the call returns).
+DeviceMemory device_buffer(cudaStream_t stream, size_t bytes, const void* host = nullptr) {
   void* p = nullptr;
   CUDA_CHECK(cudaMalloc(&p, bytes > 0 ? bytes : 1));
   DeviceMemory memory(static_cast<char*>(p));
   if (host != nullptr && bytes > 0) {
-    CUDA_CHECK(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpyAsync(p, host, bytes, cudaMemcpyHostToDevice, stream));
   }
   return memory;
 }
@@ -81,19 +82,20 @@ void linear_in(const CudaLinearCall& c) {
   const int outputs = swiglu ? c.rows / 2 : c.rows;
   const int64_t out_count = static_cast<int64_t>(c.n) * outputs;
 
+  const Stream owned_stream = make_stream();  // first: destroyed after the buffers
+  cudaStream_t stream = owned_stream.get();
   DeviceMemory weight =
-      blocks ? device_buffer(c.rows * row_bytes(c.weight_type, c.cols), c.weight)
-             : device_buffer(sizeof(T) * weights,
+      blocks ? device_buffer(stream, c.rows * row_bytes(c.weight_type, c.cols), c.weight)
+             : device_buffer(stream, sizeof(T) * weights,
                              rounded<T>(static_cast<const float*>(c.weight), weights).data());
   const int64_t x_count = static_cast<int64_t>(c.n) * c.cols;
-  DeviceMemory x = device_buffer(sizeof(T) * x_count, rounded<T>(c.x, x_count).data());
-  DeviceMemory bias = device_buffer(sizeof(float) * c.rows, c.bias);
-  DeviceMemory y = swiglu
-                       ? device_buffer(sizeof(T) * out_count, rounded<T>(c.y, out_count).data())
-                       : device_buffer(sizeof(float) * out_count, c.y);
+  DeviceMemory x = device_buffer(stream, sizeof(T) * x_count, rounded<T>(c.x, x_count).data());
+  DeviceMemory bias = device_buffer(stream, sizeof(float) * c.rows, c.bias);
+  DeviceMemory y =
+      swiglu ? device_buffer(stream, sizeof(T) * out_count, rounded<T>(c.y, out_count).data())
+             : device_buffer(stream, sizeof(float) * out_count, c.y);
   const int32_t flag = c.skip ? 1 : 0;
-  DeviceMemory skip_flag = device_buffer(sizeof(flag), &flag);
-  Stream stream = make_stream();
+  DeviceMemory skip_flag = device_buffer(stream, sizeof(flag), &flag);
   const TensorType weight_type = blocks ? c.weight_type : dense_tensor_type<T>();
   const float* bias_data = c.bias != nullptr ? reinterpret_cast<float*>(bias.get()) : nullptr;
 
@@ -111,16 +113,16 @@ void linear_in(const CudaLinearCall& c) {
     const GemvOutput output = swiglu                                    ? GemvOutput::SwiGLU
                               : c.output == CudaLinearOutput::Accumulate ? GemvOutput::Accumulate
                                                                          : GemvOutput::Store;
-    launch_gemv(g, output, stream.get());
-    CUDA_CHECK(cudaStreamSynchronize(stream.get()));
+    launch_gemv(g, output, stream);
+    CUDA_CHECK(cudaStreamSynchronize(stream));
   } else {
     cublasHandle_t handle = nullptr;
     CUBLAS_CHECK(cublasCreate(&handle));
     CublasHandle cublas(handle);
-    CUBLAS_CHECK(cublasSetStream(handle, stream.get()));
+    CUBLAS_CHECK(cublasSetStream(handle, stream));
     const int64_t tile = c.tile_elements > 0 ? c.tile_elements : weights;
-    DeviceMemory scratch = device_buffer(blocks ? sizeof(T) * tile : 0);
-    DeviceMemory gate_up = device_buffer(swiglu ? sizeof(float) * c.n * c.rows : 0);
+    DeviceMemory scratch = device_buffer(stream, blocks ? sizeof(T) * tile : 0);
+    DeviceMemory gate_up = device_buffer(stream, swiglu ? sizeof(float) * c.n * c.rows : 0);
     GemmArgs<T> g;
     g.weight = weight.get();
     g.weight_type = weight_type;
@@ -134,12 +136,12 @@ void linear_in(const CudaLinearCall& c) {
     g.accumulate = c.output == CudaLinearOutput::Accumulate;
     g.scratch = reinterpret_cast<T*>(scratch.get());
     g.scratch_elements = blocks ? tile : 0;
-    gemm(handle, stream.get(), g);
+    gemm(handle, stream, g);
     if (swiglu) {
       launch_swiglu(reinterpret_cast<float*>(gate_up.get()), c.n, outputs,
-                    reinterpret_cast<T*>(y.get()), nullptr, stream.get());
+                    reinterpret_cast<T*>(y.get()), nullptr, stream);
     }
-    CUDA_CHECK(cudaStreamSynchronize(stream.get()));  // before the handle and scratch go
+    CUDA_CHECK(cudaStreamSynchronize(stream));  // before the handle and scratch go
   }
   if (swiglu) {
     std::vector<T> act(static_cast<size_t>(out_count));
@@ -159,23 +161,24 @@ void dequantize_in(const CudaDequantizeCall& c) {
   for (int i = 0; c.ids != nullptr && i < c.n; ++i) {
     if (c.ids[i] < 0 || c.ids[i] >= c.rows) throw std::invalid_argument("row id out of range");
   }
-  DeviceMemory data = device_buffer(c.rows * row_bytes(c.type, c.cols), c.data);
-  Stream stream = make_stream();
+  const Stream owned_stream = make_stream();
+  cudaStream_t stream = owned_stream.get();
+  DeviceMemory data = device_buffer(stream, c.rows * row_bytes(c.type, c.cols), c.data);
   if (c.ids != nullptr) {
     const int64_t count = static_cast<int64_t>(c.n) * c.cols;
-    DeviceMemory ids = device_buffer(sizeof(int32_t) * c.n, c.ids);
-    DeviceMemory out = device_buffer(sizeof(float) * count);
+    DeviceMemory ids = device_buffer(stream, sizeof(int32_t) * c.n, c.ids);
+    DeviceMemory out = device_buffer(stream, sizeof(float) * count);
     launch_embedding<T>(data.get(), c.type, reinterpret_cast<int32_t*>(ids.get()), c.n, c.cols,
-                        reinterpret_cast<float*>(out.get()), stream.get());
-    CUDA_CHECK(cudaStreamSynchronize(stream.get()));
+                        reinterpret_cast<float*>(out.get()), stream);
+    CUDA_CHECK(cudaStreamSynchronize(stream));
     CUDA_CHECK(cudaMemcpy(c.out, out.get(), sizeof(float) * count, cudaMemcpyDeviceToHost));
     return;
   }
   const int64_t count = static_cast<int64_t>(c.rows) * c.cols;
-  DeviceMemory out = device_buffer(sizeof(T) * count);
+  DeviceMemory out = device_buffer(stream, sizeof(T) * count);
   launch_dequantize_rows(data.get(), c.type, c.cols, nullptr, 0, c.rows,
-                         reinterpret_cast<T*>(out.get()), stream.get());
-  CUDA_CHECK(cudaStreamSynchronize(stream.get()));
+                         reinterpret_cast<T*>(out.get()), stream);
+  CUDA_CHECK(cudaStreamSynchronize(stream));
   std::vector<T> values(static_cast<size_t>(count));
   CUDA_CHECK(cudaMemcpy(values.data(), out.get(), sizeof(T) * count, cudaMemcpyDeviceToHost));
   widen(values, c.out);
