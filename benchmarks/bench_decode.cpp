@@ -230,6 +230,9 @@ int main(int argc, char** argv) {
     }
     c.head_dim = c.hidden_size / c.num_heads;
     const bool cuda = device == "cuda";
+    if (cuda && !cuda_info().available) {
+      throw std::invalid_argument(cuda_info().error);  // before gigabytes of random weights
+    }
     RandomWeights storage;
     std::string weights_upper = weights_name;
     for (char& ch : weights_upper) ch = static_cast<char>(std::toupper(ch));
