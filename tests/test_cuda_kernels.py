@@ -6,7 +6,7 @@ cuBLAS); the dequantisation itself and the embedding lookup in a quantised table
 fp16 and bf16 activations. Without a GPU only the first test runs.
 
 References: the blocks come from tests/gguf_files.py (``quantize`` for weights with a real
-distribution, ``quantized`` for random K-quant blocks that reach every bit pattern) and the
+distribution, ``random_blocks`` for random bytes that reach every bit pattern) and the
 weights they hold from gguf-py's NumPy dequantisation, in float64. Inputs are rounded to the
 activation type (as the kernels' callers store them) before the reference is computed, so the
 GEMV may differ from it only by fp32 arithmetic: n * eps32 * sum(|products|) for a sum of n
@@ -23,7 +23,7 @@ import ffnskip_ext
 from ffnskip_ext import _core
 
 gguf = pytest.importorskip("gguf")
-from gguf_files import Q, quantize, quantized  # noqa: E402  (needs gguf)
+from gguf_files import Q, quantize, quantized, random_blocks  # noqa: E402  (needs gguf)
 from test_kernels import EPS32, stored  # noqa: E402
 
 cuda = _core.cuda_kernels
@@ -130,7 +130,7 @@ def test_dequantize(type_name, activation) -> None:
     """The prefill's tiles: gguf-py's fp32 weights (the decoding's products are exact in fp32,
     so fused multiply-adds change nothing) rounded once to the activation type, bit for bit."""
     rows, cols = 37, 512
-    data = quantized(type_name, rows, cols, np.random.default_rng(3))
+    data = random_blocks(type_name, rows, cols, np.random.default_rng(3))
     want = rounded(dequantized(data, type_name), activation)
     np.testing.assert_array_equal(cuda.dequantize(data, type_name, activation), want)
 
@@ -139,7 +139,7 @@ def test_dequantize(type_name, activation) -> None:
 @pytest.mark.parametrize("type_name", NATIVE)
 def test_embedding_lookup_in_quantized_table(type_name) -> None:
     rows, cols = 11, 768 if type_name in K_QUANTS else 96
-    data = quantized(type_name, rows, cols, np.random.default_rng(4))
+    data = random_blocks(type_name, rows, cols, np.random.default_rng(4))
     ids = np.array([3, 0, 10, 3, 7], np.int32)  # repeats, first and last rows
     np.testing.assert_array_equal(cuda.embedding(data, type_name, ids),
                                   dequantized(data, type_name)[ids])

@@ -18,6 +18,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -28,36 +29,64 @@ namespace ffnskip::cuda {
 
 // ---- loads ----
 
-__device__ __forceinline__ uint32_t load_u8(const uint8_t* p) { return __ldg(p); }
+// The decoding of a block also compiles for the host, where tests/test_cuda_block_formats.py
+// checks it without a GPU (tests/cuda_host/decode_blocks.cu); the device reads through the
+// read-only data cache.
+#define FFNSKIP_BLOCK_HD __host__ __device__ __forceinline__
+// Loops of the decoding unrolled on the device (the host compiler does not know the pragma).
+#ifdef __CUDA_ARCH__
+#define FFNSKIP_BLOCK_UNROLL _Pragma("unroll")
+#else
+#define FFNSKIP_BLOCK_UNROLL
+#endif
 
-__device__ __forceinline__ uint32_t load_u16(const uint8_t* p) {
-  return __ldg(reinterpret_cast<const unsigned short*>(p));
+template <typename U>
+FFNSKIP_BLOCK_HD uint32_t load_cached(const uint8_t* p) {
+#ifdef __CUDA_ARCH__
+  return __ldg(reinterpret_cast<const U*>(p));
+#else
+  U v;
+  std::memcpy(&v, p, sizeof(U));
+  return v;
+#endif
 }
+
+FFNSKIP_BLOCK_HD uint32_t load_u8(const uint8_t* p) { return load_cached<unsigned char>(p); }
+
+FFNSKIP_BLOCK_HD uint32_t load_u16(const uint8_t* p) { return load_cached<unsigned short>(p); }
 
 // The little-endian 32-bit word at p, which is kAlignment-byte aligned (2 or 4).
 template <int kAlignment>
-__device__ __forceinline__ uint32_t load_u32(const uint8_t* p) {
+FFNSKIP_BLOCK_HD uint32_t load_u32(const uint8_t* p) {
   static_assert(kAlignment == 2 || kAlignment == 4, "blocks are 2- or 4-byte aligned");
   if constexpr (kAlignment == 4) {
-    return __ldg(reinterpret_cast<const unsigned int*>(p));
+    return load_cached<unsigned int>(p);
   } else {
     return load_u16(p) | (load_u16(p + 2) << 16);
   }
 }
 
-__device__ __forceinline__ float load_fp16(const uint8_t* p) {
+FFNSKIP_BLOCK_HD float load_fp16(const uint8_t* p) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(load_u16(p))));
 }
 
 // Byte i (0..3) of a word.
-__device__ __forceinline__ uint32_t byte_of(uint32_t word, int i) {
-  return (word >> (8 * i)) & 0xffu;
+FFNSKIP_BLOCK_HD uint32_t byte_of(uint32_t word, int i) { return (word >> (8 * i)) & 0xffu; }
+
+FFNSKIP_BLOCK_HD float float_with_bits(uint32_t bits) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(bits);
+#else
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+#endif
 }
 
 // q - offset in fp32 for 0 <= q < 2^23, exactly, without an integer-to-float conversion (a
 // quarter-rate instruction on the GPU): the float with exponent 23 and mantissa q is 2^23 + q.
-__device__ __forceinline__ float int_minus(uint32_t q, float offset) {
-  return __uint_as_float(0x4B000000u | q) - (8388608.0f + offset);
+FFNSKIP_BLOCK_HD float int_minus(uint32_t q, float offset) {
+  return float_with_bits(0x4B000000u | q) - (8388608.0f + offset);
 }
 
 // The kCount stored activations at p, widened to fp32; p is aligned to their size, which is a
@@ -107,15 +136,16 @@ struct BlockFormat<TensorType::Q8_0> {
   static constexpr TensorType kType = TensorType::Q8_0;
   static constexpr int kElements = 32, kBytes = sizeof(BlockQ8_0), kAlignment = 2;
   static constexpr int kChunks = 4, kRuns = 1, kRunLength = 8;
-  __device__ static int run_start(int chunk, int) { return 8 * chunk; }
-  __device__ static void decode(const uint8_t* block, int chunk, float (&w)[kRuns][kRunLength]) {
+  __host__ __device__ static int run_start(int chunk, int) { return 8 * chunk; }
+  __host__ __device__ static void decode(const uint8_t* block, int chunk,
+                                         float (&w)[kRuns][kRunLength]) {
     const float d = load_fp16(block);
     const uint8_t* qs = block + 2 + 8 * chunk;
-#pragma unroll
+    FFNSKIP_BLOCK_UNROLL
     for (int half = 0; half < 2; ++half) {
       // Flipping the sign bit makes the int8 q the unsigned q + 128.
       const uint32_t biased = load_u32<kAlignment>(qs + 4 * half) ^ 0x80808080u;
-#pragma unroll
+      FFNSKIP_BLOCK_UNROLL
       for (int i = 0; i < 4; ++i) w[0][4 * half + i] = d * int_minus(byte_of(biased, i), 128.0f);
     }
   }
@@ -129,12 +159,13 @@ struct BlockFormat<TensorType::Q5_0> {
   static constexpr TensorType kType = TensorType::Q5_0;
   static constexpr int kElements = 32, kBytes = sizeof(BlockQ5_0), kAlignment = 2;
   static constexpr int kChunks = 4, kRuns = 2, kRunLength = 4;
-  __device__ static int run_start(int chunk, int run) { return 4 * chunk + 16 * run; }
-  __device__ static void decode(const uint8_t* block, int chunk, float (&w)[kRuns][kRunLength]) {
+  __host__ __device__ static int run_start(int chunk, int run) { return 4 * chunk + 16 * run; }
+  __host__ __device__ static void decode(const uint8_t* block, int chunk,
+                                         float (&w)[kRuns][kRunLength]) {
     const float d = load_fp16(block);
     const uint32_t qh = load_u32<kAlignment>(block + 2);
     const uint32_t qs = load_u32<kAlignment>(block + 6 + 4 * chunk);
-#pragma unroll
+    FFNSKIP_BLOCK_UNROLL
     for (int i = 0; i < 4; ++i) {
       const int j = 4 * chunk + i;
       const uint32_t lo = (byte_of(qs, i) & 0xfu) | (((qh >> j) & 1u) << 4);
@@ -154,11 +185,12 @@ struct BlockFormat<TensorType::Q4_K> {
   static constexpr TensorType kType = TensorType::Q4_K;
   static constexpr int kElements = 256, kBytes = sizeof(BlockQ4_K), kAlignment = 4;
   static constexpr int kChunks = 16, kRuns = 2, kRunLength = 8;
-  __device__ static int run_start(int chunk, int run) {
+  __host__ __device__ static int run_start(int chunk, int run) {
     return 64 * (chunk / 4) + 32 * run + 8 * (chunk % 4);
   }
   // k_scale_min() of csrc/core/tensor_types.h, from the 12 scale bytes at `scales`.
-  __device__ static void scale_min(const uint8_t* scales, int j, uint32_t& scale, uint32_t& min) {
+  __host__ __device__ static void scale_min(const uint8_t* scales, int j, uint32_t& scale,
+                                            uint32_t& min) {
     if (j < 4) {
       scale = load_u8(scales + j) & 63u;
       min = load_u8(scales + j + 4) & 63u;
@@ -168,11 +200,12 @@ struct BlockFormat<TensorType::Q4_K> {
       min = (packed >> 4) | ((load_u8(scales + j) >> 6) << 4);
     }
   }
-  __device__ static void decode(const uint8_t* block, int chunk, float (&w)[kRuns][kRunLength]) {
+  __host__ __device__ static void decode(const uint8_t* block, int chunk,
+                                         float (&w)[kRuns][kRunLength]) {
     const float d = load_fp16(block), dmin = load_fp16(block + 2);
     const int pair = chunk / 4;
     float factor[2], offset[2];
-#pragma unroll
+    FFNSKIP_BLOCK_UNROLL
     for (int run = 0; run < 2; ++run) {
       uint32_t scale, min;
       scale_min(block + 4, 2 * pair + run, scale, min);
@@ -180,10 +213,10 @@ struct BlockFormat<TensorType::Q4_K> {
       offset[run] = dmin * static_cast<float>(min);
     }
     const uint8_t* qs = block + 16 + 32 * pair + 8 * (chunk % 4);
-#pragma unroll
+    FFNSKIP_BLOCK_UNROLL
     for (int half = 0; half < 2; ++half) {
       const uint32_t word = load_u32<kAlignment>(qs + 4 * half);
-#pragma unroll
+      FFNSKIP_BLOCK_UNROLL
       for (int i = 0; i < 4; ++i) {
         w[0][4 * half + i] = factor[0] * int_minus(byte_of(word, i) & 0xfu, 0.0f) - offset[0];
         w[1][4 * half + i] = factor[1] * int_minus(byte_of(word, i) >> 4, 0.0f) - offset[1];
@@ -202,22 +235,23 @@ struct BlockFormat<TensorType::Q6_K> {
   static constexpr TensorType kType = TensorType::Q6_K;
   static constexpr int kElements = 256, kBytes = sizeof(BlockQ6_K), kAlignment = 2;
   static constexpr int kChunks = 16, kRuns = 4, kRunLength = 4;
-  __device__ static int run_start(int chunk, int run) {
+  __host__ __device__ static int run_start(int chunk, int run) {
     return 128 * (chunk / 8) + 32 * run + 4 * (chunk % 8);
   }
-  __device__ static void decode(const uint8_t* block, int chunk, float (&w)[kRuns][kRunLength]) {
+  __host__ __device__ static void decode(const uint8_t* block, int chunk,
+                                         float (&w)[kRuns][kRunLength]) {
     const int half = chunk / 8, l = 4 * (chunk % 8);
     const float d = load_fp16(block + offsetof(BlockQ6_K, d));
     const uint8_t* ql = block + offsetof(BlockQ6_K, ql) + 64 * half + l;
     const uint32_t low[2] = {load_u32<kAlignment>(ql), load_u32<kAlignment>(ql + 32)};
     const uint32_t high = load_u32<kAlignment>(block + offsetof(BlockQ6_K, qh) + 32 * half + l);
     const uint8_t* scales = block + offsetof(BlockQ6_K, scales) + 8 * half + l / 16;
-#pragma unroll
+    FFNSKIP_BLOCK_UNROLL
     for (int run = 0; run < 4; ++run) {
       const float factor =
           d * static_cast<float>(static_cast<int8_t>(load_u8(scales + 2 * run)));
       const uint32_t nibbles = run < 2 ? low[run % 2] : low[run % 2] >> 4;
-#pragma unroll
+      FFNSKIP_BLOCK_UNROLL
       for (int i = 0; i < 4; ++i) {
         const uint32_t q =
             (byte_of(nibbles, i) & 0xfu) | (((byte_of(high, i) >> (2 * run)) & 3u) << 4);
