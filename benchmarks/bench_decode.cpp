@@ -3,6 +3,9 @@
 //                [--intermediate N] [--heads N] [--kv-heads N] [--vocab N] [--tokens N]
 //                [--prompt N] [--threads N] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
 //                [--policy LIST] [--cuda-graphs 0|1] [--decode-gemv custom|cublas]
+//                [--weights f32|q8_0|q5_0|q4_k|q6_k]
+// --weights: every matrix made as random blocks of that GGUF format (default: fp32 values),
+// kept as stored (dtype auto, the default with a block format) or converted to --dtype.
 // --policy takes a comma-separated list, measured in turn on the same weights:
 //   dense          no skipping (the reference of the speedups)
 //   static:F       StaticFFNSkip of round(F * layers) FFN blocks, a contiguous middle window
@@ -16,6 +19,7 @@
 // against the ideal from bytes not read.
 // On the CPU, FFNSKIP_CPU_ISA=avx2 or default measures a lower instruction set's kernels.
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -31,6 +35,7 @@
 #include "../csrc/core/skip_rule.h"
 #include "../csrc/cpu/bandwidth.h"
 #include "../csrc/cpu/simd.h"
+#include "random_blocks.h"
 #include "ffnskip/decoder.h"
 
 using namespace ffnskip;
@@ -57,34 +62,24 @@ ModelConfig preset(const std::string& name) {
   return c;
 }
 
-// Uniform values in [-scale, scale) from a counter-based hash of (seed, index): the same
-// weights for any number of filling threads.
-void fill_uniform(std::vector<float>& data, uint64_t seed, float scale) {
-  const size_t n = data.size();
-  const unsigned threads = std::max(1u, std::thread::hardware_concurrency());
-  std::vector<std::thread> pool;
-  for (unsigned t = 0; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      for (size_t i = n * t / threads; i < n * (t + 1) / threads; ++i) {
-        const uint64_t bits = mix_hash(seed ^ mix_hash(i));
-        const float unit = static_cast<float>(bits >> 40) * (1.0f / 16777216.0f);  // [0, 1)
-        data[i] = scale * (2.0f * unit - 1.0f);
-      }
-    });
-  }
-  for (auto& thread : pool) thread.join();
-}
-
 struct RandomWeights {
   WeightMap map;
+  TensorType matrices = TensorType::F32;  // or a block format, for every matrix
   uint64_t next_seed = 1234;
 
-  // The view owns its values, so that a backend storing fp32 reads them in place.
+  // The view owns its values, so that a backend reads them in place where it can.
   void add(const std::string& name, std::vector<int64_t> shape, float scale) {
+    if (shape.size() == 2 && matrices != TensorType::F32) {
+      auto data = std::make_shared<std::vector<uint8_t>>(
+          bench::block_format_bytes(matrices, shape[0], shape[1]));
+      bench::fill_random_blocks(matrices, shape[0], shape[1], next_seed++, scale, data->data());
+      map[name] = TensorView{data->data(), matrices, std::move(shape), data};
+      return;
+    }
     int64_t n = 1;
     for (auto d : shape) n *= d;
     auto data = std::make_shared<std::vector<float>>(n);
-    fill_uniform(*data, next_seed++, scale);
+    bench::fill_uniform(*data, next_seed++, scale);
     map[name] = TensorView{data->data(), TensorType::F32, std::move(shape), data};
   }
 };
@@ -204,6 +199,7 @@ PolicyResult run_policy(Decoder& decoder, const std::string& name, int prompt, i
 int main(int argc, char** argv) {
   try {
     std::string preset_name = "smollm2-135m", device = "cpu", dtype_name_arg, policies = "dense";
+    std::string weights_name = "f32";
     int tokens = 64, prompt = 16, threads = 0;
     ModelConfig c = preset(preset_name);
     for (int i = 1; i < argc; ++i) {
@@ -223,6 +219,7 @@ int main(int argc, char** argv) {
       else if (arg == "--device") device = value;
       else if (arg == "--dtype") dtype_name_arg = value;
       else if (arg == "--policy") policies = value;
+      else if (arg == "--weights") weights_name = value;
       // Read by the CUDA backend when the decoder is made.
       else if (arg == "--cuda-graphs") setenv("FFNSKIP_CUDA_GRAPHS", value.c_str(), 1);
       else if (arg == "--decode-gemv") setenv("FFNSKIP_DECODE_GEMV", value.c_str(), 1);
@@ -233,10 +230,19 @@ int main(int argc, char** argv) {
     }
     c.head_dim = c.hidden_size / c.num_heads;
     const bool cuda = device == "cuda";
-    const DType dtype = parse_bench_dtype(
-        !dtype_name_arg.empty() ? dtype_name_arg : (cuda ? "fp16" : "fp32"));
-
+    if (cuda && !cuda_info().available) {
+      throw std::invalid_argument(cuda_info().error);  // before gigabytes of random weights
+    }
     RandomWeights storage;
+    std::string weights_upper = weights_name;
+    for (char& ch : weights_upper) ch = static_cast<char>(std::toupper(ch));
+    storage.matrices = parse_tensor_type(weights_upper);
+    const bool blocks = storage.matrices != TensorType::F32;
+    const DType dtype = parse_bench_dtype(!dtype_name_arg.empty() ? dtype_name_arg
+                                          : blocks          ? "auto"
+                                          : cuda            ? "fp16"
+                                                            : "fp32");
+
     const WeightMap& weights = random_weights(c, storage);
     DecoderOptions options;
     options.device = cuda ? Device::CUDA : Device::CPU;
@@ -246,9 +252,10 @@ int main(int argc, char** argv) {
     Decoder decoder(c, weights, options);
     storage.map.clear();  // the decoder holds what it reads in place
 
-    std::printf("preset=%s device=%s dtype=%s layers=%d hidden=%d intermediate=%d heads=%d/%d "
-                "vocab=%d prompt=%d tokens=%d\n",
-                preset_name.c_str(), device.c_str(), dtype_name(dtype), c.num_layers,
+    std::printf("preset=%s device=%s weights=%s dtype=%s layers=%d hidden=%d intermediate=%d "
+                "heads=%d/%d vocab=%d prompt=%d tokens=%d\n",
+                preset_name.c_str(), device.c_str(), tensor_type_name(storage.matrices),
+                dtype_name(dtype), c.num_layers,
                 c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.vocab_size,
                 prompt, tokens);
     double peak_gbs = 0;  // the bandwidth the "of_peak" column divides by

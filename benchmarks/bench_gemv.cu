@@ -1,7 +1,11 @@
-// Decode linears (one token) on the GPU: the engine's GEMV kernel against cuBLAS (cublasGemmEx
-// with n = 1, fp32 compute), per shape of the LLaMA-2-7B and LLaMA-3-8B presets, fp16 and bf16.
-// Prints the time per call, the weight bandwidth, the agreement of the two results, and which
-// one is faster: the table from which the backend's per-shape choice is made.
+// Decode linears (one token) on the GPU, per shape of the LLaMA-2-7B and LLaMA-3-8B presets.
+// First table: the engine's GEMV kernel against cuBLAS (cublasGemmEx with n = 1, fp32 compute),
+// fp16 and bf16 weights: the time per call, the weight bandwidth, the agreement of the two
+// results, and which one is faster (the table from which the backend's per-shape choice is
+// made). Second table: the GEMV over GGUF blocks read in place (Q8_0, Q5_0, Q4_K, Q6_K; random
+// blocks, fp16 activations): the time per call, the bandwidth of the blocks' bytes, the speedup
+// over the fp16 GEMV against the ideal from bytes not read, and the agreement with cuBLAS on the
+// blocks dequantised to fp16 (the prefill path).
 //   bench_gemv [--iterations N]
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -17,13 +21,17 @@
 #include <string>
 #include <vector>
 
+#include "../csrc/core/tensor_types.h"
 #include "common.cuh"
 #include "cuda_check.cuh"
+#include "dequantize.cuh"
 #include "gemm.cuh"
 #include "gemv.cuh"
+#include "random_blocks.h"
 #include "swiglu.cuh"
 
 using namespace ffnskip::cuda;
+using ffnskip::TensorType;
 
 namespace {
 
@@ -90,12 +98,45 @@ double time_us(cudaStream_t stream, int copies, int iterations, Run run) {
   return samples[samples.size() / 2];
 }
 
+// Copies of a matrix of `bytes` so that cycling through them reads device memory, not L2.
+int copies_beyond_l2(size_t bytes, size_t l2_bytes) {
+  return static_cast<int>(std::max<size_t>(1, (4 * l2_bytes) / bytes + 1));
+}
+
+// max |a - b| / max |b|.
+double relative_difference(const std::vector<float>& a, const std::vector<float>& b) {
+  double max_diff = 0.0, max_value = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    max_diff = std::max(max_diff, static_cast<double>(std::fabs(a[i] - b[i])));
+    max_value = std::max(max_value, static_cast<double>(std::fabs(b[i])));
+  }
+  return max_diff / std::max(max_value, 1e-30);
+}
+
+// The output of the linear on the host in fp32, once the stream is done: y (Store) or act
+// (SwiGLU).
 template <typename T>
-void bench_shape(const Shape& s, const char* dtype, cublasHandle_t handle, cudaStream_t stream,
-                 size_t l2_bytes, int iterations) {
+std::vector<float> read_output(const Shape& s, cudaStream_t stream, const float* y,
+                               const T* act) {
+  CUDA_CHECK(cudaStreamSynchronize(stream));  // a non-blocking stream: cudaMemcpy does not wait
+  std::vector<float> out(s.swiglu ? s.rows / 2 : s.rows);
+  if (!s.swiglu) {
+    CUDA_CHECK(cudaMemcpy(out.data(), y, sizeof(float) * out.size(), cudaMemcpyDeviceToHost));
+    return out;
+  }
+  std::vector<T> stored(out.size());
+  CUDA_CHECK(cudaMemcpy(stored.data(), act, sizeof(T) * stored.size(), cudaMemcpyDeviceToHost));
+  for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(stored[i]);
+  return out;
+}
+
+// The time per call of the dense GEMV in microseconds.
+template <typename T>
+double bench_shape(const Shape& s, const char* dtype, cublasHandle_t handle, cudaStream_t stream,
+                   size_t l2_bytes, int iterations) {
   const size_t weight_count = static_cast<size_t>(s.rows) * s.cols;
   const size_t weight_bytes = sizeof(T) * weight_count;
-  const int copies = static_cast<int>(std::max<size_t>(1, (4 * l2_bytes) / weight_bytes + 1));
+  const int copies = copies_beyond_l2(weight_bytes, l2_bytes);
   DeviceArray<T> weights(weight_count * copies);
   DeviceArray<T> x(s.cols);
   DeviceArray<float> y_custom(s.rows), y_cublas(s.rows), gate_up(s.rows);
@@ -124,42 +165,79 @@ void bench_shape(const Shape& s, const char* dtype, cublasHandle_t handle, cudaS
     g.y = s.swiglu ? gate_up.data : y_cublas.data;
     g.y_stride = s.rows;
     gemm(handle, stream, g);
-    if (s.swiglu) launch_swiglu(gate_up.data, 1, s.rows / 2, act_cublas.data, stream);
+    if (s.swiglu) launch_swiglu(gate_up.data, 1, s.rows / 2, act_cublas.data, nullptr, stream);
   };
   const double custom_us = time_us(stream, copies, iterations, custom);
   const double cublas_us = time_us(stream, copies, iterations, cublas);
 
-  // Agreement of the two on copy 0: max |difference| over max |value|.
+  // Agreement of the two on copy 0.
   custom(0);
+  const std::vector<float> a = read_output(s, stream, y_custom.data, act_custom.data);
   cublas(0);
-  CUDA_CHECK(cudaStreamSynchronize(stream));
-  std::vector<float> a, b;
-  if (s.swiglu) {
-    std::vector<T> ta(s.rows / 2), tb(s.rows / 2);
-    const size_t bytes = sizeof(T) * ta.size();
-    CUDA_CHECK(cudaMemcpy(ta.data(), act_custom.data, bytes, cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(tb.data(), act_cublas.data, bytes, cudaMemcpyDeviceToHost));
-    for (size_t i = 0; i < ta.size(); ++i) {
-      a.push_back(static_cast<float>(ta[i]));
-      b.push_back(static_cast<float>(tb[i]));
-    }
-  } else {
-    a.resize(s.rows);
-    b.resize(s.rows);
-    const size_t bytes = sizeof(float) * s.rows;
-    CUDA_CHECK(cudaMemcpy(a.data(), y_custom.data, bytes, cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaMemcpy(b.data(), y_cublas.data, bytes, cudaMemcpyDeviceToHost));
-  }
-  double max_diff = 0.0, max_value = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    max_diff = std::max(max_diff, static_cast<double>(std::fabs(a[i] - b[i])));
-    max_value = std::max(max_value, static_cast<double>(std::fabs(b[i])));
-  }
+  const std::vector<float> b = read_output(s, stream, y_cublas.data, act_cublas.data);
   const double gb = static_cast<double>(weight_bytes) / 1e9;
   std::printf("%-10s %-8s %-5s %6d x %-6d %9.2f %8.0f %9.2f %8.0f %10.2e  %s\n", s.model, s.name,
               dtype, s.rows, s.cols, custom_us, gb / (custom_us * 1e-6), cublas_us,
-              gb / (cublas_us * 1e-6), max_diff / std::max(max_value, 1e-30),
+              gb / (cublas_us * 1e-6), relative_difference(a, b),
               custom_us <= cublas_us ? "custom" : "cublas");
+  return custom_us;
+}
+
+// The GEMV over random blocks of `type`, fp16 activations; dense_us: the fp16 GEMV's time.
+void bench_block_shape(const Shape& s, TensorType type, double dense_us, cublasHandle_t handle,
+                       cudaStream_t stream, size_t l2_bytes, int iterations) {
+  using T = __half;
+  const size_t bytes = ffnskip::bench::block_format_bytes(type, s.rows, s.cols);
+  const int copies = copies_beyond_l2(bytes, l2_bytes);
+  std::vector<uint8_t> host(bytes);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.cols));
+  ffnskip::bench::fill_random_blocks(type, s.rows, s.cols, 3, scale, host.data());
+  DeviceArray<uint8_t> blocks(bytes * copies);
+  for (int i = 0; i < copies; ++i) {
+    CUDA_CHECK(cudaMemcpy(blocks.data + bytes * i, host.data(), bytes, cudaMemcpyHostToDevice));
+  }
+  DeviceArray<T> x(s.cols);
+  fill_random(x.data, s.cols, 2, 1.0f);
+  DeviceArray<float> y_blocks(s.rows), y_cublas(s.rows), gate_up(s.rows);
+  DeviceArray<T> act_blocks(s.rows / 2), act_cublas(s.rows / 2);
+  const GemvOutput output = s.swiglu ? GemvOutput::SwiGLU : GemvOutput::Store;
+
+  auto gemv = [&](int copy) {
+    GemvArgs<T> g;
+    g.weight = blocks.data + bytes * copy;
+    g.weight_type = type;
+    g.rows = s.rows;
+    g.cols = s.cols;
+    g.x = x.data;
+    g.y = y_blocks.data;
+    g.act = act_blocks.data;
+    launch_gemv(g, output, stream);
+  };
+  const double us = time_us(stream, copies, iterations, gemv);
+
+  gemv(0);
+  const std::vector<float> a = read_output(s, stream, y_blocks.data, act_blocks.data);
+  {
+    // The prefill path on one token: the whole matrix dequantised to fp16, then cuBLAS.
+    DeviceArray<T> dense(static_cast<size_t>(s.rows) * s.cols);
+    launch_dequantize_rows(blocks.data, type, s.cols, nullptr, 0, s.rows, dense.data, stream);
+    GemmArgs<T> g;
+    g.weight = dense.data;
+    g.rows = s.rows;
+    g.cols = s.cols;
+    g.x = x.data;
+    g.n = 1;
+    g.y = s.swiglu ? gate_up.data : y_cublas.data;
+    g.y_stride = s.rows;
+    gemm(handle, stream, g);
+    if (s.swiglu) launch_swiglu(gate_up.data, 1, s.rows / 2, act_cublas.data, nullptr, stream);
+    CUDA_CHECK(cudaStreamSynchronize(stream));  // before the dequantised copy is freed
+  }
+  const std::vector<float> b = read_output(s, stream, y_cublas.data, act_cublas.data);
+  const double dense_bytes = sizeof(T) * static_cast<double>(s.rows) * s.cols;
+  std::printf("%-10s %-8s %-5s %6d x %-6d %9.2f %8.0f %8.2fx %8.2fx %10.2e\n", s.model, s.name,
+              ffnskip::tensor_type_name(type), s.rows, s.cols, us, bytes / 1e9 / (us * 1e-6),
+              dense_us / us, dense_bytes / bytes, relative_difference(a, b));
 }
 
 }  // namespace
@@ -186,9 +264,20 @@ int main(int argc, char** argv) {
                 prop.l2CacheSize >> 20);
     std::printf("%-10s %-8s %-5s %15s %9s %8s %9s %8s %10s  %s\n", "model", "linear", "dtype",
                 "rows x cols", "custom_us", "GB/s", "cublas_us", "GB/s", "rel_diff", "faster");
+    std::vector<double> fp16_us;
     for (const Shape& s : kShapes) {
-      bench_shape<__half>(s, "fp16", handle, stream, prop.l2CacheSize, iterations);
+      fp16_us.push_back(bench_shape<__half>(s, "fp16", handle, stream, prop.l2CacheSize,
+                                            iterations));
       bench_shape<__nv_bfloat16>(s, "bf16", handle, stream, prop.l2CacheSize, iterations);
+    }
+    std::printf("\n%-10s %-8s %-5s %15s %9s %8s %9s %9s %10s\n", "model", "linear", "type",
+                "rows x cols", "gemv_us", "GB/s", "vs_fp16", "ideal", "rel_diff");
+    for (size_t i = 0; i < std::size(kShapes); ++i) {
+      for (TensorType type :
+           {TensorType::Q8_0, TensorType::Q5_0, TensorType::Q4_K, TensorType::Q6_K}) {
+        bench_block_shape(kShapes[i], type, fp16_us[i], handle, stream, prop.l2CacheSize,
+                          iterations);
+      }
     }
     CUBLAS_CHECK(cublasDestroy(handle));
     CUDA_CHECK(cudaStreamDestroy(stream));

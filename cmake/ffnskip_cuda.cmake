@@ -140,6 +140,7 @@ function(ffnskip_add_cuda_backend core_target)
   # The kernel families, compiled once for the library and the GEMV benchmark.
   add_library(ffnskip_cuda_kernels OBJECT
     ${cuda_dir}/decode_attention.cu
+    ${cuda_dir}/dequantize.cu
     ${cuda_dir}/embedding.cu
     ${cuda_dir}/ffn_gate.cu
     ${cuda_dir}/gemm.cu
@@ -147,6 +148,7 @@ function(ffnskip_add_cuda_backend core_target)
     ${cuda_dir}/logits.cu
     ${cuda_dir}/norm.cu
     ${cuda_dir}/prefill_attention.cu
+    ${cuda_dir}/quant_gemv.cu
     ${cuda_dir}/rope.cu
     ${cuda_dir}/router.cu
     ${cuda_dir}/score.cu
@@ -155,7 +157,7 @@ function(ffnskip_add_cuda_backend core_target)
   _ffnskip_cuda_compile_settings(ffnskip_cuda_kernels)
   add_library(ffnskip_cuda SHARED
     ${cuda_dir}/cuda_backend.cu ${cuda_dir}/device.cu ${cuda_dir}/device_model.cu
-    ${cuda_dir}/entry_points.cu
+    ${cuda_dir}/entry_points.cu ${cuda_dir}/kernel_calls.cu
     $<TARGET_OBJECTS:ffnskip_cuda_kernels>)
   _ffnskip_cuda_compile_settings(ffnskip_cuda)
   # The core's static archive supplies stacked_bias() and rope_inv_freq(); its symbols stay
@@ -171,7 +173,7 @@ function(ffnskip_add_cuda_backend core_target)
 
   # The loader accepts only a library built against the same interface headers (their hash;
   # editing one of them re-runs the configuration).
-  set(interface_headers "${cuda_dir}/entry_points.h")
+  set(interface_headers "${cuda_dir}/entry_points.h" "${cuda_dir}/kernel_calls.h")
   foreach(header config.h decoder.h policy.h weights.h)
     list(APPEND interface_headers "${PROJECT_SOURCE_DIR}/csrc/include/ffnskip/${header}")
   endforeach()
@@ -199,7 +201,8 @@ function(ffnskip_add_cuda_backend core_target)
                               $<TARGET_OBJECTS:ffnskip_cuda_kernels>)
     _ffnskip_cuda_compile_settings(bench_gemv)
     target_include_directories(bench_gemv PRIVATE ${cuda_dir})
-    target_link_libraries(bench_gemv PRIVATE "${FFNSKIP_CUBLAS_LIBRARY}")
+    # The core for the tensor types' names (benchmarks/random_blocks.h).
+    target_link_libraries(bench_gemv PRIVATE ${core_target} "${FFNSKIP_CUBLAS_LIBRARY}")
     set_target_properties(bench_gemv PROPERTIES BUILD_RPATH "${cublas_dir}")
   endif()
 endfunction()

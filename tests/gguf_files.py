@@ -208,3 +208,16 @@ def _q6_k(sub: np.ndarray) -> np.ndarray:
     return np.concatenate([ql.reshape(*sub.shape[:-2], 128), qh.reshape(*sub.shape[:-2], 64),
                            sc.astype(np.int8).view(np.uint8), d[..., None].view(np.uint8)],
                           axis=-1)
+
+
+def random_blocks(type_name: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """[rows, block bytes] of random bytes (every bit pattern of the quants and sub-block
+    scales) with small finite fp16 scales, for any block type."""
+    if type_name in K_QUANTS:
+        return random_k_blocks(type_name, rows, cols, rng)
+    elements, size = gguf.GGML_QUANT_SIZES[Q[type_name]]
+    blocks = rng.integers(0, 256, size=(rows, cols // elements, size), dtype=np.uint8)
+    scale_bytes = 4 if type_name in ("Q4_1", "Q5_1") else 2  # d (and m) lead every block
+    scales = rng.uniform(0.001, 0.02, size=(rows, cols // elements, scale_bytes // 2))
+    blocks[..., :scale_bytes] = scales.astype(np.float16).view(np.uint8)
+    return blocks.reshape(rows, -1)

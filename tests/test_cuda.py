@@ -4,8 +4,9 @@ Without a GPU (CI): the build reports whether CUDA was compiled, and ``device="c
 with a ValueError saying why, leaving the process usable.
 
 On a GPU: the CUDA backend against the CPU backend and transformers, on the random tiny models
-and on SmolLM2; exact replay of the captured decode graph against eager decode steps; the skip
-decisions against the CPU backend's.
+and on SmolLM2; a GGUF mixing block formats read in place with converted ones (dtype "auto")
+against the CPU backend; exact replay of the captured decode graph against eager decode steps;
+the skip decisions against the CPU backend's. The kernels one by one: test_cuda_kernels.py.
 
 Tolerance for fp16/bf16 (a choice): the max |error| of our logits against the fp32 transformers
 reference may be at most twice that of transformers running the same model entirely in that
@@ -27,6 +28,8 @@ import pytest
 
 import ffnskip_ext
 from conftest import TINY_VARIANTS, hf_greedy, hf_logits, smollm2_path
+from ffnskip_ext.config import ModelConfig
+from ffnskip_ext.loaders import expected_shapes
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -81,6 +84,20 @@ def test_cuda_without_device_raises_clear_value_error(tiny_model_dir) -> None:
     assert np.isfinite(logits).all()
 
 
+def test_weight_conversions_are_reported(tmp_path) -> None:
+    """On the CPU: dtype "auto" keeps every stored type, an explicit dtype lists each matrix it
+    converts; weight_bytes counts what is held."""
+    path = write_mixed_gguf(tmp_path / "mixed.gguf", tied=False)
+    kept = ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=8)
+    assert kept.weight_conversions == {}
+    types = mixed_types(tied=False)
+    assert set(kept.weight_bytes) == set(types.values())
+    converted = ffnskip_ext.Decoder.from_pretrained(path, dtype="float16", max_seq_len=8)
+    assert converted.weight_conversions == {
+        name: (t, "F16") for name, t in types.items() if t != "F16"}
+    assert set(converted.weight_bytes) == {"F16"}
+
+
 # ---- helpers ----
 
 
@@ -118,7 +135,113 @@ def assert_within_dtype_tolerance(ours, ref, torch_low, dtype: str, where: str) 
     assert err <= tolerance, f"{where}: max |error| {err:.3g} > tolerance {tolerance:.3g}"
 
 
+# A GGUF with llama.cpp-like mixes of types: attn_v Q6_K beside attn_q/attn_k Q4_K, ffn_down
+# varying by layer, gate and up in different types, a stacked q/k/v of three segments; types
+# the CUDA kernels read in place (Q8_0, Q5_0, Q4_K, Q6_K, and F16) and types they convert to
+# F16 (Q5_1, Q4_0, F32, Q5_K, Q4_1).
+MIXED_LAYER_TYPES = [
+    dict(q="Q4_K", k="Q4_K", v="Q6_K", o="Q5_0", gate="Q4_K", up="Q5_0", down="Q6_K"),
+    dict(q="Q8_0", k="Q5_1", v="Q8_0", o="Q4_0", gate="Q6_K", up="Q6_K", down="Q4_K"),
+    dict(q="F16", k="F16", v="F16", o="F32", gate="Q5_K", up="Q4_1", down="Q8_0"),
+]
+CUDA_IN_PLACE = {"Q8_0", "Q5_0", "Q4_K", "Q6_K", "F16"}
+
+
+def mixed_config(tied: bool) -> ModelConfig:
+    return ModelConfig("llama", vocab_size=96, hidden_size=256, intermediate_size=512,
+                       num_layers=len(MIXED_LAYER_TYPES), num_heads=4, num_kv_heads=2,
+                       head_dim=64, tie_word_embeddings=tied, max_position_embeddings=128)
+
+
+def mixed_types(tied: bool) -> dict[str, str]:
+    """The stored type of every matrix, by Hugging Face name; the embedding Q8_0 (as SmolLM2's)
+    when tied, else Q4_K with a Q6_K LM head."""
+    types = {"model.embed_tokens.weight": "Q8_0" if tied else "Q4_K"}
+    if not tied:
+        types["lm_head.weight"] = "Q6_K"
+    projections = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                       o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj",
+                       down="mlp.down_proj")
+    for layer, layer_types in enumerate(MIXED_LAYER_TYPES):
+        for part, t in layer_types.items():
+            types[f"model.layers.{layer}.{projections[part]}.weight"] = t
+    return types
+
+
+def write_mixed_gguf(path, tied: bool):
+    """Rows of norm about 1 and norm weights about 1, so that the random model is not chaotic
+    (larger weights amplify rounding errors layer by layer); each matrix quantised to its type
+    by gguf_files.quantize, the norms F32."""
+    pytest.importorskip("gguf")
+    from gguf_files import Q, quantize, write_gguf
+
+    config = mixed_config(tied)
+    types = mixed_types(tied)
+    rng = np.random.default_rng(21)
+    tensors = {}
+    for name, shape in expected_shapes(config).items():
+        t = types.get(name, "F32")
+        values = (rng.standard_normal(shape) / np.sqrt(shape[1]) if len(shape) == 2
+                  else 1.0 + 0.1 * rng.standard_normal(shape))
+        if t in ("F16", "F32"):
+            data = values.astype(np.float16 if t == "F16" else np.float32)
+        else:
+            data = quantize(values, t)
+        tensors[name] = (data, Q[t])
+    return write_gguf(path, config, tensors)
+
+
 # ---- on a GPU ----
+
+
+@needs_gpu
+@pytest.mark.parametrize("tied", [True, False])
+def test_mixed_block_formats_on_cuda_match_cpu(tmp_path, tied) -> None:
+    """dtype "auto" on CUDA reads the in-place formats as stored, segment by segment, and
+    converts the rest: its logits (prefill through dequantised tiles, graph-replayed decode
+    steps through the block GEMVs) against the CPU on the dequantised weights in fp32 must be
+    within twice the error of the CUDA backend on all weights rounded to fp16; the same with
+    FFNs skipped on the device (the skip flag of every kernel of a mixed FFN); the bytes held
+    and read per step are the stored sizes."""
+    path = write_mixed_gguf(tmp_path / "mixed.gguf", tied)
+    types = mixed_types(tied)
+    cuda = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", max_seq_len=64)
+    cuda16 = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", dtype="float16",
+                                                 max_seq_len=64)
+    cpu = ffnskip_ext.Decoder.from_pretrained(path, dtype="float32", max_seq_len=64)
+    cpu_kept = ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=64)
+
+    assert cuda.weight_conversions == {
+        name: (t, "F16") for name, t in types.items() if t not in CUDA_IN_PLACE}
+    converted_elements = sum(int(np.prod(shape)) for name, shape in
+                             expected_shapes(mixed_config(tied)).items()
+                             if name in cuda.weight_conversions)
+    for t, size in cpu_kept.weight_bytes.items():
+        if t in CUDA_IN_PLACE - {"F16"}:
+            assert cuda.weight_bytes[t] == size, t
+    assert cuda.weight_bytes["F16"] == cpu_kept.weight_bytes["F16"] + 2 * converted_elements
+    # A decode step reads every matrix but the embedding table (unless it is the LM head).
+    elements, size = ffnskip_ext._core.TENSOR_TYPES[types["model.embed_tokens.weight"]]
+    embed_bytes = 96 * 256 // elements * size
+    assert cuda.dense_step_bytes == sum(cuda.weight_bytes.values()) - (0 if tied else embed_bytes)
+
+    rng = np.random.default_rng(22)
+    prompt = rng.integers(0, 96, size=13).tolist()
+    feed = rng.integers(0, 96, size=24).tolist()
+    for policy in (ffnskip_ext.DensePolicy(),
+                   ffnskip_ext.RandomFFNSkip(k=1, seed=5, cold_start=0, cold_end=0)):
+        for decoder in (cuda, cuda16, cpu):
+            decoder.set_policy(policy)
+        ref = teacher_forced(cpu, prompt, feed)
+        ours = teacher_forced(cuda, prompt, feed)
+        fp16 = teacher_forced(cuda16, prompt, feed)
+        tolerance = 2 * max_error(fp16, ref) + 1e-3 * float(np.ptp(ref))
+        assert max_error(ours, ref) <= tolerance, f"{policy}: {max_error(ours, ref)}"
+    cuda.set_policy(ffnskip_ext.DensePolicy())
+    cuda.reset_stats()
+    teacher_forced(cuda, prompt, feed)
+    stats = cuda.stats()
+    assert stats.weight_bytes_read == len(feed) * cuda.dense_step_bytes
 
 
 @needs_gpu

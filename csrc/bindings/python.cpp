@@ -400,6 +400,119 @@ void bind_kernels(py::module_ k) {
       "The skip score cos(a, b) from fp32 dot products, as the CPU backend computes it.");
 }
 
+// Columns of a weight array: blocks of a quantised type as uint8 [rows, row bytes], or floats.
+int64_t weight_columns(const py::array& weight, TensorType type) {
+  if (!is_quantized(type)) return weight.shape(1);
+  if (weight.shape(1) % block_bytes(type) != 0) {
+    throw std::invalid_argument("weight rows must be whole blocks");
+  }
+  return weight.shape(1) / block_bytes(type) * block_elements(type);
+}
+
+CudaLinearOutput to_linear_output(const std::string& name) {
+  if (name == "store") return CudaLinearOutput::Store;
+  if (name == "accumulate") return CudaLinearOutput::Accumulate;
+  if (name == "swiglu") return CudaLinearOutput::SwiGLU;
+  throw std::invalid_argument("unknown output '" + name + "' (store, accumulate or swiglu)");
+}
+
+void bind_cuda_kernels(py::module_ k) {
+  k.def(
+      "linear",
+      [](const py::array& weight, const std::string& type, const py::handle& x,
+         const py::object& bias, const py::object& y0, const std::string& activation,
+         const std::string& output, bool gemv, bool skip, int64_t tile_elements) {
+        CudaLinearCall call;
+        call.weight_type = parse_tensor_type(type);
+        const py::array w = call.weight_type == TensorType::F32
+                                ? py::array(need_array<float>(weight, 2, "weight"))
+                                : py::array(need_array<uint8_t>(weight, 2, "weight"));
+        const auto xs = need_array<float>(x, 2, "x");
+        call.rows = static_cast<int>(w.shape(0));
+        call.cols = static_cast<int>(weight_columns(w, call.weight_type));
+        call.n = static_cast<int>(xs.shape(0));
+        if (xs.shape(1) != call.cols) throw std::invalid_argument("x must be [n, cols]");
+        call.output = to_linear_output(output);
+        const int64_t outputs = call.output == CudaLinearOutput::SwiGLU ? call.rows / 2 : call.rows;
+        py::array_t<float> b;
+        if (!bias.is_none()) {
+          b = need_array<float>(bias, 1, "bias");
+          if (b.shape(0) != call.rows) throw std::invalid_argument("bias must be [rows]");
+          call.bias = b.data();
+        }
+        py::array_t<float> y({static_cast<int64_t>(call.n), outputs});
+        std::fill(y.mutable_data(), y.mutable_data() + y.size(), 0.0f);
+        if (!y0.is_none()) {
+          const auto initial = need_array<float>(y0, 2, "y0");
+          if (initial.shape(0) != call.n || initial.shape(1) != outputs) {
+            throw std::invalid_argument("y0 must be [n, outputs]");
+          }
+          std::copy(initial.data(), initial.data() + initial.size(), y.mutable_data());
+        }
+        call.weight = w.data();
+        call.x = xs.data();
+        call.activation = parse_dtype(activation);
+        call.gemv = gemv;
+        call.skip = skip;
+        call.tile_elements = tile_elements;
+        call.y = y.mutable_data();
+        py::gil_scoped_release release;
+        cuda_kernel_linear(call);
+        return y;
+      },
+      py::arg("weight"), py::arg("type"), py::arg("x"), py::arg("bias") = py::none(),
+      py::arg("y0") = py::none(), py::arg("activation") = "float16",
+      py::arg("output") = "store", py::arg("gemv") = true, py::arg("skip") = false,
+      py::arg("tile_elements") = 0,
+      "y of x [n, cols] through the backend's linear on the GPU: the decode GEMV (gemv, n = 1; "
+      "skip sets its skip flag) or the prefill path (dequantised tiles of tile_elements and "
+      "cuBLAS). weight: uint8 blocks [rows, row bytes] of Q8_0, Q5_0, Q4_K or Q6_K, or float32 "
+      "[rows, cols] (type F32, rounded to the activation dtype). output: store (y = xW^T + b), "
+      "accumulate (y = y0 + xW^T + b) or swiglu ([n, rows / 2], rounded to the activation "
+      "dtype); y starts as y0 (zeros when None).");
+
+  k.def(
+      "dequantize",
+      [](const py::array& data, const std::string& type, const std::string& dtype) {
+        CudaDequantizeCall call;
+        call.type = parse_tensor_type(type);
+        const auto blocks = need_array<uint8_t>(data, 2, "data");
+        call.rows = static_cast<int>(blocks.shape(0));
+        call.cols = static_cast<int>(weight_columns(blocks, call.type));
+        call.data = blocks.data();
+        call.out_type = parse_dtype(dtype);
+        py::array_t<float> out({static_cast<int64_t>(call.rows), static_cast<int64_t>(call.cols)});
+        call.out = out.mutable_data();
+        py::gil_scoped_release release;
+        cuda_kernel_dequantize(call);
+        return out;
+      },
+      py::arg("data"), py::arg("type"), py::arg("dtype") = "float32",
+      "Every row of the blocks [rows, row bytes] dequantised on the GPU into dtype (the prefill's "
+      "weight tiles), widened to float32.");
+
+  k.def(
+      "embedding",
+      [](const py::array& table, const std::string& type, const py::handle& ids) {
+        CudaDequantizeCall call;
+        call.type = parse_tensor_type(type);
+        const auto blocks = need_array<uint8_t>(table, 2, "table");
+        const auto rows = need_array<int32_t>(ids, 1, "ids");
+        call.rows = static_cast<int>(blocks.shape(0));
+        call.cols = static_cast<int>(weight_columns(blocks, call.type));
+        call.data = blocks.data();
+        call.ids = rows.data();
+        call.n = static_cast<int>(rows.shape(0));
+        py::array_t<float> out({static_cast<int64_t>(call.n), static_cast<int64_t>(call.cols)});
+        call.out = out.mutable_data();
+        py::gil_scoped_release release;
+        cuda_kernel_dequantize(call);
+        return out;
+      },
+      py::arg("table"), py::arg("type"), py::arg("ids"),
+      "The embedding lookup of rows `ids` in a block-quantised table on the GPU (float32).");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -525,6 +638,10 @@ PYBIND11_MODULE(_core, m) {
 
   bind_kernels(m.def_submodule(
       "kernels", "The CPU kernels one by one, for the per-kernel tests and benchmarks."));
+  bind_cuda_kernels(m.def_submodule(
+      "cuda_kernels",
+      "The CUDA backend's kernels one by one on host arrays, for the per-kernel tests; "
+      "ValueError when device='cuda' is not available."));
 
   py::class_<Decoder>(m, "Decoder")
       .def(py::init(&make_decoder), py::arg("config"), py::arg("weights"),
@@ -590,6 +707,15 @@ PYBIND11_MODULE(_core, m) {
                                py::dict out;
                                for (const auto& [type, bytes] : d.weight_footprint().bytes_by_type) {
                                  out[py::str(tensor_type_name(type))] = bytes;
+                               }
+                               return out;
+                             })
+      .def_property_readonly("weight_conversions",
+                             [](const Decoder& d) {
+                               py::dict out;
+                               for (const auto& c : d.weight_footprint().conversions) {
+                                 out[py::str(c.tensor)] = py::make_tuple(
+                                     tensor_type_name(c.stored), tensor_type_name(c.held));
                                }
                                return out;
                              })

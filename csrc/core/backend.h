@@ -29,6 +29,8 @@ class Backend {
   virtual int64_t kv_cache_bytes() const = 0;
   // The weights as stored (after any conversion), for the decoder's byte counts.
   virtual WeightFootprint weight_footprint() const = 0;
+  // The type the backend holds a weight matrix in that the checkpoint stores as `stored`.
+  virtual TensorType held_type(TensorType stored) const = 0;
 };
 
 }  // namespace ffnskip

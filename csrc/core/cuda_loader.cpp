@@ -121,6 +121,14 @@ double cuda_copy_bandwidth(size_t, int) {
   throw std::invalid_argument(std::string(kUnavailable) + kNotCompiled);
 }
 
+void cuda_kernel_linear(const CudaLinearCall&) {
+  throw std::invalid_argument(std::string(kUnavailable) + kNotCompiled);
+}
+
+void cuda_kernel_dequantize(const CudaDequantizeCall&) {
+  throw std::invalid_argument(std::string(kUnavailable) + kNotCompiled);
+}
+
 #else
 
 std::unique_ptr<Backend> load_cuda_backend(const ModelConfig& config, const ModelView& model,
@@ -152,6 +160,14 @@ CudaInfo cuda_info() {
 
 double cuda_copy_bandwidth(size_t bytes, int iterations) {
   return FFNSKIP_CUDA_ENTRY(ffnskip_cuda_copy_bandwidth)(bytes, iterations);
+}
+
+void cuda_kernel_linear(const CudaLinearCall& call) {
+  FFNSKIP_CUDA_ENTRY(ffnskip_cuda_kernel_linear)(&call);
+}
+
+void cuda_kernel_dequantize(const CudaDequantizeCall& call) {
+  FFNSKIP_CUDA_ENTRY(ffnskip_cuda_kernel_dequantize)(&call);
 }
 
 #endif

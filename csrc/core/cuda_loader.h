@@ -10,6 +10,7 @@
 #include <memory>
 #include <string>
 
+#include "../cuda/kernel_calls.h"
 #include "backend.h"
 #include "ffnskip/config.h"
 #include "ffnskip/decoder.h"
@@ -38,5 +39,10 @@ CudaInfo cuda_info();
 // Device-to-device copy bandwidth, bytes read plus bytes written per second (median of
 // `iterations` copies of `bytes`); throws std::invalid_argument like load_cuda_backend.
 double cuda_copy_bandwidth(size_t bytes, int iterations);
+
+// One kernel of the CUDA backend on host buffers (kernel_calls.h), for the per-kernel tests;
+// throws std::invalid_argument like load_cuda_backend.
+void cuda_kernel_linear(const CudaLinearCall& call);
+void cuda_kernel_dequantize(const CudaDequantizeCall& call);
 
 }  // namespace ffnskip

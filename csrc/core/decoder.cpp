@@ -98,6 +98,12 @@ Decoder::Decoder(const ModelConfig& config, const WeightMap& weights,
                      : std::min(config_.max_position_embeddings, kDefaultMaxSeqLenCap);
   backend_ = make_backend(config_, model, options, max_seq_len_);
   footprint_ = backend_->weight_footprint();
+  for (const TensorSpec& spec : model_tensors(config_)) {
+    if (spec.shape.size() != 2) continue;  // vectors are fp32 on every backend
+    const TensorType stored = weights.at(spec.name).type;
+    const TensorType held = backend_->held_type(stored);
+    if (held != stored) footprint_.conversions.push_back({spec.name, stored, held});
+  }
   apply_policy(dense_policy(config_.num_layers), false);
   clear_stats();
 }

@@ -126,6 +126,7 @@ class CpuBackend final : public Backend {
   CpuBackend(const ModelConfig& config, const ModelView& model, int max_seq_len, int num_threads,
              DType requested)
       : config_(config),
+        requested_(requested),
         pool_(num_threads),
         embed_(model.embed, requested),
         final_norm_(to_float(model.final_norm)),
@@ -190,6 +191,10 @@ class CpuBackend final : public Backend {
     f.bytes_by_type.assign(by_type.begin(), by_type.end());
     f.head = (lm_head_ ? *lm_head_ : embed_).bytes();
     return f;
+  }
+
+  TensorType held_type(TensorType stored) const override {
+    return storage_type(stored, requested_);
   }
 
   int64_t kv_cache_bytes() const override {
@@ -363,6 +368,7 @@ class CpuBackend final : public Backend {
   }
 
   ModelConfig config_;
+  DType requested_;
   cpu::ThreadPool pool_;
   StoredMatrix embed_;
   std::optional<StoredMatrix> lm_head_;  // none when tied to the embedding

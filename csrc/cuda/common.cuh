@@ -7,6 +7,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
+
+#include "ffnskip/weights.h"
 
 namespace ffnskip::cuda {
 
@@ -17,6 +20,17 @@ __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / 
 
 // Every storage type of the weights: X(T) once per type, for explicit instantiations.
 #define FFNSKIP_FOR_EACH_STORAGE_TYPE(X) X(float) X(__half) X(__nv_bfloat16)
+
+// The TensorType of a storage type: the type of the dense (unquantised) weights a backend in T
+// holds.
+template <typename T>
+constexpr TensorType dense_tensor_type() {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, __half> ||
+                std::is_same_v<T, __nv_bfloat16>);
+  return std::is_same_v<T, float>    ? TensorType::F32
+         : std::is_same_v<T, __half> ? TensorType::F16
+                                     : TensorType::BF16;
+}
 
 // fp32 value of a stored element.
 __device__ __forceinline__ float to_float(float v) { return v; }

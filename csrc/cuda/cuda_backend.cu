@@ -1,6 +1,8 @@
-// The CUDA backend: weights in fp32, fp16 or bf16, fp32 residual stream and accumulation,
-// cuBLAS for prefill linears, a GEMV kernel for decode linears, and every decode step replayed
-// from one CUDA graph captured on the first step after each plan change.
+// The CUDA backend: weights in fp32, fp16 or bf16, or (dtype "auto") in the GGUF block formats
+// the kernels read in place (device_model.cuh), fp32 residual stream and accumulation, cuBLAS
+// for prefill linears (block formats dequantised a tile at a time), GEMV kernels for decode
+// linears, and every decode step replayed from one CUDA graph captured on the first step after
+// each plan change.
 //
 // What a decode step depends on that changes from token to token lives in device memory: the
 // pass input (position, decode index, tokens: one async copy from pinned memory before the
@@ -21,9 +23,9 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "../core/skip_rule.h"
@@ -74,8 +76,10 @@ struct StepOutputLayout {
 template <typename T>
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(const ModelConfig& config, const ModelView& model, int max_seq_len)
+  CudaBackend(const ModelConfig& config, const ModelView& model, int max_seq_len,
+              DType requested)
       : config_(config),
+        requested_(requested),
         max_seq_len_(max_seq_len),
         chunk_tokens_(std::min(max_seq_len, kMaxPrefillChunk)),
         out_layout_(config.vocab_size, config.num_layers),
@@ -208,25 +212,29 @@ class CudaBackend final : public Backend {
   // layers neither write nor read theirs, but it stays allocated.
   int64_t kv_cache_bytes() const override { return static_cast<int64_t>(kv_cache_bytes_); }
 
+  // The bytes as held: block formats at their own size.
   WeightFootprint weight_footprint() const override {
     WeightFootprint f;
-    const int64_t element = sizeof(T);
-    auto bytes = [&](const DeviceLinear<T>& l) { return element * l.rows * l.cols; };
-    int64_t total = element * config_.vocab_size * config_.hidden_size *
-                    (config_.tie_word_embeddings ? 1 : 2);
-    const int64_t q_rows = config_.q_dim();
-    for (const DeviceLayer<T>& layer : model_.layers) {
-      const int64_t qkv = bytes(layer.qkv);
-      const int64_t q = element * q_rows * layer.qkv.cols;
-      f.layers.push_back({q, qkv - q, bytes(layer.o), bytes(layer.gate_up) + bytes(layer.down)});
-      total += qkv + bytes(layer.o) + bytes(layer.gate_up) + bytes(layer.down);
+    std::map<TensorType, int64_t> by_type;
+    by_type[model_.embed.type] += model_.embed.bytes();
+    if (!config_.tie_word_embeddings) by_type[model_.lm_head.type] += model_.lm_head.bytes();
+    const int q_rows = config_.q_dim();
+    for (const DeviceLayer& layer : model_.layers) {
+      for (const DeviceLinear* linear : {&layer.qkv, &layer.o, &layer.gate_up, &layer.down}) {
+        for (int i = 0; i < linear->num_segments; ++i) {
+          by_type[linear->segments[i].type] += linear->segments[i].bytes();
+        }
+      }
+      f.layers.push_back({layer.qkv.bytes(0, q_rows), layer.qkv.bytes(q_rows, layer.qkv.rows),
+                          layer.o.bytes(), layer.gate_up.bytes() + layer.down.bytes()});
     }
-    const TensorType type = std::is_same_v<T, float>    ? TensorType::F32
-                            : std::is_same_v<T, __half> ? TensorType::F16
-                                                        : TensorType::BF16;
-    f.bytes_by_type = {{type, total}};
-    f.head = element * config_.vocab_size * config_.hidden_size;
+    f.bytes_by_type.assign(by_type.begin(), by_type.end());
+    f.head = model_.lm_head.bytes();
     return f;
+  }
+
+  TensorType held_type(TensorType stored) const override {
+    return DeviceModel<T>::held_type(stored, requested_);
   }
 
   // ---- the sub-blocks of a pass, in the order forward() (plan.h) calls them ----
@@ -235,14 +243,14 @@ class CudaBackend final : public Backend {
     if (pass.kind == PassKind::Decode) {
       launch_begin_token(plan_.rule, state_, pass_decode_index(), stream_.get());
     }
-    launch_embedding(model_.embed, pass_tokens(), pass.n, config_.hidden_size, x_,
-                     stream_.get());
+    launch_embedding<T>(model_.embed.data, model_.embed.type, pass_tokens(), pass.n,
+                        config_.hidden_size, x_, stream_.get());
   }
 
   // x += Attn(RMSNorm(x)) writing K/V, or only the K/V (early exit), or nothing.
   void attention_block(const Pass& pass, int layer, const LayerPlan& plan) {
     if (plan.attention == AttentionMode::Skip) return;
-    const DeviceLayer<T>& w = model_.layers[layer];
+    const DeviceLayer& w = model_.layers[layer];
     const int n = pass.n;
     const int hidden = config_.hidden_size;
     const int q_dim = config_.q_dim();
@@ -274,11 +282,8 @@ class CudaBackend final : public Backend {
     T* v_cache = v_cache_ + static_cast<int64_t>(layer) * max_seq_len_ * kv_dim;
 
     if (plan.attention == AttentionMode::KVOnly) {  // early exit: the K/V rows only
-      DeviceLinear<T> kv = w.qkv;
-      kv.weight += static_cast<int64_t>(q_dim) * hidden;
-      if (kv.bias != nullptr) kv.bias += q_dim;
-      kv.rows = 2 * kv_dim;
-      linear(kv, xn_, n, qkv_ + q_dim, qkv_dim, /*accumulate=*/false, layer_off);
+      linear(w.qkv.rows_from(q_dim), xn_, n, qkv_ + q_dim, qkv_dim, /*accumulate=*/false,
+             layer_off);
       rope.q_heads = 0;
       launch_rope_kv_write(rope, k_cache, v_cache, stream);
       return;
@@ -324,8 +329,9 @@ class CudaBackend final : public Backend {
     if (pass.logits == nullptr) return;
     const int64_t row = pass.n - 1;
     launch_logits_head(x_ + row * config_.hidden_size, config_.hidden_size, model_.final_norm,
-                       config_.rms_norm_eps, model_.lm_head, config_.vocab_size, xn_,
-                       reinterpret_cast<float*>(step_out_), stream_.get());
+                       config_.rms_norm_eps, model_.lm_head.data, model_.lm_head.type,
+                       config_.vocab_size, xn_, reinterpret_cast<float*>(step_out_),
+                       stream_.get());
   }
 
  private:
@@ -336,7 +342,7 @@ class CudaBackend final : public Backend {
     const ModelConfig& c = config_;
     const int hidden = c.hidden_size;
     const int q_dim = c.q_dim(), kv_dim = c.kv_dim(), inter = c.intermediate_size;
-    model_.carve(arena, c, model);
+    model_.carve(arena, c, model, requested_);
     sizes.weights = arena.size();
 
     const size_t cache = static_cast<size_t>(c.num_layers) * max_seq_len_ * kv_dim;
@@ -365,6 +371,8 @@ class CudaBackend final : public Backend {
     router_gate_ = arena.take<float>(c.num_layers);
     step_out_ = arena.take<char>(out_layout_.bytes);
     cublas_workspace_ = arena.take<char>(kCublasWorkspaceBytes);
+    dequant_scratch_elements_ = model_.dequant_tile_elements();
+    dequant_scratch_ = arena.take<T>(static_cast<size_t>(dequant_scratch_elements_));
     sizes.buffers = arena.size() - sizes.weights - sizes.kv_cache;
   }
 
@@ -454,7 +462,7 @@ class CudaBackend final : public Backend {
   }
 
   void run_ffn(const Pass& pass, int layer, const LayerPlan& plan) {
-    const DeviceLayer<T>& w = model_.layers[layer];
+    const DeviceLayer& w = model_.layers[layer];
     cudaStream_t stream = stream_.get();
     const int n = pass.n;
     const int hidden = config_.hidden_size;
@@ -507,10 +515,9 @@ class CudaBackend final : public Backend {
 
   // x += x_pass W^T + b. A routed layer's prefill linear (cuBLAS, which cannot read the flag)
   // writes a delta that a gated kernel adds; one-token linears read the flag themselves.
-  void residual_linear(const DeviceLinear<T>& w, const T* x_pass, int n,
-                       const int32_t* skip_flag) {
+  void residual_linear(const DeviceLinear& w, const T* x_pass, int n, const int32_t* skip_flag) {
     const int hidden = config_.hidden_size;
-    if (skip_flag == nullptr || use_gemv(n, skip_flag)) {
+    if (skip_flag == nullptr || n == 1) {
       linear(w, x_pass, n, x_, hidden, /*accumulate=*/true, skip_flag);
       return;
     }
@@ -520,66 +527,78 @@ class CudaBackend final : public Backend {
   }
 
   // One-token linears run the GEMV, the only one that can read a skip flag (flags exist only
-  // in decode steps); FFNSKIP_DECODE_GEMV=cublas moves the ungated ones to cuBLAS, for
+  // in decode steps); FFNSKIP_DECODE_GEMV=cublas moves the ungated dense ones to cuBLAS, for
   // comparison. Multi-token linears run cuBLAS.
-  bool use_gemv(int n, const int32_t* skip_flag) const {
-    return n == 1 && (skip_flag != nullptr || !cublas_decode_);
+  bool use_gemv(int n, const int32_t* skip_flag, const WeightSegment& segment) const {
+    return n == 1 && (skip_flag != nullptr || !cublas_decode_ ||
+                      segment.type != dense_tensor_type<T>());
   }
 
-  GemvArgs<T> gemv_args(const DeviceLinear<T>& w, const T* x, const int32_t* skip_flag) const {
+  GemvArgs<T> gemv_args(const DeviceLinear& w, const WeightSegment& segment, const T* x,
+                        const int32_t* skip_flag) const {
     GemvArgs<T> g;
-    g.weight = w.weight;
-    g.bias = w.bias;
-    g.rows = w.rows;
+    g.weight = segment.data;
+    g.weight_type = segment.type;
+    g.bias = w.bias != nullptr ? w.bias + segment.first_row : nullptr;
+    g.rows = segment.rows;
     g.cols = w.cols;
     g.x = x;
     g.skip_flag = skip_flag;
     return g;
   }
 
-  GemmArgs<T> gemm_args(const DeviceLinear<T>& w, const T* x, int n, float* y, int y_stride,
-                        bool accumulate) const {
+  GemmArgs<T> gemm_args(const DeviceLinear& w, const WeightSegment& segment, const T* x, int n,
+                        float* y, int y_stride, bool accumulate) const {
     GemmArgs<T> g;
-    g.weight = w.weight;
-    g.bias = w.bias;
-    g.rows = w.rows;
+    g.weight = segment.data;
+    g.weight_type = segment.type;
+    g.bias = w.bias != nullptr ? w.bias + segment.first_row : nullptr;
+    g.rows = segment.rows;
     g.cols = w.cols;
     g.x = x;
     g.n = n;
-    g.y = y;
+    g.y = y + segment.first_row;
     g.y_stride = y_stride;
     g.accumulate = accumulate;
+    g.scratch = dequant_scratch_;
+    g.scratch_elements = dequant_scratch_elements_;
     return g;
   }
 
-  // y[t, :] (row stride y_stride) = x[t, :] W^T + b, or += with accumulate.
-  void linear(const DeviceLinear<T>& w, const T* x, int n, float* y, int y_stride,
-              bool accumulate, const int32_t* skip_flag) {
-    if (use_gemv(n, skip_flag)) {
-      GemvArgs<T> g = gemv_args(w, x, skip_flag);
-      g.y = y;
-      launch_gemv(g, accumulate ? GemvOutput::Accumulate : GemvOutput::Store, stream_.get());
-      return;
+  // y[t, :] (row stride y_stride) = x[t, :] W^T + b, or += with accumulate; one kernel per
+  // segment of W.
+  void linear(const DeviceLinear& w, const T* x, int n, float* y, int y_stride, bool accumulate,
+              const int32_t* skip_flag) {
+    for (int i = 0; i < w.num_segments; ++i) {
+      const WeightSegment& segment = w.segments[i];
+      if (use_gemv(n, skip_flag, segment)) {
+        GemvArgs<T> g = gemv_args(w, segment, x, skip_flag);
+        g.y = y + segment.first_row;
+        launch_gemv(g, accumulate ? GemvOutput::Accumulate : GemvOutput::Store, stream_.get());
+      } else {
+        gemm(cublas_.get(), stream_.get(), gemm_args(w, segment, x, n, y, y_stride, accumulate));
+      }
     }
-    gemm(cublas_.get(), stream_.get(), gemm_args(w, x, n, y, y_stride, accumulate));
   }
 
-  // act[t, :] = SwiGLU of the stacked gate/up projection of x[t, :].
-  void linear_swiglu(const DeviceLinear<T>& w, const T* x, int n, T* act,
+  // act[t, :] = SwiGLU of the stacked gate/up projection of x[t, :]: fused into the GEMV when
+  // gate and up share a type (one segment), else the projection then the SwiGLU kernel.
+  void linear_swiglu(const DeviceLinear& w, const T* x, int n, T* act,
                      const int32_t* skip_flag) {
-    if (use_gemv(n, skip_flag)) {
-      GemvArgs<T> g = gemv_args(w, x, skip_flag);
+    if (w.num_segments == 1 && use_gemv(n, skip_flag, w.segments[0])) {
+      GemvArgs<T> g = gemv_args(w, w.segments[0], x, skip_flag);
       g.act = act;
       launch_gemv(g, GemvOutput::SwiGLU, stream_.get());
       return;
     }
-    gemm(cublas_.get(), stream_.get(), gemm_args(w, x, n, gate_up_, w.rows, false));
-    launch_swiglu(gate_up_, n, w.rows / 2, act, stream_.get());
+    linear(w, x, n, gate_up_, w.rows, /*accumulate=*/false, skip_flag);
+    launch_swiglu(gate_up_, n, w.rows / 2, act, skip_flag, stream_.get());
   }
 
   // ---- state ----
 
   ModelConfig config_;
+  DType requested_;
   int max_seq_len_;
   int chunk_tokens_;
   StepOutputLayout out_layout_;
@@ -621,6 +640,8 @@ class CudaBackend final : public Backend {
   size_t kv_cache_bytes_ = 0;
   char* step_out_ = nullptr;  // logits, the step record, FiRST's flags (out_layout_)
   char* cublas_workspace_ = nullptr;
+  T* dequant_scratch_ = nullptr;  // prefill: a tile of block-format weights as T
+  int64_t dequant_scratch_elements_ = 0;
 
   ExecutionPlan plan_;
 };
@@ -628,12 +649,13 @@ class CudaBackend final : public Backend {
 }  // namespace
 
 template <typename T>
-Backend* new_cuda_backend(const ModelConfig& config, const ModelView& model, int max_seq_len) {
-  return new CudaBackend<T>(config, model, max_seq_len);
+Backend* new_cuda_backend(const ModelConfig& config, const ModelView& model, int max_seq_len,
+                          DType requested) {
+  return new CudaBackend<T>(config, model, max_seq_len, requested);
 }
 
 #define FFNSKIP_INSTANTIATE(T) \
-  template Backend* new_cuda_backend<T>(const ModelConfig&, const ModelView&, int);
+  template Backend* new_cuda_backend<T>(const ModelConfig&, const ModelView&, int, DType);
 FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
 #undef FFNSKIP_INSTANTIATE
 

@@ -2,6 +2,7 @@
 
 #include "common.cuh"
 #include "cuda_check.cuh"
+#include "dequantize.cuh"
 
 namespace ffnskip::cuda {
 
@@ -21,14 +22,19 @@ __global__ void embedding_kernel(const T* __restrict__ table, const int32_t* __r
 }  // namespace
 
 template <typename T>
-void launch_embedding(const T* table, const int32_t* tokens, int n, int hidden, float* x,
-                      cudaStream_t stream) {
-  embedding_kernel<T><<<n, kThreads, 0, stream>>>(table, tokens, hidden, x);
+void launch_embedding(const void* table, TensorType table_type, const int32_t* tokens, int n,
+                      int hidden, float* x, cudaStream_t stream) {
+  if (table_type != dense_tensor_type<T>()) {
+    launch_dequantize_rows(table, table_type, hidden, tokens, 0, n, x, stream);
+    return;
+  }
+  embedding_kernel<T><<<n, kThreads, 0, stream>>>(static_cast<const T*>(table), tokens, hidden, x);
   CUDA_CHECK_LAUNCH();
 }
 
-#define FFNSKIP_INSTANTIATE(T) \
-  template void launch_embedding<T>(const T*, const int32_t*, int, int, float*, cudaStream_t);
+#define FFNSKIP_INSTANTIATE(T)                                                           \
+  template void launch_embedding<T>(const void*, TensorType, const int32_t*, int, int, \
+                                    float*, cudaStream_t);
 FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
 #undef FFNSKIP_INSTANTIATE
 

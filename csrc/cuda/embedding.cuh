@@ -1,16 +1,19 @@
-// Embedding gather: x[t, :] = table[tokens[t], :] widened to fp32 (the residual stream).
+// Embedding gather: x[t, :] = table[tokens[t], :] widened to fp32 (the residual stream); the
+// table in T or in a native block format (dequantised row by row).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "ffnskip/weights.h"
+
 namespace ffnskip::cuda {
 
 // tokens: n ids in device memory (written by the pass's input copy, so a captured graph reads
-// the token of the step being replayed).
+// the token of the step being replayed). table_type: dense_tensor_type<T>() or a block format.
 template <typename T>
-void launch_embedding(const T* table, const int32_t* tokens, int n, int hidden, float* x,
-                      cudaStream_t stream);
+void launch_embedding(const void* table, TensorType table_type, const int32_t* tokens, int n,
+                      int hidden, float* x, cudaStream_t stream);
 
 }  // namespace ffnskip::cuda

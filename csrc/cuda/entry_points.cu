@@ -13,6 +13,7 @@
 #include "cuda_backend.cuh"
 #include "cuda_check.cuh"
 #include "device.cuh"
+#include "kernel_calls.cuh"
 
 extern "C" {
 
@@ -49,12 +50,12 @@ ffnskip::Backend* ffnskip_cuda_create_backend(const ffnskip::ModelConfig* config
   require_device();
   switch (dtype) {
     case ffnskip::DType::F32:
-      return new_cuda_backend<float>(*config, *model, max_seq_len);
-    case ffnskip::DType::Auto:  // until the device reads quantised blocks: every weight in fp16
+      return new_cuda_backend<float>(*config, *model, max_seq_len, dtype);
+    case ffnskip::DType::Auto:  // block formats the kernels read in place, everything else fp16
     case ffnskip::DType::F16:
-      return new_cuda_backend<__half>(*config, *model, max_seq_len);
+      return new_cuda_backend<__half>(*config, *model, max_seq_len, dtype);
     case ffnskip::DType::BF16:
-      return new_cuda_backend<__nv_bfloat16>(*config, *model, max_seq_len);
+      return new_cuda_backend<__nv_bfloat16>(*config, *model, max_seq_len, dtype);
   }
   throw std::invalid_argument("unknown dtype");
 }
@@ -62,6 +63,16 @@ ffnskip::Backend* ffnskip_cuda_create_backend(const ffnskip::ModelConfig* config
 double ffnskip_cuda_copy_bandwidth(size_t bytes, int iterations) {
   ffnskip::cuda::require_device();
   return ffnskip::cuda::copy_bandwidth(bytes, iterations);
+}
+
+void ffnskip_cuda_kernel_linear(const ffnskip::CudaLinearCall* call) {
+  ffnskip::cuda::require_device();
+  ffnskip::cuda::run_linear(*call);
+}
+
+void ffnskip_cuda_kernel_dequantize(const ffnskip::CudaDequantizeCall* call) {
+  ffnskip::cuda::require_device();
+  ffnskip::cuda::run_dequantize(*call);
 }
 
 }  // extern "C"

@@ -14,6 +14,7 @@
 #include "../core/model_view.h"
 #include "ffnskip/config.h"
 #include "ffnskip/decoder.h"
+#include "kernel_calls.h"
 
 #define FFNSKIP_CUDA_EXPORT __attribute__((visibility("default")))
 
@@ -38,7 +39,8 @@ FFNSKIP_CUDA_EXPORT const char* ffnskip_cuda_interface();
 
 FFNSKIP_CUDA_EXPORT void ffnskip_cuda_query(ffnskip::CudaRuntimeQuery* out);
 
-// A backend on the current CUDA device holding the weights in `dtype` (F32, F16 or BF16).
+// A backend on the current CUDA device holding the weights in `dtype` (F32, F16 or BF16; Auto:
+// the block formats the kernels read in place as stored, everything else in F16).
 // Throws std::invalid_argument when no device is usable, the model's shape is not supported or
 // the GPU memory does not suffice (nothing stays allocated), std::runtime_error on CUDA errors.
 FFNSKIP_CUDA_EXPORT ffnskip::Backend* ffnskip_cuda_create_backend(
@@ -48,5 +50,10 @@ FFNSKIP_CUDA_EXPORT ffnskip::Backend* ffnskip_cuda_create_backend(
 // Device-to-device copy bandwidth on the current device, in bytes moved (read + written) per
 // second: the median of `iterations` copies of `bytes` bytes. Throws like the factory.
 FFNSKIP_CUDA_EXPORT double ffnskip_cuda_copy_bandwidth(size_t bytes, int iterations);
+
+// One kernel on the current device, on copies of the call's host buffers (kernel_calls.h), for
+// the per-kernel tests. Throws like the factory.
+FFNSKIP_CUDA_EXPORT void ffnskip_cuda_kernel_linear(const ffnskip::CudaLinearCall* call);
+FFNSKIP_CUDA_EXPORT void ffnskip_cuda_kernel_dequantize(const ffnskip::CudaDequantizeCall* call);
 
 }  // extern "C"

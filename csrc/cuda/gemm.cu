@@ -1,9 +1,12 @@
 #include "gemm.cuh"
 
+#include <algorithm>
 #include <cstdint>
+#include <stdexcept>
 
 #include "common.cuh"
 #include "cuda_check.cuh"
+#include "dequantize.cuh"
 
 namespace ffnskip::cuda {
 
@@ -39,10 +42,35 @@ __global__ void bias_rows_kernel(const float* __restrict__ bias, int rows, int n
   }
 }
 
+// Each tile of rows [r0, r0 + tile_rows) dequantised into the scratch, then its dense GEMM (the
+// same stream orders the reuse of the scratch).
+template <typename T>
+void gemm_dequantized(cublasHandle_t handle, cudaStream_t stream, const GemmArgs<T>& a) {
+  if (a.scratch == nullptr || a.scratch_elements < a.cols) {
+    throw std::invalid_argument("GEMM of block-quantised weights without a tile scratch");
+  }
+  const int tile_rows = static_cast<int>(std::min<int64_t>(a.rows, a.scratch_elements / a.cols));
+  for (int r0 = 0; r0 < a.rows; r0 += tile_rows) {
+    GemmArgs<T> tile = a;
+    tile.rows = std::min(tile_rows, a.rows - r0);
+    launch_dequantize_rows(a.weight, a.weight_type, a.cols, nullptr, r0, tile.rows, a.scratch,
+                           stream);
+    tile.weight = a.scratch;
+    tile.weight_type = dense_tensor_type<T>();
+    tile.bias = a.bias != nullptr ? a.bias + r0 : nullptr;
+    tile.y = a.y + r0;
+    gemm(handle, stream, tile);
+  }
+}
+
 }  // namespace
 
 template <typename T>
 void gemm(cublasHandle_t handle, cudaStream_t stream, const GemmArgs<T>& a) {
+  if (a.weight_type != dense_tensor_type<T>()) {
+    gemm_dequantized(handle, stream, a);
+    return;
+  }
   if (a.bias != nullptr) {
     const int64_t count = static_cast<int64_t>(a.n) * a.rows;
     const int blocks = static_cast<int>((count + kBiasThreads - 1) / kBiasThreads);

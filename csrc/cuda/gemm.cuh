@@ -1,16 +1,22 @@
 // Linears over many tokens (prefill) with cuBLAS: y[t, :] = x[t, :] W^T + b, W [rows, cols] and
-// x in T, y in fp32, fp32 compute (cublasGemmEx, CUBLAS_COMPUTE_32F).
+// x in T, y in fp32, fp32 compute (cublasGemmEx, CUBLAS_COMPUTE_32F). Weights in a native block
+// format are dequantised to T a tile of rows at a time (dequantize.cuh), one cuBLAS call per tile.
 #pragma once
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
+#include "common.cuh"
+
 namespace ffnskip::cuda {
 
 template <typename T>
 struct GemmArgs {
-  const T* weight = nullptr;    // [rows, cols] row-major
-  const float* bias = nullptr;  // [rows] or null
+  const void* weight = nullptr;  // [rows, cols] row-major in weight_type: T or a block format
+  TensorType weight_type = dense_tensor_type<T>();
+  const float* bias = nullptr;   // [rows] or null
   int rows = 0;
   int cols = 0;
   const T* x = nullptr;  // [n, cols] row-major
@@ -18,6 +24,9 @@ struct GemmArgs {
   float* y = nullptr;  // [n, y_stride] row-major, the first `rows` columns written
   int y_stride = 0;
   bool accumulate = false;  // y += ... instead of y = ...
+  // Block formats: room for the dequantised tiles, at least one row (cols elements).
+  T* scratch = nullptr;
+  int64_t scratch_elements = 0;
 };
 
 // Runs on the stream the handle is bound to.

@@ -2,30 +2,30 @@
 
 #include "common.cuh"
 #include "cuda_check.cuh"
-#include "swiglu.cuh"
+#include "gemv_output.cuh"
+#include "quant_gemv.cuh"
 
 namespace ffnskip::cuda {
 
 namespace {
 
-constexpr int kWarpsPerBlock = 8;
 constexpr int kUnroll = 4;  // 16-byte loads in flight per lane and row
 
-// Warp w of block b computes output b * kWarpsPerBlock + w from kRows weight rows (2 for
+// Warp w of block b computes output b * kGemvWarpsPerBlock + w from kRows weight rows (2 for
 // SwiGLU: gate row i and up row i, rows / 2 apart in the stacked [gate; up] matrix). Lane l
 // reads the 16-byte packs l, l + 32, ... of the rows and of x, so each warp load is 512
 // contiguous bytes.
 template <typename T, GemvOutput kOutput>
-__global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) gemv_kernel(const GemvArgs<T> a) {
+__global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
+    gemv_kernel(const GemvArgs<T> a) {
   if (a.skip_flag != nullptr && *a.skip_flag != 0) return;
-  constexpr int kRows = kOutput == GemvOutput::SwiGLU ? 2 : 1;
+  constexpr int kRows = kGemvRowsPerOutput<kOutput>;
   constexpr int kPack = Pack<T>::kCount;
   const int lane = threadIdx.x % kWarpSize;
-  const int output = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int output = gemv_output_index();
   if (output >= a.rows / kRows) return;  // whole warps leave together
-  const int row = output;
   const int64_t row_step = static_cast<int64_t>(a.rows / kRows) * a.cols;  // gate row -> up row
-  const T* __restrict__ w = a.weight + static_cast<int64_t>(row) * a.cols;
+  const T* __restrict__ w = static_cast<const T*>(a.weight) + static_cast<int64_t>(output) * a.cols;
   const T* __restrict__ x = a.x;
 
   float acc[kRows] = {};
@@ -78,28 +78,20 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) gemv_kernel(const 
       }
     }
   }
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    acc[r] = warp_sum(acc[r]);
-    if (a.bias != nullptr) acc[r] += a.bias[row + r * (a.rows / kRows)];
-  }
-  if (lane != 0) return;
-  if constexpr (kOutput == GemvOutput::Store) {
-    a.y[row] = acc[0];
-  } else if constexpr (kOutput == GemvOutput::Accumulate) {
-    a.y[row] += acc[0];
-  } else {
-    a.act[output] = from_float<T>(silu_mul(acc[0], acc[1]));
-  }
+  finish_gemv_output<T, kOutput>(a, output, acc);
 }
 
 }  // namespace
 
 template <typename T>
 void launch_gemv(const GemvArgs<T>& args, GemvOutput output, cudaStream_t stream) {
+  if (args.weight_type != dense_tensor_type<T>()) {
+    launch_quant_gemv(args, output, stream);
+    return;
+  }
   const int outputs = output == GemvOutput::SwiGLU ? args.rows / 2 : args.rows;
-  const dim3 grid(ceil_div(outputs, kWarpsPerBlock));
-  const dim3 block(kWarpsPerBlock * kWarpSize);
+  const dim3 grid(ceil_div(outputs, kGemvWarpsPerBlock));
+  const dim3 block(kGemvWarpsPerBlock * kWarpSize);
   switch (output) {
     case GemvOutput::Store:
       gemv_kernel<T, GemvOutput::Store><<<grid, block, 0, stream>>>(args);

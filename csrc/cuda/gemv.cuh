@@ -1,10 +1,13 @@
-// Decode linears, one token: y = W x (+ b), W [rows, cols] stored in T (fp32, fp16 or bf16),
-// x in T, fp32 accumulation. One warp per output row, 16-byte loads, several in flight.
+// Decode linears, one token: y = W x (+ b), W [rows, cols] stored in T (fp32, fp16 or bf16) or in
+// a GGUF block format read in place (Q8_0, Q5_0, Q4_K, Q6_K: quant_gemv.cuh), x in T, fp32
+// accumulation. One warp per output row.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "common.cuh"
 
 namespace ffnskip::cuda {
 
@@ -17,7 +20,10 @@ enum class GemvOutput {
 
 template <typename T>
 struct GemvArgs {
-  const T* weight = nullptr;  // [rows, cols], rows start 16-byte aligned when cols fills packs
+  // [rows, cols] in weight_type: T (rows start 16-byte aligned when cols fills packs), or a
+  // native block format (rows of whole blocks, the first 16-byte aligned).
+  const void* weight = nullptr;
+  TensorType weight_type = dense_tensor_type<T>();
   const float* bias = nullptr;  // [rows] or null
   int rows = 0;
   int cols = 0;
@@ -29,6 +35,7 @@ struct GemvArgs {
   const int32_t* skip_flag = nullptr;
 };
 
+// Runs the kernel of args.weight_type.
 template <typename T>
 void launch_gemv(const GemvArgs<T>& args, GemvOutput output, cudaStream_t stream);
 

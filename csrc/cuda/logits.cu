@@ -8,11 +8,12 @@ namespace ffnskip::cuda {
 
 template <typename T>
 void launch_logits_head(const float* x_row, int hidden, const float* final_norm, float eps,
-                        const T* lm_head, int vocab, T* normed, float* logits,
-                        cudaStream_t stream) {
+                        const void* lm_head, TensorType lm_head_type, int vocab, T* normed,
+                        float* logits, cudaStream_t stream) {
   launch_rmsnorm(x_row, 1, hidden, final_norm, eps, normed, stream);
   GemvArgs<T> head;
   head.weight = lm_head;
+  head.weight_type = lm_head_type;
   head.rows = vocab;
   head.cols = hidden;
   head.x = normed;
@@ -20,9 +21,9 @@ void launch_logits_head(const float* x_row, int hidden, const float* final_norm,
   launch_gemv(head, GemvOutput::Store, stream);
 }
 
-#define FFNSKIP_INSTANTIATE(T)                                                               \
-  template void launch_logits_head<T>(const float*, int, const float*, float, const T*, int, T*, \
-                                      float*, cudaStream_t);
+#define FFNSKIP_INSTANTIATE(T)                                                                 \
+  template void launch_logits_head<T>(const float*, int, const float*, float, const void*,   \
+                                      TensorType, int, T*, float*, cudaStream_t);
 FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
 #undef FFNSKIP_INSTANTIATE
 

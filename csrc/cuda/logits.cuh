@@ -4,12 +4,15 @@
 
 #include <cuda_runtime.h>
 
+#include "ffnskip/weights.h"
+
 namespace ffnskip::cuda {
 
-// x_row [hidden] fp32; normed [hidden] scratch in the storage type; logits [vocab] fp32.
+// x_row [hidden] fp32; lm_head [vocab, hidden] in lm_head_type (T or a native block format);
+// normed [hidden] scratch in the storage type; logits [vocab] fp32.
 template <typename T>
 void launch_logits_head(const float* x_row, int hidden, const float* final_norm, float eps,
-                        const T* lm_head, int vocab, T* normed, float* logits,
-                        cudaStream_t stream);
+                        const void* lm_head, TensorType lm_head_type, int vocab, T* normed,
+                        float* logits, cudaStream_t stream);
 
 }  // namespace ffnskip::cuda

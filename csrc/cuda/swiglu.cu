@@ -13,7 +13,8 @@ constexpr int kThreads = 256;
 
 template <typename T>
 __global__ void swiglu_kernel(const float* __restrict__ gate_up, int64_t count, int inter,
-                              T* __restrict__ act) {
+                              T* __restrict__ act, const int32_t* __restrict__ skip_flag) {
+  if (skip_flag != nullptr && *skip_flag != 0) return;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = i / inter;
@@ -26,15 +27,16 @@ __global__ void swiglu_kernel(const float* __restrict__ gate_up, int64_t count, 
 }  // namespace
 
 template <typename T>
-void launch_swiglu(const float* gate_up, int n, int inter, T* act, cudaStream_t stream) {
+void launch_swiglu(const float* gate_up, int n, int inter, T* act, const int32_t* skip_flag,
+                   cudaStream_t stream) {
   const int64_t count = static_cast<int64_t>(n) * inter;
   const int blocks = static_cast<int>(std::min<int64_t>((count + kThreads - 1) / kThreads, 65535));
-  swiglu_kernel<T><<<blocks, kThreads, 0, stream>>>(gate_up, count, inter, act);
+  swiglu_kernel<T><<<blocks, kThreads, 0, stream>>>(gate_up, count, inter, act, skip_flag);
   CUDA_CHECK_LAUNCH();
 }
 
 #define FFNSKIP_INSTANTIATE(T) \
-  template void launch_swiglu<T>(const float*, int, int, T*, cudaStream_t);
+  template void launch_swiglu<T>(const float*, int, int, T*, const int32_t*, cudaStream_t);
 FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
 #undef FFNSKIP_INSTANTIATE
 

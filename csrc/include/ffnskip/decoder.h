@@ -43,10 +43,16 @@ struct DecoderOptions {
   int num_threads = 0;   // CPU worker threads including the caller; 0: all hardware threads
 };
 
-// The weights as a backend stores them: bytes per storage type, and what each sub-block of
-// each layer and the LM head read (a decode step reads each weight it runs once).
+// The weights as a backend stores them: bytes per storage type, the matrices held in another
+// type than the checkpoint's, and what each sub-block of each layer and the LM head read (a
+// decode step reads each weight it runs once).
 struct WeightFootprint {
   std::vector<std::pair<TensorType, int64_t>> bytes_by_type;
+  struct Conversion {
+    std::string tensor;  // Hugging Face name
+    TensorType stored, held;
+  };
+  std::vector<Conversion> conversions;  // in model_tensors order
   struct Layer {
     int64_t q = 0, kv = 0, o = 0, ffn = 0;  // q, k + v, output projection; gate + up + down
   };

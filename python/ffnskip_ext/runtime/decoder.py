@@ -162,8 +162,17 @@ class Decoder:
 
     @property
     def weight_bytes(self) -> dict[str, int]:
-        """Bytes of the stored weights per tensor type ("F32", "BF16", "Q4_K", ...)."""
+        """Bytes of the weights per tensor type ("F32", "BF16", "Q4_K", ...), as the backend
+        holds them."""
         return dict(self._native.weight_bytes)
+
+    @property
+    def weight_conversions(self) -> dict[str, tuple[str, str]]:
+        """The weight matrices the backend holds in another type than the checkpoint's:
+        name -> (stored type, held type). With dtype "auto" the CPU backend converts none; the
+        CUDA backend reads Q8_0, Q5_0, Q4_K, Q6_K and F16 as stored and converts every other
+        type to F16. An explicit dtype converts every matrix of another type."""
+        return dict(self._native.weight_conversions)
 
     @property
     def dense_step_bytes(self) -> int:

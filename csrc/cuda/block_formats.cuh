@@ -1,0 +1,292 @@
+// Device-side decoding of the GGUF block formats the CUDA kernels read in place: Q8_0, Q5_0,
+// Q4_K and Q6_K (ggml's layouts, csrc/core/tensor_types.h). Other formats are converted to the
+// backend's storage type at upload (device_model.cuh).
+//
+// Several threads read one block, each one chunk of it: chunk c holds kRuns runs of kRunLength
+// consecutive elements, run r starting at element run_start(c, r) of the block, and decode()
+// gives the chunk's weights in fp32 with the CPU reference's formula (dequantize(), up to fused
+// multiply-adds). Neighbouring chunks are neighbouring bytes, so a warp reads whole blocks, and
+// runs start at multiples of their length, so that the activations of a run are one aligned 8-,
+// 16- or 32-byte load (load_run).
+//
+// Blocks are only as aligned as their size allows: rows start at 256-byte aligned arena pieces,
+// so 34-byte Q8_0, 22-byte Q5_0 and 210-byte Q6_K blocks are 2-byte aligned and their 32-bit
+// words are read as two 16-bit halves; 144-byte Q4_K blocks are 16-byte aligned.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "../core/tensor_types.h"
+#include "common.cuh"
+
+namespace ffnskip::cuda {
+
+// ---- loads ----
+
+// The decoding of a block also compiles for the host, where tests/test_cuda_block_formats.py
+// checks it without a GPU (tests/cuda_host/decode_blocks.cu); the device reads through the
+// read-only data cache.
+#define FFNSKIP_BLOCK_HD __host__ __device__ __forceinline__
+// Loops of the decoding unrolled on the device (the host compiler does not know the pragma).
+#ifdef __CUDA_ARCH__
+#define FFNSKIP_BLOCK_UNROLL _Pragma("unroll")
+#else
+#define FFNSKIP_BLOCK_UNROLL
+#endif
+
+template <typename U>
+FFNSKIP_BLOCK_HD uint32_t load_cached(const uint8_t* p) {
+#ifdef __CUDA_ARCH__
+  return __ldg(reinterpret_cast<const U*>(p));
+#else
+  U v;
+  std::memcpy(&v, p, sizeof(U));
+  return v;
+#endif
+}
+
+FFNSKIP_BLOCK_HD uint32_t load_u8(const uint8_t* p) { return load_cached<unsigned char>(p); }
+
+FFNSKIP_BLOCK_HD uint32_t load_u16(const uint8_t* p) { return load_cached<unsigned short>(p); }
+
+// The little-endian 32-bit word at p, which is kAlignment-byte aligned (2 or 4).
+template <int kAlignment>
+FFNSKIP_BLOCK_HD uint32_t load_u32(const uint8_t* p) {
+  static_assert(kAlignment == 2 || kAlignment == 4, "blocks are 2- or 4-byte aligned");
+  if constexpr (kAlignment == 4) {
+    return load_cached<unsigned int>(p);
+  } else {
+    return load_u16(p) | (load_u16(p + 2) << 16);
+  }
+}
+
+FFNSKIP_BLOCK_HD float load_fp16(const uint8_t* p) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(load_u16(p))));
+}
+
+// Byte i (0..3) of a word.
+FFNSKIP_BLOCK_HD uint32_t byte_of(uint32_t word, int i) { return (word >> (8 * i)) & 0xffu; }
+
+FFNSKIP_BLOCK_HD float float_with_bits(uint32_t bits) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(bits);
+#else
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+#endif
+}
+
+// q - offset in fp32 for 0 <= q < 2^23, exactly, without an integer-to-float conversion (a
+// quarter-rate instruction on the GPU): the float with exponent 23 and mantissa q is 2^23 + q.
+FFNSKIP_BLOCK_HD float int_minus(uint32_t q, float offset) {
+  return float_with_bits(0x4B000000u | q) - (8388608.0f + offset);
+}
+
+// The kCount stored activations at p, widened to fp32; p is aligned to their size, which is a
+// multiple of 8 bytes (16-byte loads where it is a multiple of 16).
+template <typename T, int kCount>
+__device__ __forceinline__ void load_run(const T* p, float (&out)[kCount]) {
+  constexpr int kBytes = kCount * static_cast<int>(sizeof(T));
+  static_assert(kBytes % 8 == 0, "runs of 8 bytes or more");
+  constexpr int kWords = kBytes / 4;
+  uint32_t words[kWords];
+  if constexpr (kBytes % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < kBytes / 16; ++i) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      words[4 * i] = v.x;
+      words[4 * i + 1] = v.y;
+      words[4 * i + 2] = v.z;
+      words[4 * i + 3] = v.w;
+    }
+  } else {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    words[0] = v.x;
+    words[1] = v.y;
+  }
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) {
+    if constexpr (std::is_same_v<T, float>) {
+      out[w] = __uint_as_float(words[w]);
+    } else if constexpr (std::is_same_v<T, __half>) {
+      out[2 * w] = __half2float(__ushort_as_half(static_cast<unsigned short>(words[w] & 0xffffu)));
+      out[2 * w + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(words[w] >> 16)));
+    } else {  // bfloat16: the upper half of the fp32 with the same bits
+      out[2 * w] = __uint_as_float(words[w] << 16);
+      out[2 * w + 1] = __uint_as_float(words[w] & 0xffff0000u);
+    }
+  }
+}
+
+// ---- the formats ----
+
+template <TensorType kType>
+struct BlockFormat;
+
+// Q8_0: 32 int8 times an fp16 scale. Chunk c: elements 8c .. 8c + 7.
+template <>
+struct BlockFormat<TensorType::Q8_0> {
+  static constexpr TensorType kType = TensorType::Q8_0;
+  static constexpr int kElements = 32, kBytes = sizeof(BlockQ8_0), kAlignment = 2;
+  static constexpr int kChunks = 4, kRuns = 1, kRunLength = 8;
+  __host__ __device__ static int run_start(int chunk, int) { return 8 * chunk; }
+  __host__ __device__ static void decode(const uint8_t* block, int chunk,
+                                         float (&w)[kRuns][kRunLength]) {
+    const float d = load_fp16(block);
+    const uint8_t* qs = block + 2 + 8 * chunk;
+    FFNSKIP_BLOCK_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      // Flipping the sign bit makes the int8 q the unsigned q + 128.
+      const uint32_t biased = load_u32<kAlignment>(qs + 4 * half) ^ 0x80808080u;
+      FFNSKIP_BLOCK_UNROLL
+      for (int i = 0; i < 4; ++i) w[0][4 * half + i] = d * int_minus(byte_of(biased, i), 128.0f);
+    }
+  }
+};
+
+// Q5_0: d * (q - 16), q = 4 low bits from qs and the fifth from qh. Chunk c: the bytes qs[4c ..
+// 4c + 3], whose low nibbles are elements 4c .. 4c + 3 and high nibbles elements 16 + 4c ..
+// 16 + 4c + 3; bit j of qh is the fifth bit of element j.
+template <>
+struct BlockFormat<TensorType::Q5_0> {
+  static constexpr TensorType kType = TensorType::Q5_0;
+  static constexpr int kElements = 32, kBytes = sizeof(BlockQ5_0), kAlignment = 2;
+  static constexpr int kChunks = 4, kRuns = 2, kRunLength = 4;
+  __host__ __device__ static int run_start(int chunk, int run) { return 4 * chunk + 16 * run; }
+  __host__ __device__ static void decode(const uint8_t* block, int chunk,
+                                         float (&w)[kRuns][kRunLength]) {
+    const float d = load_fp16(block);
+    const uint32_t qh = load_u32<kAlignment>(block + 2);
+    const uint32_t qs = load_u32<kAlignment>(block + 6 + 4 * chunk);
+    FFNSKIP_BLOCK_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      const int j = 4 * chunk + i;
+      const uint32_t lo = (byte_of(qs, i) & 0xfu) | (((qh >> j) & 1u) << 4);
+      const uint32_t hi = (byte_of(qs, i) >> 4) | (((qh >> (j + 16)) & 1u) << 4);
+      w[0][i] = d * int_minus(lo, 16.0f);
+      w[1][i] = d * int_minus(hi, 16.0f);
+    }
+  }
+};
+
+// Q4_K: 256 elements, 8 sub-blocks of 32 with 6-bit scales and minimums; w = d * sc * q -
+// dmin * m. Each 64 elements 64p .. 64p + 63 are the low then the high nibbles of qs[32p ..
+// 32p + 31] (sub-blocks 2p and 2p + 1). Chunk c = 4p + k: the bytes qs[32p + 8k .. + 7], runs of
+// elements 64p + 8k .. + 7 (low nibbles) and 64p + 32 + 8k .. + 7 (high nibbles).
+template <>
+struct BlockFormat<TensorType::Q4_K> {
+  static constexpr TensorType kType = TensorType::Q4_K;
+  static constexpr int kElements = 256, kBytes = sizeof(BlockQ4_K), kAlignment = 4;
+  static constexpr int kChunks = 16, kRuns = 2, kRunLength = 8;
+  __host__ __device__ static int run_start(int chunk, int run) {
+    return 64 * (chunk / 4) + 32 * run + 8 * (chunk % 4);
+  }
+  // k_scale_min() of csrc/core/tensor_types.h, from the 12 scale bytes at `scales`.
+  __host__ __device__ static void scale_min(const uint8_t* scales, int j, uint32_t& scale,
+                                            uint32_t& min) {
+    if (j < 4) {
+      scale = load_u8(scales + j) & 63u;
+      min = load_u8(scales + j + 4) & 63u;
+    } else {
+      const uint32_t packed = load_u8(scales + j + 4);
+      scale = (packed & 0xfu) | ((load_u8(scales + j - 4) >> 6) << 4);
+      min = (packed >> 4) | ((load_u8(scales + j) >> 6) << 4);
+    }
+  }
+  __host__ __device__ static void decode(const uint8_t* block, int chunk,
+                                         float (&w)[kRuns][kRunLength]) {
+    const float d = load_fp16(block), dmin = load_fp16(block + 2);
+    const int pair = chunk / 4;
+    float factor[2], offset[2];
+    FFNSKIP_BLOCK_UNROLL
+    for (int run = 0; run < 2; ++run) {
+      uint32_t scale, min;
+      scale_min(block + 4, 2 * pair + run, scale, min);
+      factor[run] = d * static_cast<float>(scale);
+      offset[run] = dmin * static_cast<float>(min);
+    }
+    const uint8_t* qs = block + 16 + 32 * pair + 8 * (chunk % 4);
+    FFNSKIP_BLOCK_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      const uint32_t word = load_u32<kAlignment>(qs + 4 * half);
+      FFNSKIP_BLOCK_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        w[0][4 * half + i] = factor[0] * int_minus(byte_of(word, i) & 0xfu, 0.0f) - offset[0];
+        w[1][4 * half + i] = factor[1] * int_minus(byte_of(word, i) >> 4, 0.0f) - offset[1];
+      }
+    }
+  }
+};
+
+// Q6_K: 256 elements in two halves of 128, 16 sub-blocks of 16 with int8 scales; w = d * sc *
+// (q - 32), q = 4 low bits from ql and 2 high bits from qh. In half h, byte l (0..31) of ql[64h
+// ..] gives elements 128h + l (low nibble) and + 64 (high), byte l + 32 gives + 32 and + 96, and
+// qh[32h + l] their high bits in pairs; element 128h + 32r + l has scale 8h + 2r + l / 16.
+// Chunk c = 8h + k: l = 4k .. 4k + 3, runs 128h + 32r + 4k .. + 3 for r = 0..3.
+template <>
+struct BlockFormat<TensorType::Q6_K> {
+  static constexpr TensorType kType = TensorType::Q6_K;
+  static constexpr int kElements = 256, kBytes = sizeof(BlockQ6_K), kAlignment = 2;
+  static constexpr int kChunks = 16, kRuns = 4, kRunLength = 4;
+  __host__ __device__ static int run_start(int chunk, int run) {
+    return 128 * (chunk / 8) + 32 * run + 4 * (chunk % 8);
+  }
+  __host__ __device__ static void decode(const uint8_t* block, int chunk,
+                                         float (&w)[kRuns][kRunLength]) {
+    const int half = chunk / 8, l = 4 * (chunk % 8);
+    const float d = load_fp16(block + offsetof(BlockQ6_K, d));
+    const uint8_t* ql = block + offsetof(BlockQ6_K, ql) + 64 * half + l;
+    const uint32_t low[2] = {load_u32<kAlignment>(ql), load_u32<kAlignment>(ql + 32)};
+    const uint32_t high = load_u32<kAlignment>(block + offsetof(BlockQ6_K, qh) + 32 * half + l);
+    const uint8_t* scales = block + offsetof(BlockQ6_K, scales) + 8 * half + l / 16;
+    FFNSKIP_BLOCK_UNROLL
+    for (int run = 0; run < 4; ++run) {
+      const float factor =
+          d * static_cast<float>(static_cast<int8_t>(load_u8(scales + 2 * run)));
+      const uint32_t nibbles = run < 2 ? low[run % 2] : low[run % 2] >> 4;
+      FFNSKIP_BLOCK_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t q =
+            (byte_of(nibbles, i) & 0xfu) | (((byte_of(high, i) >> (2 * run)) & 3u) << 4);
+        w[run][i] = factor * int_minus(q, 32.0f);
+      }
+    }
+  }
+};
+
+// ---- dispatch ----
+
+// The formats the kernels read in place.
+constexpr bool is_native_block_format(TensorType type) {
+  return type == TensorType::Q8_0 || type == TensorType::Q5_0 || type == TensorType::Q4_K ||
+         type == TensorType::Q6_K;
+}
+
+// Calls visit(BlockFormat<type>{}) for a native format `type`.
+template <typename Visitor>
+void visit_block_format(TensorType type, Visitor&& visit) {
+  switch (type) {
+    case TensorType::Q8_0: return visit(BlockFormat<TensorType::Q8_0>{});
+    case TensorType::Q5_0: return visit(BlockFormat<TensorType::Q5_0>{});
+    case TensorType::Q4_K: return visit(BlockFormat<TensorType::Q4_K>{});
+    case TensorType::Q6_K: return visit(BlockFormat<TensorType::Q6_K>{});
+    default:
+      throw std::logic_error("the CUDA kernels do not read tensor type " +
+                             std::to_string(static_cast<int>(type)) + " in place");
+  }
+}
+
+// Bytes of a row of `cols` elements (a whole number of blocks) of a native format.
+template <typename Format>
+__host__ __device__ constexpr int64_t format_row_bytes(int64_t cols) {
+  return cols / Format::kElements * Format::kBytes;
+}
+
+}  // namespace ffnskip::cuda
