@@ -217,6 +217,80 @@ def test_interrupted_generation_leaves_the_decoder_consistent(tiny_model_dir) ->
     assert again.token_ids == expected.token_ids
 
 
+class NoEosByteTokenizer:
+    """Token id = byte value + 1, no end of sequence: generations run to max_new_tokens."""
+
+    eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 1 for b in text.encode()]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i - 1 for i in ids if i > 0).decode(errors="replace")
+
+
+def test_generations_from_several_threads_each_own_the_decoder() -> None:
+    """Concurrent generate() calls on one decoder, and reset()/set_policy() from another
+    thread, wait for the running generation instead of interleaving with it."""
+    decoder = random_decoder(num_layers=3, max_seq_len=128)
+    tokenizer = NoEosByteTokenizer()
+    prompts = ["alpha", "beta gamma", "delta epsilon zeta"]
+    expected = {p: ffnskip_ext.generate(decoder, tokenizer, p, max_new_tokens=40).token_ids
+                for p in prompts}
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def generations(prompt: str) -> None:
+        try:
+            for _ in range(6):
+                got = ffnskip_ext.generate(decoder, tokenizer, prompt, max_new_tokens=40)
+                assert got.token_ids == expected[prompt]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def meddle() -> None:
+        while not done.is_set():
+            decoder.reset()
+            decoder.set_policy(ffnskip_ext.DensePolicy())
+            decoder.enable_trace(False)
+
+    workers = [threading.Thread(target=generations, args=(p,)) for p in prompts]
+    meddler = threading.Thread(target=meddle)
+    meddler.start()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    done.set()
+    meddler.join()
+    assert not errors, errors[0]
+
+
+def test_chat_sessions_on_one_decoder_from_several_threads() -> None:
+    decoder = random_decoder(num_layers=2, max_seq_len=256)
+    session = ffnskip_ext.ChatSession(decoder, NoEosByteTokenizer())
+    prompts = ["one two", "three four five"]
+    fresh = ffnskip_ext.ChatSession(random_decoder(num_layers=2, max_seq_len=256),
+                                    NoEosByteTokenizer())
+    expected = {p: fresh.generate(p, max_new_tokens=30).token_ids for p in prompts}
+    errors: list[BaseException] = []
+
+    def turns(prompt: str) -> None:
+        try:
+            for _ in range(5):
+                assert session.generate(prompt, max_new_tokens=30).token_ids == expected[prompt]
+                session.reset()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=turns, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
 @pytest.mark.parametrize("call", ["stats", "position", "trace", "enable_trace", "reset_stats"])
 def test_waiting_for_the_engine_releases_the_gil(call: str) -> None:
     """A call that waits for another thread's prefill must let the interpreter run."""

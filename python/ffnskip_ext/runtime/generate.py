@@ -106,8 +106,9 @@ def generate(
     options = DecodeOptions.make(max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at)
     prompt_ids = encode_prompt(tokenizer, prompt_or_messages)
     check_prompt_fits(decoder, len(prompt_ids))
-    decoder.reset()
-    return prefill_and_decode(decoder, tokenizer, prompt_ids, 0, options, stream)
+    with decoder.exclusive():  # other threads' calls would interleave with this generation
+        decoder.reset()
+        return prefill_and_decode(decoder, tokenizer, prompt_ids, 0, options, stream)
 
 
 def prefill_and_decode(

@@ -45,7 +45,8 @@ class ChatSession:
     (``set_policy``, or on the decoder) empties the cache too. Under FiRST the reused cache
     keeps the routing of the sequence's first prompt (a fresh prefill would route the whole
     new prompt); a cache reused under any other policy gives what a fresh prefill gives.
-    Not for several threads at once.
+    Calls from several threads are serialised: each generation, reset and policy change owns
+    the decoder (``Decoder.exclusive()``) while it runs.
     """
 
     def __init__(self, decoder: Decoder, tokenizer: Any) -> None:
@@ -69,17 +70,19 @@ class ChatSession:
         return min(common_prefix(self._tokens, prompt_ids), len(prompt_ids) - 1)
 
     def reset(self) -> None:
-        self.decoder.reset()
-        self._tokens = []
-        self._position = self.decoder.position
+        with self.decoder.exclusive():
+            self.decoder.reset()
+            self._tokens = []
+            self._position = self.decoder.position
 
     def set_policy(self, policy: Policy) -> None:
         """Apply ``policy`` to later generations; a different one empties the cache first
         (the decoder refuses to leave FiRST mid-sequence)."""
-        if policy == self.decoder.policy:
-            return
-        self.reset()
-        self.decoder.set_policy(policy)
+        with self.decoder.exclusive():
+            if policy == self.decoder.policy:
+                return
+            self.reset()
+            self.decoder.set_policy(policy)
 
     def generate(
         self,
@@ -103,6 +106,12 @@ class ChatSession:
                                      stop_at, logit_bias)
         prompt_ids = _prompt_ids(self.tokenizer, prompt)
         check_prompt_fits(self.decoder, len(prompt_ids))
+        with self.decoder.exclusive():
+            return self._generate(prompt_ids, options, stream, cancelled)
+
+    def _generate(self, prompt_ids: list[int], options: DecodeOptions,
+                  stream: Callable[[str], None] | None,
+                  cancelled: Callable[[], bool] | None) -> GenerationResult:
         cached = self.reusable_tokens(prompt_ids)
         try:
             if cached:
