@@ -92,18 +92,20 @@ class ChatSession:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
         stream: Callable[[str], None] | None = None,
         stop_at: Callable[[str], int | None] | None = None,
         cancelled: Callable[[], bool] | None = None,
         logit_bias: Mapping[int, float] | None = None,
+        min_p: float = 0.0,
+        repeat_penalty: float = 1.0,
     ) -> GenerationResult:
         """As ``ffnskip_ext.generate``, reusing the cache: ``prompt`` is a string, chat
         messages or token ids; ``result.cached_tokens`` says how many prompt tokens were not
         computed again. ``cancelled()`` is asked before every decode step (finish_reason
         "cancelled"); ``logit_bias`` adds to the logits of token ids before sampling."""
         options = DecodeOptions.make(max_new_tokens, temperature, top_k, top_p, seed, stop,
-                                     stop_at, logit_bias)
+                                     stop_at, logit_bias, min_p, repeat_penalty)
         prompt_ids = _prompt_ids(self.tokenizer, prompt)
         check_prompt_fits(self.decoder, len(prompt_ids))
         with self.decoder.exclusive():
