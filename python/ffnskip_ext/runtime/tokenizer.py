@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -9,6 +10,19 @@ from ..loaders.gguf import open_gguf
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+
+
+class _NoTorchAdvice(logging.Filter):
+    """Drops transformers' import-time "PyTorch was not found" advice: the tokenizers used
+    here need no torch, so it would only alarm. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found")
+
+
+# Set before transformers is imported (it logs the advice from its __init__, on this logger).
+logging.getLogger("transformers").addFilter(_NoTorchAdvice())
 
 # What a Hugging Face directory's tokenizer is built from (fast, sentencepiece, BPE, WordPiece).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
