@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -334,10 +336,19 @@ def test_waiting_for_the_engine_releases_the_gil(call: str) -> None:
 
 
 def run_script(script: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Runs `script` in a fresh interpreter that imports the tests' helpers."""
+    """Runs `script` in a fresh interpreter that imports the tests' helpers; on a timeout its
+    whole process group goes, forked children included (a hung child would spin on)."""
     tests_dir = str(Path(__file__).parent)
-    return subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {tests_dir!r})\n"
-                           + script], capture_output=True, text=True, timeout=timeout)
+    process = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {tests_dir!r})\n" + script],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 FORK_SCRIPT = """
