@@ -52,6 +52,26 @@ def test_prompt_from_an_argument_stdin_or_a_file_is_the_same(tiny_chat_model_dir
     assert missing.returncode == 2 and "no prompt" in missing.stderr
 
 
+def test_a_run_inside_the_warm_up_says_why_nothing_was_skipped() -> None:
+    import ffnskip_ext
+    from ffnskip_ext.cli.options import warmup_note
+    from random_models import random_decoder
+    from test_reliability import NoEosByteTokenizer
+
+    decoder = random_decoder(num_layers=4)
+
+    def note_after(policy: ffnskip_ext.Policy, tokens: int) -> str:
+        decoder.set_policy(policy)
+        decoder.reset_stats()
+        ffnskip_ext.generate(decoder, NoEosByteTokenizer(), "abc", max_new_tokens=tokens)
+        return warmup_note(decoder)
+
+    assert "all 4 decode steps were inside the policy's warm-up of 32 tokens" in note_after(
+        ffnskip_ext.FFNSkipPolicy(), 5)
+    assert note_after(ffnskip_ext.FFNSkipPolicy(warmup_tokens=2), 8) == ""
+    assert note_after(ffnskip_ext.DensePolicy(), 5) == ""
+
+
 def test_stop_strings_unescape_and_dtype_aliases() -> None:
     from ffnskip_ext.cli import build_parser
     from ffnskip_ext.cli.options import unescape
@@ -130,3 +150,21 @@ def test_a_pipe_closed_early_ends_generate_quietly() -> None:
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert len(done.stdout) == 10
     assert "BrokenPipeError" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_ctrl_c_in_chat_stops_the_answer_and_the_chat_goes_on() -> None:
+    smollm2_path()
+    process = subprocess.Popen([*CLI, "chat", "--max-new-tokens", "2000"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        process.stdin.write((COUNT + "\n").encode())
+        process.stdin.flush()
+        assert process.stdout.read(1)  # the answer is streaming
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(b"/stats\n", timeout=120)
+    finally:
+        process.kill()
+    text = err.decode()
+    assert process.returncode == 0, text[-3000:]
+    assert "finish=cancelled" in text and "[cache " in text and "Traceback" not in text

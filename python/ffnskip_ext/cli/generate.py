@@ -12,6 +12,7 @@ from .options import (
     load_model,
     sampling_kwargs,
     set_policy,
+    warmup_note,
 )
 
 
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         f"prompt {result.prompt_tokens} tokens in {result.prefill_ms:.1f} ms, "
         f"decode {result.decode_tokens_per_s:.1f} tokens/s, policy {decoder.policy.kind}, "
         f"FFN skip ratio {stats.skip_ratio:.1%} ({stats.skip_ratio_after_warmup:.1%} after "
-        f"warm-up), layer skip ratio {stats.layer_skip_ratio:.1%}]",
+        f"warm-up){warmup_note(decoder)}, layer skip ratio {stats.layer_skip_ratio:.1%}]",
         file=sys.stderr,
     )
     return 0

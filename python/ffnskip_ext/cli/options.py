@@ -102,6 +102,16 @@ def set_policy(decoder: Any, args: argparse.Namespace) -> None:
         decoder.set_policy(load_policy(args.policy))
 
 
+def warmup_note(decoder: Any) -> str:
+    """Why an FFN-SkipLLM run skipped nothing when every decode step was in its warm-up."""
+    stats = decoder.stats()
+    warmup = getattr(decoder.policy, "warmup_tokens", 0)
+    if stats.decode_tokens and stats.warmup_tokens == stats.decode_tokens:
+        return (f" (all {stats.decode_tokens} decode steps were inside the policy's warm-up "
+                f"of {warmup} tokens, which never skips)")
+    return ""
+
+
 @contextlib.contextmanager
 def progress(what: str, quiet: bool) -> Iterator[None]:
     """Says on stderr what is being done when it takes more than a second, and how long it
