@@ -60,17 +60,18 @@ def test_install_twice_then_editable_after_a_change(tmp_path) -> None:
 
     for _ in range(2):  # the second one finds the first one's build directory
         run([*install, "."], source, env)
-        assert run([python, "-c", CHECK, site], source, env).strip() == "float32,float16,bfloat16"
+        assert run([python, "-c", CHECK, site], source, env).strip() == (
+            "auto,float32,float16,bfloat16")
 
     run([*install, "-e", "."], source, env)
     decoder_cpp = source / "csrc" / "core" / "decoder.cpp"
     text = decoder_cpp.read_text()
-    changed = text.replace('{"float32", "float16", "bfloat16"}',
-                           '{"float32", "float16", "bfloat16", "changed"}')
+    changed = text.replace('{"auto", "float32", "float16", "bfloat16"}',
+                           '{"auto", "float32", "float16", "bfloat16", "changed"}')
     assert changed != text
     decoder_cpp.write_text(changed)
     run([*install, "-e", "."], source, env)
     package = str(source / "python")
     assert run([python, "-c", CHECK, package], source, env).strip() == (
-        "float32,float16,bfloat16,changed")
+        "auto,float32,float16,bfloat16,changed")
 
