@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +165,139 @@ def test_cuda_without_cuda_build_is_a_clear_error(tiny_model_dir) -> None:
     _, path = tiny_model_dir("llama_mha_tied")
     with pytest.raises(ValueError, match="cuda"):
         ffnskip_ext.Decoder.from_pretrained(path, device="cuda")
+
+
+class RecordingTokenizer:
+    """Byte tokenizer with a chat template that fails on what jinja2 would: generation
+    arguments must be refused before it is asked anything."""
+
+    eos_token_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 1 for b in text.encode()]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i - 1 for i in ids if i > 0).decode(errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        return self.encode("".join(m["role"] + ":" + m["content"] for m in messages))
+
+
+@pytest.mark.parametrize(
+    "prompt, kwargs, exc, message",
+    [
+        ("a\udc80b", {}, ValueError, r"prompt: lone surrogate '\\udc80' at index 1"),
+        ([{"role": "user", "content": None}], {}, TypeError,
+         r"messages\[0\]\['content'\] must be a string, got NoneType"),
+        ([{"role": "user", "content": "x\ud800"}], {}, ValueError,
+         r"messages\[0\]\['content'\]: lone surrogate"),
+        ("hi", dict(stop=[5]), TypeError, "stop must be a string or a list of strings"),
+        ("hi", dict(stop="\udc80"), ValueError, "stop: lone surrogate"),
+        ("hi", dict(seed=1.5), TypeError, "seed"),
+        ("hi", dict(max_new_tokens=2.0), ValueError, "max_new_tokens"),
+        ("hi", dict(top_k=np.float32(2)), ValueError, "top_k"),
+        ("hi", dict(min_p=1.5), ValueError, "min_p"),
+        ("hi", dict(repeat_penalty=0.0), ValueError, "repeat_penalty"),
+    ],
+)
+def test_generation_arguments_are_refused_before_any_work(decoder, prompt, kwargs, exc,
+                                                          message) -> None:
+    logits_after = decoder.prefill([1, 2])
+    decoder.reset()
+    decoder.prefill([1])
+    with pytest.raises(exc, match=message):
+        ffnskip_ext.generate(decoder, RecordingTokenizer(), prompt, **kwargs)
+    decoder.reset()
+    np.testing.assert_array_equal(decoder.prefill([1, 2]), logits_after)
+
+
+def test_session_refuses_bad_messages_and_stays_usable(decoder) -> None:
+    session = ffnskip_ext.ChatSession(decoder, RecordingTokenizer())
+    first = session.generate("hi", max_new_tokens=3)
+    with pytest.raises(TypeError, match="content"):
+        session.generate([{"role": "user", "content": None}])
+    assert session.generate("hi", max_new_tokens=3).token_ids == first.token_ids
+
+
+def test_numpy_scalars_are_accepted_for_generation_arguments(decoder) -> None:
+    tokenizer = RecordingTokenizer()
+    want = ffnskip_ext.generate(decoder, tokenizer, "hi", max_new_tokens=5, temperature=0.7,
+                                top_k=20, top_p=0.9, seed=3)
+    got = ffnskip_ext.generate(decoder, tokenizer, "hi", max_new_tokens=np.int64(5),
+                               temperature=np.float32(0.7), top_k=np.int32(20),
+                               top_p=np.float64(0.9), seed=np.int64(3))
+    assert got.token_ids == want.token_ids
+
+
+def test_a_str_stop_is_one_stop_string(decoder) -> None:
+    tokenizer = RecordingTokenizer()
+    tokenizer.eos_token_id = None
+    full = ffnskip_ext.generate(decoder, tokenizer, "hi", max_new_tokens=12)
+    assert len(full.text) >= 2
+    # Its characters as separate stop strings would end the text at the first one of them.
+    stop = full.text[-1] + full.text[0]
+    cut = ffnskip_ext.generate(decoder, tokenizer, "hi", max_new_tokens=12, stop=stop)
+    assert cut.text == full.text.split(stop)[0]
+    assert cut.finish_reason == ("stop" if stop in full.text else "length")
+    assert ffnskip_ext.generate(decoder, tokenizer, "hi", max_new_tokens=12,
+                                stop=[stop]).text == cut.text
+
+
+@pytest.mark.parametrize("temperature", [1e-308, 1e-320, 5e-324])
+def test_tiny_temperatures_pick_the_most_likely_token(decoder, temperature) -> None:
+    tokenizer = RecordingTokenizer()
+    greedy = ffnskip_ext.generate(decoder, tokenizer, "hi", max_new_tokens=6)
+    tiny = ffnskip_ext.generate(decoder, tokenizer, "hi", max_new_tokens=6,
+                                temperature=temperature, top_p=0.9, seed=0)
+    assert tiny.token_ids == greedy.token_ids
+
+
+def test_non_regular_files_are_refused_without_waiting(tmp_path) -> None:
+    """A FIFO would block open() until a writer came; /proc/self/mem cannot be read."""
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    script = (
+        "import sys, ffnskip_ext\n"
+        "for path in sys.argv[1:]:\n"
+        "    for load in (ffnskip_ext.Decoder.from_pretrained, ffnskip_ext.load_tokenizer):\n"
+        "        try:\n"
+        "            load(path)\n"
+        "        except ValueError as e:\n"
+        "            print('refused', e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(fifo), "/proc/self/mem"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("refused") == 4, done.stdout
+
+
+def test_huge_safetensors_header_length_is_refused_before_reading(tiny_model_dir,
+                                                                  tmp_path) -> None:
+    _, path = tiny_model_dir("llama_mha_tied")
+    shutil.copytree(path, tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[:8] = (3 << 30).to_bytes(8, "little")
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="header length 3221225472 exceeds"):
+        ffnskip_ext.Decoder.from_pretrained(tmp_path / "m")
+
+
+def test_hf_directory_without_tokenizer_files(tiny_model_dir) -> None:
+    _, path = tiny_model_dir("llama_mha_tied")
+    with pytest.raises(ValueError, match="no tokenizer files"):
+        ffnskip_ext.load_tokenizer(path)
+
+
+def test_gguf_special_token_id_outside_the_vocabulary(tmp_path) -> None:
+    from conftest import smollm2_path
+
+    data = bytearray(Path(smollm2_path()).read_bytes())
+    key = b"tokenizer.ggml.bos_token_id"
+    at = data.index(key) + len(key)
+    assert int.from_bytes(data[at:at + 4], "little") == 4  # value type uint32
+    data[at + 4:at + 8] = (10**9).to_bytes(4, "little")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="bos_token_id 1000000000 is outside the vocabulary"):
+        ffnskip_ext.load_tokenizer(bad)

@@ -50,6 +50,24 @@ def test_unreachable_target_is_a_clear_error(model) -> None:
         calibrate(decoder, tokenizer, PROMPTS, 1.5, **KWARGS)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=8, warmup_tokens=8), "warmup_tokens 8 >= max_new_tokens 8"),
+    (dict(max_new_tokens=0, warmup_tokens=0), "max_new_tokens must be an integer >= 1"),
+    (dict(max_new_tokens=40, warmup_tokens=4, tolerance=0.0), "tolerance must be > 0"),
+])
+def test_arguments_are_checked_before_the_dense_references(model, kwargs, message,
+                                                           monkeypatch) -> None:
+    from ffnskip_ext.tuning import calibration
+
+    def refused(*args, **kw):
+        raise AssertionError("dense references computed before the arguments were checked")
+
+    monkeypatch.setattr(calibration, "dense_references", refused)
+    decoder, tokenizer = model
+    with pytest.raises(ValueError, match=message):
+        calibrate(decoder, tokenizer, PROMPTS, 0.2, progress=False, **kwargs)
+
+
 def test_block_influence_ranks_layers(model) -> None:
     decoder, tokenizer = model
     sequences = [ffnskip_ext.encode_prompt(tokenizer, p) for p in PROMPTS]

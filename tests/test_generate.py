@@ -138,3 +138,63 @@ def test_cli_reports_a_missing_model_cleanly(tmp_path) -> None:
     )
     assert done.returncode == 2
     assert "nope" in done.stderr and "Traceback" not in done.stderr
+
+
+def reference_probabilities(logits: np.ndarray, temperature: float, top_k: int, top_p: float,
+                            min_p: float, repeat_penalty: float,
+                            previous: list[int]) -> np.ndarray:
+    """transformers' order, token by token: repetition penalty, temperature, top-k, top-p,
+    min-p."""
+    x = logits.astype(np.float64).copy()
+    for t in set(previous):
+        x[t] = x[t] / repeat_penalty if x[t] > 0 else x[t] * repeat_penalty
+    x = x / temperature
+    if top_k:
+        x[x < np.sort(x)[-top_k]] = -np.inf
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    kept, mass = [], 0.0
+    for t in sorted(range(len(p)), key=lambda t: -p[t]):
+        if mass >= top_p:
+            break
+        kept.append(t)
+        mass += p[t]
+    q = np.zeros_like(p)
+    q[kept] = p[kept]
+    q /= q.sum()
+    q[q < min_p * q.max()] = 0.0
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p, repeat_penalty", [
+    (1.0, 0, 1.0, 0.0, 1.0), (0.7, 0, 1.0, 0.1, 1.0), (1.3, 20, 0.9, 0.05, 1.0),
+    (1.0, 0, 1.0, 0.0, 1.5), (0.8, 10, 0.95, 0.2, 1.3), (1.0, 0, 1.0, 0.0, 0.7),
+])
+def test_sampling_distribution_matches_a_numpy_reference(temperature, top_k, top_p, min_p,
+                                                         repeat_penalty) -> None:
+    from ffnskip_ext.runtime.sampling import probabilities
+
+    rng = np.random.default_rng(1)
+    logits = (2.0 * rng.standard_normal(64)).astype(np.float32)
+    previous = [3, 3, 10, int(np.argmax(logits)), 40]
+    params = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty)
+    np.testing.assert_allclose(
+        probabilities(logits, params, previous),
+        reference_probabilities(logits, temperature, top_k, top_p, min_p, repeat_penalty,
+                                previous), rtol=1e-6, atol=1e-12)
+
+
+def test_repeat_penalty_applies_to_greedy_decoding() -> None:
+    logits = np.array([1.0, 3.0, 2.5, -1.0], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    assert sample(logits, SamplingParams(repeat_penalty=1.3), rng, previous=[1]) == 2
+    assert sample(logits, SamplingParams(repeat_penalty=1.1), rng, previous=[1]) == 1
+
+
+def test_generate_passes_the_sequence_to_the_repeat_penalty(decoder) -> None:
+    tokenizer = ByteTokenizer()
+    plain = ffnskip_ext.generate(decoder, tokenizer, "abab", max_new_tokens=16)
+    penalised = ffnskip_ext.generate(decoder, tokenizer, "abab", max_new_tokens=16,
+                                     repeat_penalty=5.0)
+    prompt = set(tokenizer.encode("abab"))
+    assert len(set(penalised.token_ids) | prompt) > len(set(plain.token_ids) | prompt)

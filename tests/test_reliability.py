@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import gguf
@@ -13,6 +16,7 @@ import pytest
 
 import ffnskip_ext
 from ffnskip_ext.config import ModelConfig
+from random_models import random_decoder, slow_prefill_decoder
 from test_checkpoint import encode, random_weights, write_gguf
 
 HERE = Path(__file__).resolve().parent
@@ -213,3 +217,223 @@ def test_interrupted_generation_leaves_the_decoder_consistent(tiny_model_dir) ->
     assert np.isfinite(logits).all()
     again = ffnskip_ext.generate(decoder, tokenizer, "abc", max_new_tokens=12)
     assert again.token_ids == expected.token_ids
+
+
+class NoEosByteTokenizer:
+    """Token id = byte value + 1, no end of sequence: generations run to max_new_tokens."""
+
+    eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 1 for b in text.encode()]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i - 1 for i in ids if i > 0).decode(errors="replace")
+
+
+def test_generations_from_several_threads_each_own_the_decoder() -> None:
+    """Concurrent generate() calls on one decoder, and reset()/set_policy() from another
+    thread, wait for the running generation instead of interleaving with it."""
+    decoder = random_decoder(num_layers=3, max_seq_len=128)
+    tokenizer = NoEosByteTokenizer()
+    prompts = ["alpha", "beta gamma", "delta epsilon zeta"]
+    expected = {p: ffnskip_ext.generate(decoder, tokenizer, p, max_new_tokens=40).token_ids
+                for p in prompts}
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def generations(prompt: str) -> None:
+        try:
+            for _ in range(6):
+                got = ffnskip_ext.generate(decoder, tokenizer, prompt, max_new_tokens=40)
+                assert got.token_ids == expected[prompt]
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def meddle() -> None:
+        while not done.is_set():
+            decoder.reset()
+            decoder.set_policy(ffnskip_ext.DensePolicy())
+            decoder.enable_trace(False)
+
+    workers = [threading.Thread(target=generations, args=(p,)) for p in prompts]
+    meddler = threading.Thread(target=meddle)
+    meddler.start()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    done.set()
+    meddler.join()
+    assert not errors, errors[0]
+
+
+def test_chat_sessions_on_one_decoder_from_several_threads() -> None:
+    decoder = random_decoder(num_layers=2, max_seq_len=256)
+    session = ffnskip_ext.ChatSession(decoder, NoEosByteTokenizer())
+    prompts = ["one two", "three four five"]
+    fresh = ffnskip_ext.ChatSession(random_decoder(num_layers=2, max_seq_len=256),
+                                    NoEosByteTokenizer())
+    expected = {p: fresh.generate(p, max_new_tokens=30).token_ids for p in prompts}
+    errors: list[BaseException] = []
+
+    def turns(prompt: str) -> None:
+        try:
+            for _ in range(5):
+                assert session.generate(prompt, max_new_tokens=30).token_ids == expected[prompt]
+                session.reset()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=turns, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("call", ["stats", "position", "trace", "enable_trace", "reset_stats"])
+def test_waiting_for_the_engine_releases_the_gil(call: str) -> None:
+    """A call that waits for another thread's prefill must let the interpreter run."""
+    decoder, prompt = slow_prefill_decoder()
+    prefilling, calling = threading.Event(), threading.Event()
+    prefill_seconds: list[float] = []
+
+    def prefill() -> None:
+        prefilling.set()
+        start = time.perf_counter()
+        decoder.prefill(prompt)
+        prefill_seconds.append(time.perf_counter() - start)
+
+    def waiting_call() -> None:
+        calling.set()
+        if call == "position":
+            _ = decoder.position
+        elif call == "enable_trace":
+            decoder.enable_trace(True)
+        else:
+            getattr(decoder, call)()
+
+    worker = threading.Thread(target=prefill)
+    worker.start()
+    prefilling.wait()
+    time.sleep(0.1)  # the prefill holds the engine now
+    waiter = threading.Thread(target=waiting_call)
+    waiter.start()
+    calling.wait()
+    ticks = 0
+    start = time.perf_counter()
+    while worker.is_alive() and time.perf_counter() - start < 0.5:
+        time.sleep(0.01)
+        ticks += 1
+    still_prefilling = worker.is_alive()
+    worker.join()
+    waiter.join()
+    assert prefill_seconds[0] > 0.8, "the prefill was too short to tell"
+    assert still_prefilling, "the interpreter stood still until the prefill ended"
+    assert ticks >= 10, f"the interpreter ran {ticks} times in 0.5 s"
+
+
+def run_script(script: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Runs `script` in a fresh interpreter that imports the tests' helpers; on a timeout its
+    whole process group goes, forked children included (a hung child would spin on)."""
+    tests_dir = str(Path(__file__).parent)
+    process = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {tests_dir!r})\n" + script],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+FORK_SCRIPT = """
+import multiprocessing, os
+import numpy as np
+from random_models import random_decoder
+
+decoder = random_decoder(num_layers=2, num_threads=2)
+expected = decoder.prefill(list(range(1, 60)))
+
+def child_logits(_):
+    decoder.reset()
+    return decoder.prefill(list(range(1, 60)))
+
+pid = os.fork()
+if pid == 0:
+    ok = np.array_equal(child_logits(0), expected)
+    del decoder  # the parent's workers are not joined in the child
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+with multiprocessing.get_context("fork").Pool(2) as pool:
+    for got in pool.map(child_logits, range(4)):
+        np.testing.assert_array_equal(got, expected)
+print("ok")
+"""
+
+
+def test_forked_children_decode_after_the_parent_ran_threads() -> None:
+    done = run_script(FORK_SCRIPT, timeout=120)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+THREAD_LIMIT_SCRIPT = """
+import resource
+from random_models import random_decoder
+
+random_decoder(num_threads=2)  # the interpreter, NumPy and the engine are loaded
+# Room for the decoder's buffers but not for 63 thread stacks of 8 MiB.
+with open("/proc/self/statm") as f:
+    used = int(f.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (used + (96 << 20), resource.RLIM_INFINITY))
+try:
+    random_decoder(num_threads=64)
+except RuntimeError as e:
+    print("refused:", e)
+else:
+    print("started")
+"""
+
+
+def test_failing_to_start_threads_raises() -> None:
+    done = run_script(THREAD_LIMIT_SCRIPT, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refused: cannot start 63 worker threads" in done.stdout, done.stdout
+
+
+INTERRUPT_SCRIPT = """
+import os, signal, threading, time
+import numpy as np
+from random_models import slow_prefill_decoder
+
+decoder, prompt = slow_prefill_decoder()
+decoder.prefill([1, 2, 3])
+start = time.perf_counter()
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+try:
+    decoder.prefill(prompt)
+except KeyboardInterrupt:
+    print(f"interrupted after {time.perf_counter() - start:.2f} s")
+assert decoder.position == 3, decoder.position
+start = time.perf_counter()
+logits = decoder.prefill(prompt)
+full = time.perf_counter() - start
+fresh, _ = slow_prefill_decoder()
+fresh.prefill([1, 2, 3])
+np.testing.assert_array_equal(logits, fresh.prefill(prompt))
+print(f"full prefill {full:.2f} s")
+"""
+
+
+def test_ctrl_c_stops_a_long_prefill_and_keeps_the_cache() -> None:
+    done = run_script(INTERRUPT_SCRIPT, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.rsplit(" ", 2)[0:2] for line in done.stdout.splitlines())
+    interrupted_after, full = float(lines["interrupted after"]), float(lines["full prefill"])
+    assert full > 0.8, "the prefill was too short to tell"
+    assert interrupted_after < 0.3 + 0.5 * full, done.stdout

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -176,6 +177,42 @@ std::unique_ptr<Decoder> make_decoder(const py::object& config, const py::dict& 
   py::gil_scoped_release release;
   return std::make_unique<Decoder>(model_config, views, options);
 }
+
+// The engine's InterruptCheck for a call from Python: in the main thread (the only one that
+// runs Python's signal handlers) it takes the GIL at most every 50 ms to run pending handlers,
+// so that Ctrl-C stops a long prefill; the handler's exception (KeyboardInterrupt) is kept for
+// rethrow() once the engine has unwound. Other threads are never interrupted.
+class PendingSignals {
+ public:
+  PendingSignals() {  // with the GIL held
+    const py::module_ threading = py::module_::import("threading");
+    in_main_thread_ = threading.attr("current_thread")().is(threading.attr("main_thread")());
+  }
+
+  InterruptCheck check() {
+    if (!in_main_thread_) return nullptr;
+    return [this] {
+      const auto now = std::chrono::steady_clock::now();
+      if (now < next_check_) return false;
+      next_check_ = now + std::chrono::milliseconds(50);
+      py::gil_scoped_acquire gil;
+      if (PyErr_CheckSignals() == 0) return false;
+      error_ = std::make_unique<py::error_already_set>();
+      return true;
+    };
+  }
+
+  // With the GIL held: raises the handler's exception.
+  [[noreturn]] void rethrow() {
+    if (error_) throw *error_;
+    throw std::runtime_error("prefill interrupted");
+  }
+
+ private:
+  bool in_main_thread_ = false;
+  std::chrono::steady_clock::time_point next_check_{};
+  std::unique_ptr<py::error_already_set> error_;
+};
 
 // ---- the per-kernel hooks (tests/test_kernels.py, benchmarks/bench_kernels.py) ----
 
@@ -648,7 +685,11 @@ PYBIND11_MODULE(_core, m) {
            py::arg("device") = "cpu", py::arg("dtype") = "float32", py::arg("max_seq_len") = 0,
            py::arg("num_threads") = 0)
       .def_property_readonly("dtype", [](const Decoder& d) { return dtype_name(d.dtype()); })
-      .def_property_readonly("position", &Decoder::position)
+      .def_property_readonly("position",
+                             [](const Decoder& d) {
+                               py::gil_scoped_release release;  // waits for a running pass
+                               return d.position();
+                             })
       .def_property_readonly("max_seq_len", &Decoder::max_seq_len)
       .def("reset", &Decoder::reset, py::call_guard<py::gil_scoped_release>())
       .def("truncate", &Decoder::truncate, py::arg("position"),
@@ -661,9 +702,12 @@ PYBIND11_MODULE(_core, m) {
              }
              py::array_t<float> logits(d.config().vocab_size);
              float* out = logits.mutable_data();
-             {
+             PendingSignals signals;
+             try {
                py::gil_scoped_release release;
-               d.prefill(ids.data(), static_cast<int>(ids.size()), out);
+               d.prefill(ids.data(), static_cast<int>(ids.size()), out, signals.check());
+             } catch (const Interrupted&) {
+               signals.rethrow();
              }
              return logits;
            },
@@ -688,7 +732,10 @@ PYBIND11_MODULE(_core, m) {
            })
       .def("stats",
            [](const Decoder& d) {
-             const DecodeStats s = d.stats();
+             const DecodeStats s = [&] {
+               py::gil_scoped_release release;
+               return d.stats();
+             }();
              py::dict out;
              out["decode_tokens"] = s.decode_tokens;
              out["warmup_tokens"] = s.warmup_tokens;
@@ -721,11 +768,15 @@ PYBIND11_MODULE(_core, m) {
                              })
       .def_property_readonly("dense_step_bytes",
                              [](const Decoder& d) { return d.weight_footprint().dense_step_bytes(); })
-      .def("reset_stats", &Decoder::reset_stats)
-      .def("enable_trace", &Decoder::enable_trace, py::arg("enabled"))
-      .def("clear_trace", &Decoder::clear_trace)
+      .def("reset_stats", &Decoder::reset_stats, py::call_guard<py::gil_scoped_release>())
+      .def("enable_trace", &Decoder::enable_trace, py::arg("enabled"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("clear_trace", &Decoder::clear_trace, py::call_guard<py::gil_scoped_release>())
       .def("trace", [](const Decoder& d) {
-        const std::vector<StepRecord> steps = d.trace();
+        const std::vector<StepRecord> steps = [&] {
+          py::gil_scoped_release release;
+          return d.trace();
+        }();
         const int layers = d.config().num_layers;
         py::dict out;
         out["ffn_skipped"] = stack(steps, &StepRecord::ffn_skipped, layers).attr("astype")("bool");

@@ -132,10 +132,12 @@ void Decoder::check_tokens(const int32_t* tokens, int n) const {
   }
 }
 
-void Decoder::prefill(const int32_t* tokens, int n, float* logits_out) {
+void Decoder::prefill(const int32_t* tokens, int n, float* logits_out,
+                      const InterruptCheck& interrupted) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_tokens(tokens, n);
-  run(PassKind::Prefill, tokens, n, logits_out);
+  run(PassKind::Prefill, tokens, n, logits_out,
+      interrupted && device_ == Device::CPU ? &interrupted : nullptr);
   generation_start_ = position_;  // the decode steps after a prompt are a new generation
 }
 
@@ -157,7 +159,8 @@ void Decoder::step(int32_t token, float* logits_out) {
   account(step_record_);
 }
 
-void Decoder::run(PassKind kind, const int32_t* tokens, int n, float* logits_out) {
+void Decoder::run(PassKind kind, const int32_t* tokens, int n, float* logits_out,
+                  const InterruptCheck* interrupted) {
   Pass pass;
   pass.kind = kind;
   pass.tokens = tokens;
@@ -167,7 +170,8 @@ void Decoder::run(PassKind kind, const int32_t* tokens, int n, float* logits_out
   pass.routes = policy_.rule.kind == PolicyKind::FiRST && position_ == 0;
   pass.record = kind == PassKind::Decode ? &step_record_ : nullptr;
   pass.logits = logits_out;
-  backend_->run(pass);
+  pass.interrupted = interrupted;
+  backend_->run(pass);  // an Interrupted pass wrote K/V beyond position_ only: overwritten later
   position_ += n;
 }
 

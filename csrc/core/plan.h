@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "ffnskip/decoder.h"
 #include "ffnskip/policy.h"
 
 namespace ffnskip {
@@ -72,7 +73,12 @@ struct Pass {
   bool routes = false;       // FiRST: this pass starts the sequence and routes every layer
   StepRecord* record = nullptr;  // decode: filled with what the step did
   float* logits = nullptr;       // host: the logits of the last token (vocab_size floats)
+  const InterruptCheck* interrupted = nullptr;  // asked before each sub-block (CPU prefill)
 };
+
+inline void throw_if_interrupted(const Pass& pass) {
+  if (pass.interrupted != nullptr && (*pass.interrupted)()) throw Interrupted();
+}
 
 // The story of every pass, whichever backend runs it: open the pass (embedding; a decode step
 // also begins its token for the rule), each layer's attention and FFN sub-blocks as the plan
@@ -82,7 +88,9 @@ void forward(Executor& executor, const Pass& pass, const ExecutionPlan& plan) {
   executor.begin_pass(pass);
   const std::vector<LayerPlan>& layers = plan.layers(pass.kind);
   for (int layer = 0; layer < static_cast<int>(layers.size()); ++layer) {
+    throw_if_interrupted(pass);
     executor.attention_block(pass, layer, layers[layer]);
+    throw_if_interrupted(pass);
     executor.ffn_block(pass, layer, layers[layer]);
   }
   executor.end_pass(pass);

@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -14,32 +15,31 @@ namespace ffnskip::cpu {
 
 class ThreadPool {
  public:
-  // `num_threads` counts the calling thread; 0 means all hardware threads.
+  // `num_threads` counts the calling thread; 0 means all hardware threads. Throws
+  // std::runtime_error when the threads cannot be started (memory or process limits), with
+  // none left running.
   explicit ThreadPool(int num_threads);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
 
-  int size() const { return static_cast<int>(workers_.size()) + 1; }
+  int size() const { return num_workers_ + 1; }
 
   // Splits [0, n) into size() contiguous chunks and runs fn(begin, end, chunk_index) on them,
-  // chunk 0 on the calling thread. Returns when every chunk is done.
+  // chunk 0 on the calling thread. Returns when every chunk is done. In a process forked
+  // after the pool started (its workers exist only in the parent), starts new workers first.
   using Task = std::function<void(int64_t, int64_t, int)>;
   void parallel_for(int64_t n, const Task& fn);
 
  private:
-  void worker_loop(int index);
-  void run_chunk(int index);
+  struct Workers;  // the threads and what they share with the caller
 
-  std::vector<std::thread> workers_;
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  std::atomic<int> sleepers_{0};
-  std::atomic<bool> stop_{false};
-  const Task* task_ = nullptr;
-  int64_t task_n_ = 0;
+  std::unique_ptr<Workers> start_workers() const;
+  bool forked_since_start() const;
+
+  int num_workers_ = 0;
+  std::unique_ptr<Workers> workers_;  // null when size() == 1
+  uint64_t fork_count_at_start_ = 0;
 };
 
 }  // namespace ffnskip::cpu

@@ -3,8 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -35,6 +37,16 @@ const std::vector<std::string>& dtype_names();
 
 // Throws std::invalid_argument unless 0 <= token < vocab_size; `index` is its place in the input.
 void check_token_id(int64_t token, int64_t index, int vocab_size);
+
+// Asked between the sub-blocks of a CPU prefill (a CUDA pass is queued at once and not asked):
+// true stops the pass, and prefill throws Interrupted.
+using InterruptCheck = std::function<bool()>;
+
+// A prefill stopped by its InterruptCheck: the cache, position and policy are as before it.
+class Interrupted : public std::runtime_error {
+ public:
+  Interrupted() : std::runtime_error("prefill interrupted") {}
+};
 
 struct DecoderOptions {
   Device device = Device::CPU;
@@ -93,7 +105,9 @@ class Decoder {
 
   void reset();
   // Appends the prompt to the cache; writes the logits of its last token (vocab_size floats).
-  void prefill(const int32_t* tokens, int n, float* logits_out);
+  // `interrupted` lets a long prompt be abandoned (Interrupted), see InterruptCheck.
+  void prefill(const int32_t* tokens, int n, float* logits_out,
+               const InterruptCheck& interrupted = nullptr);
   // Appends one token; writes its logits.
   void step(int32_t token, float* logits_out);
   // Keeps the first `position` tokens of the cache (0 <= position <= position()): later passes
@@ -118,7 +132,8 @@ class Decoder {
 
  private:
   void check_tokens(const int32_t* tokens, int n) const;
-  void run(PassKind kind, const int32_t* tokens, int n, float* logits_out);
+  void run(PassKind kind, const int32_t* tokens, int n, float* logits_out,
+           const InterruptCheck* interrupted = nullptr);
   void apply_policy(const SkipPolicy& policy, bool tracing);
   void account(const StepRecord& record);
   void clear_stats();

@@ -190,11 +190,12 @@ def _build_specs(args: argparse.Namespace, decoder: Any, tokenizer: Any,
 def _sweep_routers(args: argparse.Namespace, notes: list[str]) -> Any:
     """The FiRST routers of --routers, or those next to the model; None (and a note) when
     there are none."""
-    from ..runtime.routers import default_router_path, load_routers
+    from ..runtime.routers import default_router_path, load_routers, model_routers
 
-    path = args.routers or default_router_path(model_path(args))
-    if not os.path.exists(path) and not args.routers:
-        notes.append(f"no FiRST routers at {path}: FiRST left out (ffnskip train-routers)")
+    path = args.routers or model_routers(model_path(args))
+    if path is None:
+        notes.append(f"no FiRST routers at {default_router_path(model_path(args))}: FiRST left "
+                     "out (ffnskip train-routers)")
         return None
     return load_routers(path)
 

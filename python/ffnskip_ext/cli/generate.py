@@ -6,66 +6,77 @@ import argparse
 import sys
 from typing import Any
 
-from .options import add_model_options, load_model, model_path
+from .options import (
+    add_model_options,
+    add_sampling_options,
+    load_model,
+    sampling_kwargs,
+    set_policy,
+    warmup_note,
+)
 
 
 def add_parser(subparsers: Any) -> None:
-    gen = subparsers.add_parser("generate", help="generate text from a prompt")
-    gen.add_argument("prompt")
+    gen = subparsers.add_parser("generate", help="generate text from a prompt",
+                                description=__doc__.splitlines()[0].replace("``", ""))
+    gen.add_argument("prompt", nargs="?",
+                     help="the prompt; '-' reads it from stdin (see also --file)")
+    gen.add_argument("--file", help="read the prompt from this file")
     add_model_options(gen)
-    gen.add_argument("--policy", help="skip policy: a JSON file, 'ffn-skip', 'dense' or 'first' "
-                                         "(FiRST routers next to the model)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    add_sampling_options(gen)
     gen.add_argument("--system", help="system message for the chat template")
     gen.add_argument("--raw", action="store_true", help="no chat template: encode the prompt as is")
     gen.set_defaults(func=run)
 
 
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.file is not None:
+        if args.prompt is not None:
+            raise ValueError("give the prompt as an argument or with --file, not both")
+        with open(args.file, encoding="utf-8") as f:
+            return f.read()
+    if args.prompt == "-":
+        return sys.stdin.read()
+    if args.prompt is None:
+        raise ValueError("no prompt: pass it as an argument, '-' for stdin, or --file PATH")
+    return args.prompt
+
+
 def run(args: argparse.Namespace) -> int:
     from ..runtime.generate import generate
-    from ..runtime.policies import FiRSTPolicy, load_policy
 
+    text = read_prompt(args)
     decoder, tokenizer = load_model(args)
-    if args.policy == "first":  # the routers trained for this model, next to it
-        decoder.set_policy(FiRSTPolicy.for_model(model_path(args)))
-    elif args.policy:
-        decoder.set_policy(load_policy(args.policy))
+    set_policy(decoder, args)
     if args.raw:
-        prompt: str | list[dict[str, str]] = args.prompt
+        prompt: str | list[dict[str, str]] = text
     else:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.prompt}
+            {"role": "user", "content": text}
         ]
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    result = generate(
-        decoder,
-        tokenizer,
-        prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop,
-        stream=stream,
-    )
+    try:
+        result = generate(decoder, tokenizer, prompt, stream=stream, **sampling_kwargs(args))
+    except KeyboardInterrupt:  # Ctrl-C: what was decoded so far, and no traceback
+        sys.stdout.write("\n")
+        if not args.quiet:
+            print(f"[interrupted after {decoder.stats().decode_tokens} decode steps, policy "
+                  f"{decoder.policy.kind}]", file=sys.stderr)
+        return 130
     sys.stdout.write("\n")
+    if args.quiet:
+        return 0
     stats = decoder.stats()
     print(
         f"[{len(result.token_ids)} tokens, finish={result.finish_reason}, "
         f"prompt {result.prompt_tokens} tokens in {result.prefill_ms:.1f} ms, "
         f"decode {result.decode_tokens_per_s:.1f} tokens/s, policy {decoder.policy.kind}, "
         f"FFN skip ratio {stats.skip_ratio:.1%} ({stats.skip_ratio_after_warmup:.1%} after "
-        f"warm-up), layer skip ratio {stats.layer_skip_ratio:.1%}]",
+        f"warm-up){warmup_note(decoder)}, layer skip ratio {stats.layer_skip_ratio:.1%}]",
         file=sys.stderr,
     )
     return 0

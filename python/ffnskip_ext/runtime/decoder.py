@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -62,6 +64,12 @@ class Decoder:
     ``prefill`` appends a prompt to the cache and returns the logits of its last token;
     ``step`` appends one token and returns its logits. Invalid input raises ``ValueError``
     (or ``TypeError`` for non-integer ids) and leaves the cache and position unchanged.
+
+    Threads: every call that changes the decoder (prefill, step, reset, truncate, set_policy,
+    enable_trace, reset_stats, clear_trace) waits while another thread holds ``exclusive()``,
+    as ``generate`` and ``ChatSession.generate`` do for a whole generation; reads (position,
+    stats, trace) wait only for the pass running now. A prefill in the main thread stops at
+    Ctrl-C (KeyboardInterrupt) within about 50 ms plus one layer, with the cache unchanged.
     """
 
     def __init__(
@@ -88,6 +96,14 @@ class Decoder:
             int(num_threads or 0),
         )
         self._policy: Policy = DensePolicy()
+        self._owner = threading.RLock()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[Decoder]:
+        """Own the decoder for a sequence of calls: other threads' changing calls wait until
+        the block ends (reentrant: the owner's own calls go through)."""
+        with self._owner:
+            yield self
 
     @classmethod
     def from_pretrained(
@@ -129,7 +145,8 @@ class Decoder:
 
     def reset(self) -> None:
         """Empty the KV cache."""
-        self._native.reset()
+        with self._owner:
+            self._native.reset()
 
     def truncate(self, position: int) -> None:
         """Keep the first ``position`` tokens of the cache (``0 <= position <= self.position``);
@@ -140,11 +157,14 @@ class Decoder:
             raise TypeError(f"position must be an integer, got {type(position).__name__}")
         if not -(2**31) <= int(position) < 2**31:
             raise ValueError(f"truncate: position {position} is outside [0, {self.position}]")
-        self._native.truncate(int(position))
+        with self._owner:
+            self._native.truncate(int(position))
 
     def prefill(self, token_ids: Iterable[int] | np.ndarray) -> np.ndarray:
         """Append a prompt; returns float32 logits ``[vocab_size]`` of its last token."""
-        return self._native.prefill(_token_array(token_ids))
+        ids = _token_array(token_ids)
+        with self._owner:
+            return self._native.prefill(ids)
 
     def step(self, token_id: int) -> np.ndarray:
         """Append one token; returns its float32 logits ``[vocab_size]``."""
@@ -152,7 +172,8 @@ class Decoder:
             raise TypeError(f"token id must be an integer, got {type(token_id).__name__}")
         if not _INT64.min <= int(token_id) <= _INT64.max:
             raise ValueError(f"token id {token_id} is outside the vocabulary")
-        return self._native.step(int(token_id))
+        with self._owner:
+            return self._native.step(int(token_id))
 
     @property
     def dtype(self) -> str:
@@ -188,18 +209,22 @@ class Decoder:
         naming the field, and the previous policy stays."""
         if not isinstance(policy, Policy):
             raise TypeError(f"expected a Policy, got {type(policy).__name__}")
-        self._native.set_policy(**policy.engine_args(self.config.num_layers))
-        self._policy = policy
+        args = policy.engine_args(self.config.num_layers)
+        with self._owner:
+            self._native.set_policy(**args)
+            self._policy = policy
 
     def stats(self) -> DecodeStats:
         return DecodeStats(**self._native.stats())
 
     def reset_stats(self) -> None:
-        self._native.reset_stats()
+        with self._owner:
+            self._native.reset_stats()
 
     def enable_trace(self, enabled: bool = True) -> None:
         """Record every later decode step (skips and scores); see ``trace()``."""
-        self._native.enable_trace(bool(enabled))
+        with self._owner:
+            self._native.enable_trace(bool(enabled))
 
     def trace(self) -> dict[str, np.ndarray]:
         """Per recorded decode step and layer: ``ffn_skipped`` and ``layer_skipped`` (bool),
@@ -208,7 +233,8 @@ class Decoder:
         return self._native.trace()
 
     def clear_trace(self) -> None:
-        self._native.clear_trace()
+        with self._owner:
+            self._native.clear_trace()
 
     def __repr__(self) -> str:
         c = self.config

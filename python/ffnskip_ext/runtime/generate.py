@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -47,29 +48,61 @@ class DecodeOptions:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
         stop_at: Callable[[str], int | None] | None = None,
         logit_bias: Mapping[int, float] | None = None,
+        min_p: float = 0.0,
+        repeat_penalty: float = 1.0,
     ) -> DecodeOptions:
-        sampling = SamplingParams(temperature, top_k, top_p)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        sampling = SamplingParams(temperature, top_k, top_p, min_p, repeat_penalty)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
             raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed must be an integer or None, got {seed!r}")
         bias = tuple((int(t), float(b)) for t, b in (logit_bias or {}).items())
         if not all(math.isfinite(b) for _, b in bias):
             raise ValueError("logit_bias values must be finite numbers")
-        return cls(max_new_tokens, sampling, seed, tuple(s for s in (stop or []) if s), stop_at,
-                   bias)
+        return cls(int(max_new_tokens), sampling, None if seed is None else int(seed),
+                   _stop_strings(stop), stop_at, bias)
+
+
+def _stop_strings(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A string is one stop string (as in transformers and vLLM), not its characters."""
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    for s in stops:
+        if not isinstance(s, str):
+            raise TypeError(f"stop must be a string or a list of strings, got {s!r} in it")
+        _check_text(s, "stop")
+    return tuple(s for s in stops if s)
+
+
+def _check_text(text: str, name: str) -> None:
+    """Refuses what no tokenizer can encode: a lone surrogate (from a bad decode or JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name}: lone surrogate {text[e.start]!r} at index {e.start} "
+                         "(not valid Unicode text)") from None
 
 
 def encode_prompt(tokenizer: Any, prompt_or_messages: str | Sequence[Message]) -> list[int]:
     """A string is encoded as it is; a list of chat messages goes through the chat template."""
     if isinstance(prompt_or_messages, str):
+        _check_text(prompt_or_messages, "prompt")
         return list(tokenizer.encode(prompt_or_messages))
     messages = list(prompt_or_messages)
     if not messages or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    for i, m in enumerate(messages):
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                raise TypeError(f"messages[{i}]['{key}'] must be a string, got "
+                                f"{type(m.get(key)).__name__}")
+            _check_text(m[key], f"messages[{i}]['{key}']")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in transformers 5
         ids = ids["input_ids"]
@@ -92,9 +125,11 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int | None = None,
-    stop: Sequence[str] | None = None,
+    stop: str | Sequence[str] | None = None,
     stream: Callable[[str], None] | None = None,
     stop_at: Callable[[str], int | None] | None = None,
+    min_p: float = 0.0,
+    repeat_penalty: float = 1.0,
 ) -> GenerationResult:
     """Reset the decoder, prefill the prompt and decode up to ``max_new_tokens`` tokens.
 
@@ -103,11 +138,13 @@ def generate(
     ``stop_at(text)`` returns a position (the text is cut there; for ends a stop string
     cannot express), after ``max_new_tokens`` or when the context is full.
     """
-    options = DecodeOptions.make(max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at)
+    options = DecodeOptions.make(max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at,
+                                 min_p=min_p, repeat_penalty=repeat_penalty)
     prompt_ids = encode_prompt(tokenizer, prompt_or_messages)
     check_prompt_fits(decoder, len(prompt_ids))
-    decoder.reset()
-    return prefill_and_decode(decoder, tokenizer, prompt_ids, 0, options, stream)
+    with decoder.exclusive():  # other threads' calls would interleave with this generation
+        decoder.reset()
+        return prefill_and_decode(decoder, tokenizer, prompt_ids, 0, options, stream)
 
 
 def prefill_and_decode(
@@ -145,7 +182,8 @@ def prefill_and_decode(
     steps = 0
     decode_start = time.perf_counter()
     while len(generated) < options.max_new_tokens:
-        token = sample(logits if bias is None else logits + bias, options.sampling, rng)
+        previous = [*prompt_ids, *generated] if options.sampling.repeat_penalty != 1.0 else ()
+        token = sample(logits if bias is None else logits + bias, options.sampling, rng, previous)
         if token in eos_ids:
             finish_reason = "eos"
             break

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .. import _core
-from .routers import Routers, default_router_path, load_routers
+from .routers import Routers, default_router_path, load_routers, model_routers
 
 POLICY_FORMAT_VERSION = 1
 
@@ -232,8 +232,14 @@ class FiRSTPolicy(Policy):
 
     @classmethod
     def for_model(cls, model_path: str | os.PathLike[str], threshold: float = 0.5) -> FiRSTPolicy:
-        """The routers trained for a model, from their default place next to it."""
-        return cls(default_router_path(model_path), threshold)
+        """The routers trained for a model: next to it, or shipped for the bundled model."""
+        path = model_routers(model_path)
+        if path is None:
+            raise FileNotFoundError(
+                f"no FiRST routers for {os.fspath(model_path)} (expected "
+                f"{default_router_path(model_path)}): train them with `ffnskip train-routers "
+                "--model MODEL`, or load a router file with FiRSTPolicy(path)")
+        return cls(path, threshold)
 
     def engine_args(self, num_layers: int | None) -> dict[str, Any]:
         routers: Routers = self.routers  # type: ignore[assignment]

@@ -191,6 +191,21 @@ def default_router_path(model_path: str | os.PathLike[str]) -> str:
     return os.path.splitext(model_path)[0] + ROUTER_SUFFIX
 
 
+# Routers shipped with the package, by the file name of the model they were trained for
+# (the bundled default model; docs/results/smollm2-135m-first/README.md says how).
+_PACKAGED_DIR = os.path.join(os.path.dirname(__file__), "data")
+
+
+def model_routers(model_path: str | os.PathLike[str]) -> str | None:
+    """The FiRST routers of a model: the file next to it (``default_router_path``), else the
+    ones the package ships for the bundled model; None when there are none."""
+    beside = default_router_path(model_path)
+    if os.path.isfile(beside):
+        return beside
+    packaged = os.path.join(_PACKAGED_DIR, os.path.basename(beside))
+    return packaged if os.path.isfile(packaged) else None
+
+
 def threshold_logit(threshold: float) -> float:
     """log(t / (1 - t)) in float32 as the engine computes it: a layer is kept when its router
     logit is >= this (the same as g >= t, without sigmoid rounding near the threshold)."""

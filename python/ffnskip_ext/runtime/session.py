@@ -45,7 +45,8 @@ class ChatSession:
     (``set_policy``, or on the decoder) empties the cache too. Under FiRST the reused cache
     keeps the routing of the sequence's first prompt (a fresh prefill would route the whole
     new prompt); a cache reused under any other policy gives what a fresh prefill gives.
-    Not for several threads at once.
+    Calls from several threads are serialised: each generation, reset and policy change owns
+    the decoder (``Decoder.exclusive()``) while it runs.
     """
 
     def __init__(self, decoder: Decoder, tokenizer: Any) -> None:
@@ -69,17 +70,19 @@ class ChatSession:
         return min(common_prefix(self._tokens, prompt_ids), len(prompt_ids) - 1)
 
     def reset(self) -> None:
-        self.decoder.reset()
-        self._tokens = []
-        self._position = self.decoder.position
+        with self.decoder.exclusive():
+            self.decoder.reset()
+            self._tokens = []
+            self._position = self.decoder.position
 
     def set_policy(self, policy: Policy) -> None:
         """Apply ``policy`` to later generations; a different one empties the cache first
         (the decoder refuses to leave FiRST mid-sequence)."""
-        if policy == self.decoder.policy:
-            return
-        self.reset()
-        self.decoder.set_policy(policy)
+        with self.decoder.exclusive():
+            if policy == self.decoder.policy:
+                return
+            self.reset()
+            self.decoder.set_policy(policy)
 
     def generate(
         self,
@@ -89,20 +92,28 @@ class ChatSession:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
-        stop: Sequence[str] | None = None,
+        stop: str | Sequence[str] | None = None,
         stream: Callable[[str], None] | None = None,
         stop_at: Callable[[str], int | None] | None = None,
         cancelled: Callable[[], bool] | None = None,
         logit_bias: Mapping[int, float] | None = None,
+        min_p: float = 0.0,
+        repeat_penalty: float = 1.0,
     ) -> GenerationResult:
         """As ``ffnskip_ext.generate``, reusing the cache: ``prompt`` is a string, chat
         messages or token ids; ``result.cached_tokens`` says how many prompt tokens were not
         computed again. ``cancelled()`` is asked before every decode step (finish_reason
         "cancelled"); ``logit_bias`` adds to the logits of token ids before sampling."""
         options = DecodeOptions.make(max_new_tokens, temperature, top_k, top_p, seed, stop,
-                                     stop_at, logit_bias)
+                                     stop_at, logit_bias, min_p, repeat_penalty)
         prompt_ids = _prompt_ids(self.tokenizer, prompt)
         check_prompt_fits(self.decoder, len(prompt_ids))
+        with self.decoder.exclusive():
+            return self._generate(prompt_ids, options, stream, cancelled)
+
+    def _generate(self, prompt_ids: list[int], options: DecodeOptions,
+                  stream: Callable[[str], None] | None,
+                  cancelled: Callable[[], bool] | None) -> GenerationResult:
         cached = self.reusable_tokens(prompt_ids)
         try:
             if cached:

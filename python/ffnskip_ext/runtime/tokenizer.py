@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -9,6 +10,22 @@ from ..loaders.gguf import open_gguf
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+
+
+class _NoTorchAdvice(logging.Filter):
+    """Drops transformers' import-time "PyTorch was not found" advice: the tokenizers used
+    here need no torch, so it would only alarm. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found")
+
+
+# Set before transformers is imported (it logs the advice from its __init__, on this logger).
+logging.getLogger("transformers").addFilter(_NoTorchAdvice())
+
+# What a Hugging Face directory's tokenizer is built from (fast, sentencepiece, BPE, WordPiece).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 # GGUF metadata keys (under "tokenizer.ggml.") of the special tokens transformers configures.
 _SPECIAL_TOKEN_IDS = {
@@ -29,6 +46,8 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer path not found: {path}")
     if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES):
+            raise ValueError(f"{path}: no tokenizer files (one of {', '.join(_TOKENIZER_FILES)})")
         from transformers import AutoTokenizer  # slow to import; the engine does not need it
 
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -63,6 +82,9 @@ def _gguf_tokenizer(path: str) -> PreTrainedTokenizerBase:
     for name, key in _SPECIAL_TOKEN_IDS.items():
         token_id = parsed.field(f"tokenizer.ggml.{key}")
         tokens = tokenizer_dict["tokens"]
+        if token_id is not None and not 0 <= token_id < len(tokens):
+            raise ValueError(f"{path}: tokenizer.ggml.{key} {token_id} is outside the "
+                             f"vocabulary of {len(tokens)} tokens")
         tokenizer_config[name] = tokens[token_id] if token_id is not None else None
     backend, extra = convert_gguf_tokenizer(parsed.field("general.architecture"),
                                             tokenizer_dict)

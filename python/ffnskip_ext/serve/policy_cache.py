@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 from typing import Any
 
 from .. import _core
@@ -22,7 +21,7 @@ from ..runtime.policies import (
     Policy,
     load_policy,
 )
-from ..runtime.routers import default_router_path
+from ..runtime.routers import model_routers
 from .errors import bad_request
 
 NAMES = ("dense", "ffn-skip", "ffn_skip", "first")
@@ -80,8 +79,8 @@ class PolicyCache:
                 raise bad_request("ffnskip.policy: a request cannot name a router file; a "
                                   "FiRST policy uses the routers next to the served model",
                                   PARAM)
-            routers = default_router_path(self.model_path)
-            if not os.path.isfile(routers):
+            routers = model_routers(self.model_path)
+            if routers is None:
                 raise bad_request("ffnskip.policy: the served model has no FiRST routers",
                                   PARAM)
             spec = {**spec, "routers": routers}

@@ -179,6 +179,15 @@ def calibrate(
         raise ValueError(f"target_skip_ratio must be in (0, 1), got {target_skip_ratio!r}")
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
+    # Checked before the dense references, which take minutes on a real model.
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if warmup_tokens >= max_new_tokens:
+        raise ValueError(f"warmup_tokens {warmup_tokens} >= max_new_tokens {max_new_tokens}: "
+                         "every decode token would run dense, no skip ratio can be reached")
+    if not isinstance(tolerance, (int, float)) or not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
     previous = decoder.policy
     try:
         refs = dense_references(decoder, tokenizer, prompts, max_new_tokens, progress)
