@@ -533,6 +533,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("dtype", [](const Decoder& d) { return dtype_name(d.dtype()); })
       .def_property_readonly("position", &Decoder::position)
       .def_property_readonly("max_seq_len", &Decoder::max_seq_len)
+      .def_property_readonly("verifies", &Decoder::verifies)
       .def("reset", &Decoder::reset, py::call_guard<py::gil_scoped_release>())
       .def("truncate", &Decoder::truncate, py::arg("position"),
            py::call_guard<py::gil_scoped_release>())

@@ -284,6 +284,11 @@ void Decoder::set_draft_policy(const SkipPolicy& policy) {
   apply_draft_policy(policy);
 }
 
+bool Decoder::verifies() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return verifies_;
+}
+
 SkipPolicy Decoder::draft_policy() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return draft_policy_;

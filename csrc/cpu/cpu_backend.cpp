@@ -158,9 +158,25 @@ class CpuBackend final : public Backend {
   void set_plan(const ExecutionPlan& plan) override { plans_.target = plan; }
   void set_draft_plan(const ExecutionPlan& plan) override { plans_.draft = plan; }
 
+  // A verify pass of more than kStepExactTokens tokens runs as chunks of that many, each
+  // computing its tokens exactly as one-token steps do (linear.h), so that its logits are the
+  // steps' bit for bit; up to kStepExactTokens tokens it is one pass reading each weight once.
   void run(const Pass& pass) override {
-    reserve_tokens(pass.n);
-    forward(*this, pass, plans_.of(pass.kind));
+    const ExecutionPlan& plan = plans_.of(pass.kind);
+    const int most = pass.kind == PassKind::Verify ? static_cast<int>(cpu::kStepExactTokens)
+                                                   : pass.n;
+    Pass chunk = pass;
+    for (int done = 0; done < pass.n; done += chunk.n) {
+      chunk.n = std::min(most, pass.n - done);
+      chunk.tokens = pass.tokens + done;
+      chunk.pos = pass.pos + done;
+      chunk.routes = pass.routes && done == 0;
+      chunk.logits = pass.kind == PassKind::Verify
+                         ? pass.logits + static_cast<int64_t>(done) * config_.vocab_size
+                         : pass.logits;
+      reserve_tokens(chunk.n);
+      forward(*this, chunk, plan);
+    }
   }
 
   void reset_routing() override {

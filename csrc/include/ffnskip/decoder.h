@@ -99,13 +99,15 @@ class Decoder {
   // position 0 routes a new one.
   void truncate(int position);
 
-  // Speculative decoding. verify() appends n tokens (1 <= n <= kMaxVerifyTokens) in one pass
-  // under the policy, reading each weight once, and writes the logits of every one
-  // (n * vocab_size floats; row t follows tokens[0..t]): what n step() calls return, to float
-  // rounding. The policy must decide nothing per token (dense, static FFN skip, layer drop,
-  // FiRST). draft_step() appends one token under the draft policy (dense until set) on the
-  // same cache; after truncate() a verify pass overwrites the K/V of drafted positions. Both
-  // policies stay compiled, so alternating them costs nothing. Neither call counts in stats().
+  // Speculative decoding. verify() appends n tokens (1 <= n <= kMaxVerifyTokens) under the
+  // policy in one pass that reads each weight once (the CPU: one pass per 16 tokens) and
+  // writes the logits of every one (n * vocab_size floats; row t follows tokens[0..t]): what
+  // n step() calls return, to float rounding; on the CPU bit for bit, as its passes of up to
+  // 16 tokens compute each token as a step does. The policy must decide nothing per token
+  // (dense, static FFN skip, layer drop, FiRST; verifies()). draft_step() appends one token
+  // under the draft policy (dense until set) on the same cache; after truncate() a verify
+  // pass overwrites the K/V of drafted positions. Both policies stay compiled, so alternating
+  // them costs nothing. Neither call counts in stats().
   void verify(const int32_t* tokens, int n, float* logits_out);
   void draft_step(int32_t token, float* logits_out);
   // Validates, then applies to later draft steps; on error the previous draft stays. A FiRST
@@ -113,6 +115,7 @@ class Decoder {
   // policy), so it needs a policy that runs every layer in a prefill and is not FiRST itself.
   // Draft steps under a FiRST policy are refused (the layers it routed off have no K/V).
   void set_draft_policy(const SkipPolicy& policy);
+  bool verifies() const;
   SkipPolicy draft_policy() const;
 
   // Validates, then applies to later steps; on error the previous policy stays. A FiRST

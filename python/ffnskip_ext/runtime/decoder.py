@@ -173,6 +173,11 @@ class Decoder:
         return self._native.draft_step(int(token_id))
 
     @property
+    def verifies(self) -> bool:
+        """``verify`` works under the policy: it decides nothing per token."""
+        return bool(self._native.verifies)
+
+    @property
     def draft_policy(self) -> Policy:
         return self._draft_policy
 

@@ -29,6 +29,12 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
     """Greedy when temperature is 0; otherwise sample the tempered, truncated distribution."""
     if params.temperature == 0.0:
         return int(np.argmax(logits))
+    return int(rng.choice(logits.size, p=probabilities(logits, params)))
+
+
+def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The distribution ``sample`` draws from when temperature > 0 (float64): tempered, then
+    truncated to the top k and to the top-p nucleus, renormalised."""
     scaled = logits.astype(np.float64) / params.temperature
     if 0 < params.top_k < scaled.size:
         kth = np.partition(scaled, -params.top_k)[-params.top_k]
@@ -43,4 +49,4 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
         truncated = np.zeros_like(probs)
         truncated[keep] = probs[keep]
         probs = truncated / truncated.sum()
-    return int(rng.choice(probs.size, p=probs))
+    return probs

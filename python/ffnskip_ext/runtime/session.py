@@ -22,6 +22,7 @@ from .generate import (
     prefill_and_decode,
 )
 from .policies import Policy
+from .speculative import Speculative, resolve_speculative
 
 # Policies whose decode steps write the same K/V as a prefill of the same tokens (to float
 # rounding), so that generated tokens can be reused as prompt. The others skip work in
@@ -94,13 +95,16 @@ class ChatSession:
         stop_at: Callable[[str], int | None] | None = None,
         cancelled: Callable[[], bool] | None = None,
         logit_bias: Mapping[int, float] | None = None,
+        speculative: str | Speculative | None = None,
     ) -> GenerationResult:
         """As ``ffnskip_ext.generate``, reusing the cache: ``prompt`` is a string, chat
         messages or token ids; ``result.cached_tokens`` says how many prompt tokens were not
         computed again. ``cancelled()`` is asked before every decode step (finish_reason
-        "cancelled"); ``logit_bias`` adds to the logits of token ids before sampling."""
+        "cancelled"); ``logit_bias`` adds to the logits of token ids before sampling;
+        ``speculative`` drafts and verifies as in ``generate`` (the cache ends as without)."""
         options = DecodeOptions.make(max_new_tokens, temperature, top_k, top_p, seed, stop,
                                      stop_at, logit_bias)
+        spec = resolve_speculative(speculative)
         prompt_ids = _prompt_ids(self.tokenizer, prompt)
         check_prompt_fits(self.decoder, len(prompt_ids))
         cached = self.reusable_tokens(prompt_ids)
@@ -112,7 +116,7 @@ class ChatSession:
             # Forget the cache first: an exception below leaves it unknown.
             self._tokens, self._position = [], -1
             result = prefill_and_decode(self.decoder, self.tokenizer, prompt_ids, cached,
-                                        options, stream, cancelled)
+                                        options, stream, cancelled, spec)
         except BaseException:
             self._tokens, self._position = [], -1
             raise
