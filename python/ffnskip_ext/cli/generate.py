@@ -23,18 +23,36 @@ def add_parser(subparsers: Any) -> None:
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--system", help="system message for the chat template")
     gen.add_argument("--raw", action="store_true", help="no chat template: encode the prompt as is")
+    gen.add_argument("--speculative", choices=("ngram", "self", "auto"),
+                     help="lossless speculative decoding: draft with prompt lookup, the model "
+                     "under a skip policy, or both; the policy verifies")
+    gen.add_argument("--draft-max", type=int, default=8,
+                     help="most tokens drafted per round (1..64)")
+    gen.add_argument("--draft-policy", help="skip policy of self drafts, as --policy (default: "
+                     "FFN-SkipLLM from the first token)")
     gen.set_defaults(func=run)
+
+
+def _policy(name: str, args: argparse.Namespace) -> Any:
+    from ..runtime.policies import FiRSTPolicy, load_policy
+
+    if name == "first":  # the routers trained for this model, next to it
+        return FiRSTPolicy.for_model(model_path(args))
+    return load_policy(name)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..runtime.generate import generate
-    from ..runtime.policies import FiRSTPolicy, load_policy
+    from ..runtime.speculative import Speculative
 
+    speculative = None
+    if args.speculative:
+        speculative = Speculative(
+            draft=args.speculative, max_draft=args.draft_max,
+            draft_policy=_policy(args.draft_policy, args) if args.draft_policy else None)
     decoder, tokenizer = load_model(args)
-    if args.policy == "first":  # the routers trained for this model, next to it
-        decoder.set_policy(FiRSTPolicy.for_model(model_path(args)))
-    elif args.policy:
-        decoder.set_policy(load_policy(args.policy))
+    if args.policy:
+        decoder.set_policy(_policy(args.policy, args))
     if args.raw:
         prompt: str | list[dict[str, str]] = args.prompt
     else:
@@ -57,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
         stream=stream,
+        speculative=speculative,
     )
     sys.stdout.write("\n")
     stats = decoder.stats()
@@ -68,4 +87,13 @@ def run(args: argparse.Namespace) -> int:
         f"warm-up), layer skip ratio {stats.layer_skip_ratio:.1%}]",
         file=sys.stderr,
     )
+    if result.speculative is not None:
+        spec = result.speculative
+        print(
+            f"[speculative {args.speculative}: {spec.accepted}/{spec.drafted} drafted tokens "
+            f"accepted ({spec.acceptance_rate:.1%}), {spec.mean_accepted_length:.2f} per verify "
+            f"pass, {spec.verify_passes} passes, draft {spec.draft_seconds:.2f} s, verify "
+            f"{spec.verify_seconds:.2f} s, {result.decode_tokens_per_s:.1f} tokens/s]",
+            file=sys.stderr,
+        )
     return 0

@@ -121,6 +121,8 @@ def generate(
     spec = resolve_speculative(speculative)
     prompt_ids = encode_prompt(tokenizer, prompt_or_messages)
     check_prompt_fits(decoder, len(prompt_ids))
+    if spec is not None:
+        prepare_speculation(decoder, spec)
     decoder.reset()
     return prefill_and_decode(decoder, tokenizer, prompt_ids, 0, options, stream,
                               speculative=spec)
@@ -139,9 +141,9 @@ def prefill_and_decode(
     """The generation loop of ``generate`` and ``ChatSession``: the cache holds the first
     ``cached_tokens`` prompt ids; prefill the rest, then sample, detokenize, stream and stop.
     ``cancelled()`` is asked before every decode step (or speculative round); True ends the
-    generation there. With ``speculative``, drafts are verified by the decoder's policy and
-    the tokens are those of plain decoding (greedy: the same; sampling: the same
-    distribution)."""
+    generation there. With ``speculative`` (the caller ran ``prepare_speculation`` before
+    touching the cache), drafts are verified by the decoder's policy and the tokens are those
+    of plain decoding (greedy: the same; sampling: the same distribution)."""
     eos_ids = set(decoder.config.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos_ids.add(int(tokenizer.eos_token_id))
@@ -153,8 +155,6 @@ def prefill_and_decode(
             raise ValueError(f"logit_bias: token ids must be in [0, {decoder.config.vocab_size})")
         bias = np.zeros(decoder.config.vocab_size, dtype=np.float32)
         bias[list(ids)] = values
-    if speculative is not None:
-        prepare_speculation(decoder, speculative)  # before the prefill: a FiRST draft routes
 
     start = time.perf_counter()
     logits = decoder.prefill(prompt_ids[cached_tokens:])

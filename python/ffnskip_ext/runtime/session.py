@@ -22,7 +22,7 @@ from .generate import (
     prefill_and_decode,
 )
 from .policies import Policy
-from .speculative import Speculative, resolve_speculative
+from .speculative import Speculative, prepare_speculation, resolve_speculative
 
 # Policies whose decode steps write the same K/V as a prefill of the same tokens (to float
 # rounding), so that generated tokens can be reused as prompt. The others skip work in
@@ -108,6 +108,8 @@ class ChatSession:
         prompt_ids = _prompt_ids(self.tokenizer, prompt)
         check_prompt_fits(self.decoder, len(prompt_ids))
         cached = self.reusable_tokens(prompt_ids)
+        if spec is not None:
+            prepare_speculation(self.decoder, spec)
         try:
             if cached:
                 self.decoder.truncate(cached)

@@ -115,8 +115,9 @@ def resolve_speculative(speculative: str | Speculative | None) -> Speculative | 
 
 
 def prepare_speculation(decoder: Decoder, spec: Speculative) -> None:
-    """Checks that the policy can verify and applies the draft policy (before the prefill: a
-    FiRST draft routes on it). Raises ValueError with the decoder unchanged."""
+    """Checks that the policy can verify and applies the draft policy; before the cache is
+    touched (a FiRST draft routes on the prefill). Raises ValueError with the decoder
+    unchanged."""
     if not decoder.verifies:
         raise ValueError(f"speculative decoding verifies with the decoder's policy, which must "
                          f"decide nothing per token; {type(decoder.policy).__name__} does")
@@ -137,7 +138,7 @@ def ngram_draft(context: np.ndarray, ngram_max: int, limit: int) -> list[int]:
     return []
 
 
-class _Target:
+class Acceptance:
     """The policy's choice at a position: its argmax (greedy) or its distribution."""
 
     def __init__(self, sampling: SamplingParams, bias: np.ndarray | None,
@@ -187,7 +188,7 @@ class _Target:
 class _SelfDraft:
     """Draft steps of the decoder under its draft policy, from the round's token on."""
 
-    def __init__(self, decoder: Decoder, target: _Target, min_prob: float) -> None:
+    def __init__(self, decoder: Decoder, target: Acceptance, min_prob: float) -> None:
         self._decoder, self._target, self._min_prob = decoder, target, min_prob
 
     def propose(self, token: int, limit: int) -> tuple[list[int], list[np.ndarray] | None]:
@@ -220,7 +221,7 @@ def speculative_decode(decoder: Decoder, spec: Speculative, prompt_ids: Sequence
     """The decode loop of ``prefill_and_decode`` with drafts; ``logits`` are the prefill's.
     Ends with the cache plain decoding would hold (``Transcript.cache_tokens``)."""
     stats = SpeculativeStats()
-    target = _Target(options.sampling, bias, rng)
+    target = Acceptance(options.sampling, bias, rng)
     self_draft = _SelfDraft(decoder, target, spec.min_draft_prob) if spec.uses_model else None
     prompt = np.asarray(prompt_ids, dtype=np.int64)
     limit = min(spec.max_draft, 4) if spec.adaptive else spec.max_draft
