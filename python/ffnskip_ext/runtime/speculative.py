@@ -139,7 +139,8 @@ def ngram_draft(context: np.ndarray, ngram_max: int, limit: int) -> list[int]:
 
 
 class Acceptance:
-    """The policy's choice at a position: its argmax (greedy) or its distribution."""
+    """The policy's side of a round: its token at a position (argmax, or drawn from its
+    distribution) and the acceptance rule for a draft."""
 
     def __init__(self, sampling: SamplingParams, bias: np.ndarray | None,
                  rng: np.random.Generator) -> None:
@@ -188,8 +189,8 @@ class Acceptance:
 class _SelfDraft:
     """Draft steps of the decoder under its draft policy, from the round's token on."""
 
-    def __init__(self, decoder: Decoder, target: Acceptance, min_prob: float) -> None:
-        self._decoder, self._target, self._min_prob = decoder, target, min_prob
+    def __init__(self, decoder: Decoder, rule: Acceptance, min_prob: float) -> None:
+        self._decoder, self._rule, self._min_prob = decoder, rule, min_prob
 
     def propose(self, token: int, limit: int) -> tuple[list[int], list[np.ndarray] | None]:
         """Up to ``limit`` tokens after ``token`` and, when sampling, the distributions they
@@ -198,20 +199,20 @@ class _SelfDraft:
         probs: list[np.ndarray] = []
         while len(draft) < limit:
             logits = self._decoder.draft_step(draft[-1] if draft else token)
-            if self._target.greedy:
+            if self._rule.greedy:
                 shifted = np.exp(logits - logits.max(), dtype=np.float64)
                 confidence = 1.0 / shifted.sum()
                 choice = int(np.argmax(logits))
             else:
-                q = self._target.distribution(logits)
+                q = self._rule.distribution(logits)
                 confidence = float(q.max())
-                choice = self._target.draw(q)
+                choice = self._rule.draw(q)
                 probs.append(q)
             if confidence < self._min_prob:
                 probs = probs[: len(draft)]
                 break
             draft.append(choice)
-        return draft, None if self._target.greedy else probs
+        return draft, None if self._rule.greedy else probs
 
 
 def speculative_decode(decoder: Decoder, spec: Speculative, prompt_ids: Sequence[int],
@@ -221,11 +222,11 @@ def speculative_decode(decoder: Decoder, spec: Speculative, prompt_ids: Sequence
     """The decode loop of ``prefill_and_decode`` with drafts; ``logits`` are the prefill's.
     Ends with the cache plain decoding would hold (``Transcript.cache_tokens``)."""
     stats = SpeculativeStats()
-    target = Acceptance(options.sampling, bias, rng)
-    self_draft = _SelfDraft(decoder, target, spec.min_draft_prob) if spec.uses_model else None
+    rule = Acceptance(options.sampling, bias, rng)
+    self_draft = _SelfDraft(decoder, rule, spec.min_draft_prob) if spec.uses_model else None
     prompt = np.asarray(prompt_ids, dtype=np.int64)
     limit = min(spec.max_draft, 4) if spec.adaptive else spec.max_draft
-    token = target.pick(logits) if not transcript.done else -1
+    token = rule.pick(logits) if not transcript.done else -1
     while not transcript.done and not transcript.push(token):
         if cancelled is not None and cancelled():
             transcript.cancel()
@@ -246,7 +247,7 @@ def speculative_decode(decoder: Decoder, spec: Speculative, prompt_ids: Sequence
             stats.self_rounds += bool(draft)
         verified = time.perf_counter()
         rows = decoder.verify([token, *draft])
-        kept, token = target.accept(rows, draft, draft_probs)
+        kept, token = rule.accept(rows, draft, draft_probs)
         decoder.truncate(position + 1 + kept)
         stats.draft_seconds += verified - began
         stats.verify_seconds += time.perf_counter() - verified
