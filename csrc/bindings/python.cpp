@@ -691,6 +691,7 @@ PYBIND11_MODULE(_core, m) {
                                return d.position();
                              })
       .def_property_readonly("max_seq_len", &Decoder::max_seq_len)
+      .def_property_readonly("verifies", &Decoder::verifies)
       .def("reset", &Decoder::reset, py::call_guard<py::gil_scoped_release>())
       .def("truncate", &Decoder::truncate, py::arg("position"),
            py::call_guard<py::gil_scoped_release>())
@@ -724,6 +725,40 @@ PYBIND11_MODULE(_core, m) {
              return logits;
            },
            py::arg("token_id"))
+      .def("verify",
+           [](Decoder& d, const TokenArray& tokens) {
+             const std::vector<int32_t> ids = to_token_ids(tokens, d.config().vocab_size);
+             // More than kMaxVerifyTokens rows are never written: verify() refuses them.
+             const size_t rows = std::min<size_t>(ids.size(), kMaxVerifyTokens);
+             py::array_t<float> logits({static_cast<py::ssize_t>(rows),
+                                        static_cast<py::ssize_t>(d.config().vocab_size)});
+             float* out = logits.mutable_data();
+             const int n = static_cast<int>(std::min<size_t>(ids.size(), kMaxVerifyTokens + 1));
+             {
+               py::gil_scoped_release release;
+               d.verify(ids.data(), n, out);
+             }
+             return logits;
+           },
+           py::arg("token_ids"))
+      .def("draft_step",
+           [](Decoder& d, int64_t token) {
+             check_token_id(token, 0, d.config().vocab_size);
+             py::array_t<float> logits(d.config().vocab_size);
+             float* out = logits.mutable_data();
+             {
+               py::gil_scoped_release release;
+               d.draft_step(static_cast<int32_t>(token), out);
+             }
+             return logits;
+           },
+           py::arg("token_id"))
+      .def("set_draft_policy",
+           [](Decoder& d, const py::kwargs& args) {
+             const SkipPolicy policy = to_skip_policy(args, d.config().num_layers);
+             py::gil_scoped_release release;
+             d.set_draft_policy(policy);
+           })
       .def("set_policy",
            [](Decoder& d, const py::kwargs& args) {
              const SkipPolicy policy = to_skip_policy(args, d.config().num_layers);

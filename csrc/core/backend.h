@@ -14,10 +14,13 @@ class Backend {
  public:
   virtual ~Backend() = default;
 
-  // Later passes follow `plan` (a copy is kept).
+  // Later passes follow `plan` (a copy is kept); draft steps follow the draft plan.
   virtual void set_plan(const ExecutionPlan& plan) = 0;
+  virtual void set_draft_plan(const ExecutionPlan& plan) = 0;
   // One pass over pass.n tokens at positions [pass.pos, pass.pos + n); writes the logits of
-  // the last token to pass.logits and, for a decode step, pass.record.
+  // the last token (of every token for Verify) to pass.logits and, for a decode or draft
+  // step, pass.record. A pass that routes for the draft only runs every layer of its own plan
+  // and keeps every layer's cache.
   virtual void run(const Pass& pass) = 0;
   // Forgets the sequence's FiRST routing: every layer runs (and has its cache) again.
   virtual void reset_routing() = 0;

@@ -34,6 +34,26 @@ SkipPolicy dense_policy(int num_layers) {
   return policy;
 }
 
+// Whose FiRST routers decide a sequence's layers: the policy's, the draft's, or nobody's.
+enum class RoutingOwner { None, Policy, Draft };
+
+RoutingOwner routing_owner(const SkipPolicy& policy, const SkipPolicy& draft) {
+  if (policy.rule.kind == PolicyKind::FiRST) return RoutingOwner::Policy;
+  if (draft.rule.kind == PolicyKind::FiRST) return RoutingOwner::Draft;
+  return RoutingOwner::None;
+}
+
+// A FiRST draft routes on the policy's passes, which must run (and cache) every layer.
+void check_draft_routing(const SkipPolicy& policy, const SkipPolicy& draft) {
+  if (draft.rule.kind != PolicyKind::FiRST) return;
+  const PolicyKind kind = policy.rule.kind;
+  if (kind == PolicyKind::FiRST || kind == PolicyKind::LayerDrop) {
+    throw std::invalid_argument(std::string("a FiRST draft policy needs a policy that runs every "
+                                            "layer in a prefill; the policy is ") +
+                                policy_kind_name(kind));
+  }
+}
+
 }  // namespace
 
 const std::vector<std::string>& device_names() {
@@ -105,6 +125,7 @@ Decoder::Decoder(const ModelConfig& config, const WeightMap& weights,
     if (held != stored) footprint_.conversions.push_back({spec.name, stored, held});
   }
   apply_policy(dense_policy(config_.num_layers), false);
+  apply_draft_policy(dense_policy(config_.num_layers));
   clear_stats();
 }
 
@@ -159,6 +180,34 @@ void Decoder::step(int32_t token, float* logits_out) {
   account(step_record_);
 }
 
+void Decoder::verify(const int32_t* tokens, int n, float* logits_out) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (n <= 0) throw std::invalid_argument("verify needs at least one token");
+  if (n > kMaxVerifyTokens) {
+    throw std::invalid_argument("verify: " + std::to_string(n) + " tokens, at most " +
+                                std::to_string(kMaxVerifyTokens) + " in one pass");
+  }
+  if (!verifies_) {
+    throw std::invalid_argument(std::string("verify: the policy (") +
+                                policy_kind_name(policy_.rule.kind) +
+                                ") decides per token; verify needs dense, static_ffn, "
+                                "layer_drop or first");
+  }
+  check_tokens(tokens, n);
+  run(PassKind::Verify, tokens, n, logits_out);
+}
+
+void Decoder::draft_step(int32_t token, float* logits_out) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (policy_.rule.kind == PolicyKind::FiRST) {
+    throw std::invalid_argument(
+        "draft_step: the policy is FiRST, whose routed-off layers have no K/V for a draft to "
+        "read; draft with FiRST as the draft policy of a dense policy instead");
+  }
+  check_tokens(&token, 1);
+  run(PassKind::Draft, &token, 1, logits_out);
+}
+
 void Decoder::run(PassKind kind, const int32_t* tokens, int n, float* logits_out,
                   const InterruptCheck* interrupted) {
   Pass pass;
@@ -167,8 +216,12 @@ void Decoder::run(PassKind kind, const int32_t* tokens, int n, float* logits_out
   pass.n = n;
   pass.pos = position_;
   pass.decode_index = position_ - generation_start_;
-  pass.routes = policy_.rule.kind == PolicyKind::FiRST && position_ == 0;
-  pass.record = kind == PassKind::Decode ? &step_record_ : nullptr;
+  // A draft step never routes: the policy's pass that starts the sequence does, for both.
+  pass.routes = position_ == 0 && kind != PassKind::Draft &&
+                routing_owner(policy_, draft_policy_) != RoutingOwner::None;
+  pass.record = kind == PassKind::Decode  ? &step_record_
+                : kind == PassKind::Draft ? &draft_record_
+                                          : nullptr;
   pass.logits = logits_out;
   pass.interrupted = interrupted;
   backend_->run(pass);  // an Interrupted pass wrote K/V beyond position_ only: overwritten later
@@ -205,14 +258,17 @@ void Decoder::account(const StepRecord& record) {
   if (tracing_) trace_.push_back(record);
 }
 
-// Compiles the plan and hands it to the backend. A FiRST policy after a FiRST policy keeps the
-// sequence's routing (mid-sequence the decoder changes policies only so, or to toggle tracing,
-// and a new sequence routes afresh anyway); any other change runs every layer again.
+// Compiles the plan and hands it to the backend. The sequence's routing is kept while the same
+// side (policy or draft) stays FiRST (mid-sequence the decoder changes a FiRST policy only so,
+// or to toggle tracing, and a new sequence routes afresh anyway); any other change runs every
+// layer again.
 void Decoder::apply_policy(const SkipPolicy& policy, bool tracing) {
+  const RoutingOwner owner = routing_owner(policy_, draft_policy_);
   const bool keeps_routing =
-      policy.rule.kind == PolicyKind::FiRST && policy_.rule.kind == PolicyKind::FiRST;
+      owner != RoutingOwner::None && owner == routing_owner(policy, draft_policy_);
   const ExecutionPlan plan = compile_plan(policy, tracing);
   backend_->set_plan(plan);
+  verifies_ = plan.verifies();
   kv_only_.assign(plan.decode.size(), 0);
   for (size_t l = 0; l < plan.decode.size(); ++l) {
     kv_only_[l] = plan.decode[l].attention == AttentionMode::KVOnly ? 1 : 0;
@@ -222,9 +278,36 @@ void Decoder::apply_policy(const SkipPolicy& policy, bool tracing) {
   tracing_ = tracing;
 }
 
+void Decoder::apply_draft_policy(const SkipPolicy& policy) {
+  const RoutingOwner owner = routing_owner(policy_, draft_policy_);
+  const bool keeps_routing =
+      owner != RoutingOwner::None && owner == routing_owner(policy_, policy);
+  backend_->set_draft_plan(compile_plan(policy, false));
+  if (!keeps_routing) backend_->reset_routing();
+  draft_policy_ = policy;
+}
+
+void Decoder::set_draft_policy(const SkipPolicy& policy) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  policy.validate(config_.num_layers, config_.hidden_size);
+  check_draft_routing(policy_, policy);
+  apply_draft_policy(policy);
+}
+
+bool Decoder::verifies() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return verifies_;
+}
+
+SkipPolicy Decoder::draft_policy() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return draft_policy_;
+}
+
 void Decoder::set_policy(const SkipPolicy& policy) {
   std::lock_guard<std::mutex> lock(mutex_);
   policy.validate(config_.num_layers, config_.hidden_size);
+  check_draft_routing(policy, draft_policy_);
   if (policy_.rule.kind == PolicyKind::FiRST && policy.rule.kind != PolicyKind::FiRST &&
       position_ > 0) {
     std::vector<uint8_t> active;

@@ -70,6 +70,14 @@ ExecutionPlan compile_plan(const SkipPolicy& policy, bool trace_scores) {
     plan.prefill.push_back(plan_layer(policy, l, false, trace_scores));
     plan.decode.push_back(plan_layer(policy, l, true, trace_scores));
   }
+  const bool per_token = std::any_of(plan.decode.begin(), plan.decode.end(), [](const LayerPlan& l) {
+    return l.ffn == FFNMode::Adaptive || l.ffn == FFNMode::Random ||
+           l.attention == AttentionMode::KVOnly;
+  });
+  if (!per_token) {
+    plan.verify = plan.decode;
+    for (LayerPlan& l : plan.verify) l.ffn_score = l.layer_score = false;
+  }
   if (plan.routes_sequences()) {
     plan.router_weight = policy.router_weight;
     plan.router_bias = policy.router_bias;

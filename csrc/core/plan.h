@@ -25,9 +25,14 @@ enum class FFNMode : uint8_t {
 };
 
 enum class PassKind : uint8_t {
-  Prefill,  // n tokens appended; logits of the last
+  Prefill,  // n tokens appended under the prefill plan; logits of the last
   Decode,   // one token appended under the decode plan; the step is recorded
+  Draft,    // a decode step under the draft policy's plan (speculative decoding); recorded
+  Verify,   // n tokens appended at once under the verify plan; logits of every one
 };
+
+// One token under a decode plan (of the policy or the draft), with a record.
+inline bool is_step(PassKind kind) { return kind == PassKind::Decode || kind == PassKind::Draft; }
 
 // What one layer does in one kind of pass.
 struct LayerPlan {
@@ -42,7 +47,9 @@ struct LayerPlan {
 
 struct ExecutionPlan {
   SkipRule rule;  // the scalars of the per-token decisions (Adaptive, Random)
-  std::vector<LayerPlan> prefill, decode;
+  // verify: the decode plan for many tokens at once, without scores; empty when a decode step
+  // decides per token (adaptive or random FFNs) or writes K/V only (early exit).
+  std::vector<LayerPlan> prefill, decode, verify;
   // FiRST: the routers and the threshold in logit space (router_keeps_layer).
   std::vector<float> router_weight, router_bias;
   float threshold_logit = 0.0f;
@@ -52,8 +59,13 @@ struct ExecutionPlan {
 
   int num_layers() const { return static_cast<int>(decode.size()); }
   const std::vector<LayerPlan>& layers(PassKind kind) const {
-    return kind == PassKind::Decode ? decode : prefill;
+    switch (kind) {
+      case PassKind::Prefill: return prefill;
+      case PassKind::Verify: return verify;
+      default: return decode;
+    }
   }
+  bool verifies() const { return !verify.empty(); }
   bool routes_sequences() const { return rule.kind == PolicyKind::FiRST; }
 };
 
@@ -70,10 +82,27 @@ struct Pass {
   int n = 0;
   int pos = 0;               // position of tokens[0]
   int64_t decode_index = 0;  // decode steps since the generation began (warm-up, random keys)
-  bool routes = false;       // FiRST: this pass starts the sequence and routes every layer
-  StepRecord* record = nullptr;  // decode: filled with what the step did
-  float* logits = nullptr;       // host: the logits of the last token (vocab_size floats)
+  // FiRST: this pass starts the sequence and routes every layer it runs, for the policy or,
+  // when the draft policy is FiRST, for the draft steps (the pass itself then runs every layer).
+  bool routes = false;
+  StepRecord* record = nullptr;  // decode and draft steps: filled with what the step did
+  // host: the logits of the last token (vocab_size floats); of every token for Verify
+  // (n * vocab_size).
+  float* logits = nullptr;
   const InterruptCheck* interrupted = nullptr;  // asked before each sub-block (CPU prefill)
+};
+
+// The plans a backend holds: the policy's (prefill, decode and verify passes) and the draft
+// policy's (draft steps). Both stay compiled, so alternating draft and verify passes costs
+// nothing. At most one of them routes sequences (the decoder refuses two FiRST policies).
+struct PlanPair {
+  ExecutionPlan target, draft;
+
+  const ExecutionPlan& of(PassKind kind) const {
+    return kind == PassKind::Draft ? draft : target;
+  }
+  // The FiRST plan whose routers decide the sequence, when one routes.
+  const ExecutionPlan& routing() const { return target.routes_sequences() ? target : draft; }
 };
 
 inline void throw_if_interrupted(const Pass& pass) {
@@ -82,7 +111,8 @@ inline void throw_if_interrupted(const Pass& pass) {
 
 // The story of every pass, whichever backend runs it: open the pass (embedding; a decode step
 // also begins its token for the rule), each layer's attention and FFN sub-blocks as the plan
-// says, then the logits of the last token. `Executor` is a backend.
+// says, then the logits of the last token (of every token for Verify). `Executor` is a
+// backend; `plan` is the one pass.kind runs (PlanPair::of).
 template <typename Executor>
 void forward(Executor& executor, const Pass& pass, const ExecutionPlan& plan) {
   executor.begin_pass(pass);

@@ -156,11 +156,28 @@ class CpuBackend final : public Backend {
     reserve_tokens(1);
   }
 
-  void set_plan(const ExecutionPlan& plan) override { plan_ = plan; }
+  void set_plan(const ExecutionPlan& plan) override { plans_.target = plan; }
+  void set_draft_plan(const ExecutionPlan& plan) override { plans_.draft = plan; }
 
+  // A verify pass of more than kStepExactTokens tokens runs as chunks of that many, each
+  // computing its tokens exactly as one-token steps do (linear.h), so that its logits are the
+  // steps' bit for bit; up to kStepExactTokens tokens it is one pass reading each weight once.
   void run(const Pass& pass) override {
-    reserve_tokens(pass.n);
-    forward(*this, pass, plan_);
+    const ExecutionPlan& plan = plans_.of(pass.kind);
+    const int most = pass.kind == PassKind::Verify ? static_cast<int>(cpu::kStepExactTokens)
+                                                   : pass.n;
+    Pass chunk = pass;
+    for (int done = 0; done < pass.n; done += chunk.n) {
+      chunk.n = std::min(most, pass.n - done);
+      chunk.tokens = pass.tokens + done;
+      chunk.pos = pass.pos + done;
+      chunk.routes = pass.routes && done == 0;
+      chunk.logits = pass.kind == PassKind::Verify
+                         ? pass.logits + static_cast<int64_t>(done) * config_.vocab_size
+                         : pass.logits;
+      reserve_tokens(chunk.n);
+      forward(*this, chunk, plan);
+    }
   }
 
   void reset_routing() override {
@@ -206,9 +223,10 @@ class CpuBackend final : public Backend {
   // ---- the sub-blocks of a pass, in the order forward() (plan.h) calls them ----
 
   void begin_pass(const Pass& pass) {
-    if (pass.record != nullptr) {
-      begin_token(plan_.rule, state_, pass.decode_index);
-      *pass.record = plan_.decode_record;  // same sizes: copies without allocating
+    if (is_step(pass.kind)) {
+      const ExecutionPlan& plan = plans_.of(pass.kind);
+      begin_token(plan.rule, state_, pass.decode_index);
+      *pass.record = plan.decode_record;  // same sizes: copies without allocating
     }
     const int hidden = config_.hidden_size;
     for (int t = 0; t < pass.n; ++t) {
@@ -221,8 +239,9 @@ class CpuBackend final : public Backend {
   // x += Attn(RMSNorm(x)) writing K/V, or only the K/V (early exit), or nothing.
   void attention_block(const Pass& pass, int layer, const LayerPlan& plan) {
     StepRecord* record = pass.record;
-    const bool routing = plan.routed && pass.routes;
-    if (!layer_runs(layer, plan) && !routing) {
+    // Routing for the draft, this pass runs the layer whatever its router decides.
+    const bool routing = pass.routes && plan.attention != AttentionMode::Skip;
+    if (!layer_runs(layer, plan) && !(routing && plan.routed)) {
       if (record) record->layer_skipped[layer] = 1;
       return;
     }
@@ -236,7 +255,7 @@ class CpuBackend final : public Backend {
     const int kv_dim = config_.kv_dim();
     const int64_t qkv_dim = q_dim + 2 * kv_dim;
     cpu::rms_norm(x_.data(), w.attn_norm.data(), n, hidden, config_.rms_norm_eps, xn_.data());
-    if (routing && !route(layer, n)) {
+    if (routing && !route(layer, n) && plan.routed) {
       if (record) record->layer_skipped[layer] = 1;
       return;
     }
@@ -273,7 +292,8 @@ class CpuBackend final : public Backend {
   void ffn_block(const Pass& pass, int layer, const LayerPlan& plan) {
     StepRecord* record = pass.record;
     const bool runs = layer_runs(layer, plan);
-    if (!runs || rule_skips_ffn(plan.ffn, plan_.rule, state_, pass.decode_index, layer)) {
+    const SkipRule& rule = plans_.of(pass.kind).rule;
+    if (!runs || rule_skips_ffn(plan.ffn, rule, state_, pass.decode_index, layer)) {
       if (record) record->ffn_skipped[layer] = 1;
     } else {
       run_ffn(pass, layer, plan);
@@ -283,11 +303,13 @@ class CpuBackend final : public Backend {
     }
   }
 
+  // The logits of the last token, or of every token of a verify pass (one GEMM).
   void end_pass(const Pass& pass) {
     const int hidden = config_.hidden_size;
-    const float* last = x_.data() + static_cast<int64_t>(pass.n - 1) * hidden;
-    cpu::rms_norm(last, final_norm_.data(), 1, hidden, config_.rms_norm_eps, xn_.data());
-    cpu::linear(pool_, lm_head_view_, xn_.data(), 1, pass.logits);
+    const int rows = pass.kind == PassKind::Verify ? pass.n : 1;
+    const float* first = x_.data() + static_cast<int64_t>(pass.n - rows) * hidden;
+    cpu::rms_norm(first, final_norm_.data(), rows, hidden, config_.rms_norm_eps, xn_.data());
+    cpu::linear(pool_, lm_head_view_, xn_.data(), rows, pass.logits);
   }
 
  private:
@@ -320,8 +342,10 @@ class CpuBackend final : public Backend {
 
   // FiRST at the first pass of a sequence: the router of `layer` reads the mean over the
   // pass's tokens (kRouterPromptTokens at most) of the layer's input norm (in xn_) and decides
-  // for the whole sequence.
+  // for the whole sequence. A layer routed off for the draft keeps its cache (the policy's
+  // passes write and read it).
   bool route(int layer, int n) {
+    const ExecutionPlan& routing = plans_.routing();
     const int hidden = config_.hidden_size;
     const int tokens = std::min(n, kRouterPromptTokens);
     std::fill(router_mean_.begin(), router_mean_.end(), 0.0f);
@@ -330,12 +354,12 @@ class CpuBackend final : public Backend {
     }
     for (float& v : router_mean_) v /= static_cast<float>(tokens);
     const float logit =
-        cpu::dot(plan_.router_weight.data() + static_cast<int64_t>(layer) * hidden,
-                 router_mean_.data(), hidden) + plan_.router_bias[layer];
-    const bool keep = router_keeps_layer(logit, plan_.threshold_logit);
+        cpu::dot(routing.router_weight.data() + static_cast<int64_t>(layer) * hidden,
+                 router_mean_.data(), hidden) + routing.router_bias[layer];
+    const bool keep = router_keeps_layer(logit, routing.threshold_logit);
     router_gate_[layer] = 1.0f / (1.0f + std::exp(-logit));
     layer_active_[layer] = keep ? 1 : 0;
-    if (keep) {
+    if (keep || !plans_.target.routes_sequences()) {
       allocate_kv(layer);
     } else {
       kv_[layer] = LayerCache{};  // a skipped layer holds no KV cache for this sequence
@@ -386,7 +410,7 @@ class CpuBackend final : public Backend {
   std::vector<float> before_ffn_;   // a_l of a decode step, for the saturation score
   std::vector<float> layer_input_;  // x_l of a decode step, for the layer score
 
-  ExecutionPlan plan_;
+  PlanPair plans_;
   SkipState state_;                    // the adaptive rule within a decode token
   std::vector<uint8_t> layer_active_;  // FiRST: the current sequence's routing
   std::vector<float> router_gate_;

@@ -133,40 +133,31 @@ class CudaBackend final : public Backend {
 
   void set_plan(const ExecutionPlan& plan) override {
     DeviceGuard guard(device_);
-    // The parts of the step record the graph does not write every step: the plan's own
-    // flags and NaN scores. Decided FFNs and computed scores are rewritten at every step.
-    const StepRecord& record = plan.decode_record;
-    const size_t layers = record.score.size();
-    std::vector<char> head(out_layout_.routed_off - out_layout_.score, 0);
-    std::memcpy(head.data(), record.score.data(), sizeof(float) * layers);
-    std::memcpy(head.data() + out_layout_.layer_score - out_layout_.score,
-                record.layer_score.data(), sizeof(float) * layers);
-    std::memcpy(head.data() + out_layout_.ffn_skipped - out_layout_.score,
-                record.ffn_skipped.data(), layers);
-    std::memcpy(head.data() + out_layout_.layer_skipped - out_layout_.score,
-                record.layer_skipped.data(), layers);
-    // From pageable memory: each call returns once the source has been staged.
-    CUDA_CHECK(cudaMemcpyAsync(step_out_ + out_layout_.score, head.data(), head.size(),
-                               cudaMemcpyHostToDevice, stream_.get()));
-    if (plan.routes_sequences()) {
-      CUDA_CHECK(cudaMemcpyAsync(router_weight_, plan.router_weight.data(),
-                                 sizeof(float) * plan.router_weight.size(),
-                                 cudaMemcpyHostToDevice, stream_.get()));
-      CUDA_CHECK(cudaMemcpyAsync(router_bias_, plan.router_bias.data(),
-                                 sizeof(float) * plan.router_bias.size(),
-                                 cudaMemcpyHostToDevice, stream_.get()));
-    }
-    plan_ = plan;
+    upload_routers(plan);
+    plans_.target = plan;
+    record_head_[0] = record_head(plan);
+    record_head_on_device_ = -1;
     decode_graph_.reset();  // captured again, for this plan, at the next decode step
+  }
+
+  void set_draft_plan(const ExecutionPlan& plan) override {
+    DeviceGuard guard(device_);
+    upload_routers(plan);
+    plans_.draft = plan;
+    record_head_[1] = record_head(plan);
+    record_head_on_device_ = -1;
+    draft_graph_.reset();
   }
 
   void run(const Pass& pass) override {
     DeviceGuard guard(device_);
-    if (pass.kind == PassKind::Decode) {
+    if (is_step(pass.kind)) {
       decode_step(pass);
       return;
     }
-    // Prefill in chunks; FiRST routes on the first, the last gives the logits.
+    // Prefill in chunks (a verify pass is one: kMaxVerifyTokens < the chunk); FiRST routes on
+    // the first, the last gives the logits.
+    const ExecutionPlan& plan = plans_.of(pass.kind);
     Pass chunk = pass;
     for (int done = 0; done < pass.n; done += chunk.n) {
       chunk.n = std::min(chunk_tokens_, pass.n - done);
@@ -175,7 +166,14 @@ class CudaBackend final : public Backend {
       chunk.routes = pass.routes && done == 0;
       chunk.logits = done + chunk.n == pass.n ? pass.logits : nullptr;
       upload_input(chunk);
-      forward(*this, chunk, plan_);
+      forward(*this, chunk, plan);
+    }
+    if (pass.kind == PassKind::Verify) {  // every row, straight into the caller's array
+      CUDA_CHECK(cudaMemcpyAsync(pass.logits, verify_logits_,
+                                 sizeof(float) * config_.vocab_size * pass.n,
+                                 cudaMemcpyDeviceToHost, stream_.get()));
+      CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+      return;
     }
     CUDA_CHECK(cudaMemcpyAsync(host_output_.get(), step_out_,
                                sizeof(float) * config_.vocab_size, cudaMemcpyDeviceToHost,
@@ -183,7 +181,6 @@ class CudaBackend final : public Backend {
     CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
     std::memcpy(pass.logits, host_output_.get(), sizeof(float) * config_.vocab_size);
   }
-
   // Every layer runs until a FiRST pass routes the sequence.
   void reset_routing() override {
     DeviceGuard guard(device_);
@@ -240,8 +237,8 @@ class CudaBackend final : public Backend {
   // ---- the sub-blocks of a pass, in the order forward() (plan.h) calls them ----
 
   void begin_pass(const Pass& pass) {
-    if (pass.kind == PassKind::Decode) {
-      launch_begin_token(plan_.rule, state_, pass_decode_index(), stream_.get());
+    if (is_step(pass.kind)) {
+      launch_begin_token(plans_.of(pass.kind).rule, state_, pass_decode_index(), stream_.get());
     }
     launch_embedding<T>(model_.embed.data, model_.embed.type, pass_tokens(), pass.n,
                         config_.hidden_size, x_, stream_.get());
@@ -256,7 +253,7 @@ class CudaBackend final : public Backend {
     const int q_dim = config_.q_dim();
     const int kv_dim = config_.kv_dim();
     const int qkv_dim = q_dim + 2 * kv_dim;
-    const bool decode = pass.kind == PassKind::Decode;
+    const bool decode = is_step(pass.kind);
     cudaStream_t stream = stream_.get();
     if (plan.layer_score) {  // x_l, for the layer score
       CUDA_CHECK(cudaMemcpyAsync(layer_input_, x_, sizeof(float) * hidden,
@@ -264,7 +261,7 @@ class CudaBackend final : public Backend {
     }
     launch_rmsnorm(x_, n, hidden, w.attn_norm, config_.rms_norm_eps, xn_, stream);
     const int32_t* layer_off = routed_flag(layer, plan);
-    if (plan.routed && pass.routes) route(layer, n);
+    if (pass.routes) route(layer, n);  // for this plan or the draft's (which then runs it)
 
     RopeKvArgs rope;
     rope.qkv = qkv_;
@@ -324,9 +321,21 @@ class CudaBackend final : public Backend {
     }
   }
 
-  // The logits of the pass's last token, into the step output (when the pass wants them).
+  // The logits of the pass's last token, into the step output (when the pass wants them); of
+  // every token of a verify pass, into verify_logits_ (one GEMM over the LM head).
   void end_pass(const Pass& pass) {
     if (pass.logits == nullptr) return;
+    if (pass.kind == PassKind::Verify) {
+      launch_rmsnorm(x_, pass.n, config_.hidden_size, model_.final_norm, config_.rms_norm_eps,
+                     xn_, stream_.get());
+      DeviceLinear<T> head;
+      head.weight = model_.lm_head;
+      head.rows = config_.vocab_size;
+      head.cols = config_.hidden_size;
+      gemm(cublas_.get(), stream_.get(),
+           gemm_args(head, xn_, pass.n, verify_logits_, config_.vocab_size, false));
+      return;
+    }
     const int64_t row = pass.n - 1;
     launch_logits_head(x_ + row * config_.hidden_size, config_.hidden_size, model_.final_norm,
                        config_.rms_norm_eps, model_.lm_head.data, model_.lm_head.type,
@@ -370,6 +379,7 @@ class CudaBackend final : public Backend {
     router_bias_ = arena.take<float>(c.num_layers);
     router_gate_ = arena.take<float>(c.num_layers);
     step_out_ = arena.take<char>(out_layout_.bytes);
+    verify_logits_ = arena.take<float>(static_cast<size_t>(kMaxVerifyTokens) * c.vocab_size);
     cublas_workspace_ = arena.take<char>(kCublasWorkspaceBytes);
     dequant_scratch_elements_ = model_.dequant_tile_elements();
     dequant_scratch_ = arena.take<T>(static_cast<size_t>(dequant_scratch_elements_));
@@ -406,11 +416,49 @@ class CudaBackend final : public Backend {
     CUDA_CHECK(cudaEventRecord(input_copied_.get(), stream_.get()));
   }
 
-  void capture_decode_graph(const Pass& pass) {
+  // FiRST's routers, from the plan that routes sequences (at most one of the pair does).
+  void upload_routers(const ExecutionPlan& plan) {
+    if (!plan.routes_sequences()) return;
+    CUDA_CHECK(cudaMemcpyAsync(router_weight_, plan.router_weight.data(),
+                               sizeof(float) * plan.router_weight.size(), cudaMemcpyHostToDevice,
+                               stream_.get()));
+    CUDA_CHECK(cudaMemcpyAsync(router_bias_, plan.router_bias.data(),
+                               sizeof(float) * plan.router_bias.size(), cudaMemcpyHostToDevice,
+                               stream_.get()));
+  }
+
+  // The parts of the step record the graph does not write every step: the plan's own flags and
+  // NaN scores. Decided FFNs and computed scores are rewritten at every step.
+  std::vector<char> record_head(const ExecutionPlan& plan) const {
+    const StepRecord& record = plan.decode_record;
+    const size_t layers = record.score.size();
+    std::vector<char> head(out_layout_.routed_off - out_layout_.score, 0);
+    std::memcpy(head.data(), record.score.data(), sizeof(float) * layers);
+    std::memcpy(head.data() + out_layout_.layer_score - out_layout_.score,
+                record.layer_score.data(), sizeof(float) * layers);
+    std::memcpy(head.data() + out_layout_.ffn_skipped - out_layout_.score,
+                record.ffn_skipped.data(), layers);
+    std::memcpy(head.data() + out_layout_.layer_skipped - out_layout_.score,
+                record.layer_skipped.data(), layers);
+    return head;
+  }
+
+  // Before a step of the policy (slot 0) or the draft (1): that plan's record head in the step
+  // output, copied only when the other plan's step ran last (a few hundred bytes).
+  void use_record_head(int slot) {
+    if (record_head_on_device_ == slot) return;
+    const std::vector<char>& head = record_head_[slot];
+    // From pageable memory: the call returns once the source has been staged.
+    CUDA_CHECK(cudaMemcpyAsync(step_out_ + out_layout_.score, head.data(), head.size(),
+                               cudaMemcpyHostToDevice, stream_.get()));
+    record_head_on_device_ = slot;
+  }
+
+  void capture_decode_graph(const Pass& pass, GraphExec& graph_out) {
     cudaStream_t stream = stream_.get();
     CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
     try {
-      forward(*this, pass, plan_);
+      forward(*this, pass, plans_.of(pass.kind));
     } catch (...) {
       cudaGraph_t broken = nullptr;
       cudaStreamEndCapture(stream, &broken);  // leaves the stream usable
@@ -422,18 +470,22 @@ class CudaBackend final : public Backend {
     Graph graph(captured);
     cudaGraphExec_t exec = nullptr;
     CUDA_CHECK(cudaGraphInstantiate(&exec, graph.get(), 0));
-    decode_graph_.reset(exec);
+    graph_out.reset(exec);
   }
 
   void decode_step(const Pass& pass) {
     if (pass.n != 1) throw std::logic_error("CUDA backend: a decode step has exactly one token");
+    const bool draft = pass.kind == PassKind::Draft;
+    const ExecutionPlan& plan = plans_.of(pass.kind);
+    use_record_head(draft ? 1 : 0);
     upload_input(pass);
     // The graph never routes: a FiRST sequence that starts with a decode step runs it eagerly.
+    GraphExec& graph = draft ? draft_graph_ : decode_graph_;
     if (use_graphs_ && !pass.routes) {
-      if (!decode_graph_) capture_decode_graph(pass);
-      CUDA_CHECK(cudaGraphLaunch(decode_graph_.get(), stream_.get()));
+      if (!graph) capture_decode_graph(pass, graph);
+      CUDA_CHECK(cudaGraphLaunch(graph.get(), stream_.get()));
     } else {
-      forward(*this, pass, plan_);
+      forward(*this, pass, plan);
     }
     CUDA_CHECK(cudaMemcpyAsync(host_output_.get(), step_out_, out_layout_.bytes,
                                cudaMemcpyDeviceToHost, stream_.get()));
@@ -454,7 +506,7 @@ class CudaBackend final : public Backend {
                                 bytes_at(out_layout_.layer_skipped) + layers);
     const auto* off = reinterpret_cast<const int32_t*>(out + out_layout_.routed_off);
     for (size_t l = 0; l < layers; ++l) {  // a routed-off layer runs neither sub-block
-      if (plan_.decode[l].routed && off[l] != 0) {
+      if (plan.decode[l].routed && off[l] != 0) {
         record.ffn_skipped[l] = 1;
         record.layer_skipped[l] = 1;
       }
@@ -469,7 +521,7 @@ class CudaBackend final : public Backend {
     const int32_t* skip_flag = routed_flag(layer, plan);
     if (plan.ffn == FFNMode::Adaptive || plan.ffn == FFNMode::Random) {  // decode: n == 1
       FfnGate gate;
-      gate.rule = plan_.rule;
+      gate.rule = plans_.of(pass.kind).rule;
       gate.mode = plan.ffn;
       gate.state = state_;
       gate.decode_index = pass_decode_index();
@@ -507,7 +559,7 @@ class CudaBackend final : public Backend {
     r.hidden = config_.hidden_size;
     r.weight = router_weight_ + static_cast<int64_t>(layer) * config_.hidden_size;
     r.bias = router_bias_ + layer;
-    r.threshold_logit = plan_.threshold_logit;
+    r.threshold_logit = plans_.routing().threshold_logit;
     r.layer_off = routed_off() + layer;
     r.gate = router_gate_ + layer;
     launch_route_layer(r, stream_.get());
@@ -615,7 +667,7 @@ class CudaBackend final : public Backend {
   PinnedMemory host_input_;   // the pass input of the next pass
   PinnedMemory host_output_;  // the step output, laid out as out_layout_
   Event input_copied_;
-  GraphExec decode_graph_;
+  GraphExec decode_graph_, draft_graph_;  // the policy's decode step, the draft's
 
   // Device pieces of arena_.
   DeviceModel<T> model_;
@@ -639,11 +691,14 @@ class CudaBackend final : public Backend {
   float* router_gate_ = nullptr;     // FiRST: per layer, the gate (NaN until routed)
   size_t kv_cache_bytes_ = 0;
   char* step_out_ = nullptr;  // logits, the step record, FiRST's flags (out_layout_)
+  float* verify_logits_ = nullptr;  // [kMaxVerifyTokens, vocab]: a verify pass's logits
   char* cublas_workspace_ = nullptr;
   T* dequant_scratch_ = nullptr;  // prefill: a tile of block-format weights as T
   int64_t dequant_scratch_elements_ = 0;
 
-  ExecutionPlan plan_;
+  PlanPair plans_;
+  std::vector<char> record_head_[2];  // of the policy's plan and the draft's (record_head)
+  int record_head_on_device_ = -1;    // which of them the step output holds
 };
 
 }  // namespace

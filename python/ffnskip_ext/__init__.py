@@ -36,6 +36,7 @@ from .runtime.policies import (
 from .runtime.routers import Routers, load_routers
 from .runtime.sampling import SamplingParams
 from .runtime.session import ChatSession
+from .runtime.speculative import Speculative, SpeculativeStats
 from .runtime.tokenizer import load_tokenizer
 
 __all__ = [
@@ -53,6 +54,8 @@ __all__ = [
     "RandomFFNSkip",
     "Routers",
     "SamplingParams",
+    "Speculative",
+    "SpeculativeStats",
     "StaticFFNSkip",
     "build_info",
     "cuda_available",

@@ -35,6 +35,10 @@ const char* dtype_name(DType dtype);
 // The canonical names, "auto", "float32", "float16", "bfloat16".
 const std::vector<std::string>& dtype_names();
 
+// The most tokens one Decoder::verify() appends: a speculative draft of up to 64 tokens after
+// the last accepted one.
+constexpr int kMaxVerifyTokens = 65;
+
 // Throws std::invalid_argument unless 0 <= token < vocab_size; `index` is its place in the input.
 void check_token_id(int64_t token, int64_t index, int vocab_size);
 
@@ -115,6 +119,25 @@ class Decoder {
   // position 0 routes a new one.
   void truncate(int position);
 
+  // Speculative decoding. verify() appends n tokens (1 <= n <= kMaxVerifyTokens) under the
+  // policy in one pass that reads each weight once (the CPU: one pass per 16 tokens) and
+  // writes the logits of every one (n * vocab_size floats; row t follows tokens[0..t]): what
+  // n step() calls return, to float rounding; on the CPU bit for bit, as its passes of up to
+  // 16 tokens compute each token as a step does. The policy must decide nothing per token
+  // (dense, static FFN skip, layer drop, FiRST; verifies()). draft_step() appends one token
+  // under the draft policy (dense until set) on the same cache; after truncate() a verify
+  // pass overwrites the K/V of drafted positions. Both policies stay compiled, so alternating
+  // them costs nothing. Neither call counts in stats().
+  void verify(const int32_t* tokens, int n, float* logits_out);
+  void draft_step(int32_t token, float* logits_out);
+  // Validates, then applies to later draft steps; on error the previous draft stays. A FiRST
+  // draft is routed by the pass that starts a sequence (which runs every layer for the
+  // policy), so it needs a policy that runs every layer in a prefill and is not FiRST itself.
+  // Draft steps under a FiRST policy are refused (the layers it routed off have no K/V).
+  void set_draft_policy(const SkipPolicy& policy);
+  bool verifies() const;
+  SkipPolicy draft_policy() const;
+
   // Validates, then applies to later steps; on error the previous policy stays. A FiRST
   // policy routes whole sequences: set mid-sequence, it routes from the next sequence on (every
   // layer runs until then), and leaving it mid-sequence is refused when it skipped layers
@@ -135,6 +158,7 @@ class Decoder {
   void run(PassKind kind, const int32_t* tokens, int n, float* logits_out,
            const InterruptCheck* interrupted = nullptr);
   void apply_policy(const SkipPolicy& policy, bool tracing);
+  void apply_draft_policy(const SkipPolicy& policy);
   void account(const StepRecord& record);
   void clear_stats();
 
@@ -148,12 +172,14 @@ class Decoder {
   int generation_start_ = 0;
   std::unique_ptr<Backend> backend_;
   SkipPolicy policy_;
+  SkipPolicy draft_policy_;
+  bool verifies_ = false;  // the policy decides nothing per token (ExecutionPlan::verifies)
   std::vector<uint8_t> kv_only_;  // per layer: a decode step writes only its K/V (early exit)
   WeightFootprint footprint_;
   DecodeStats stats_;
   bool tracing_ = false;
   std::vector<StepRecord> trace_;
-  StepRecord step_record_;
+  StepRecord step_record_, draft_record_;
   // Serialises calls: one Decoder used from several threads never interleaves two passes.
   mutable std::mutex mutex_;
 };

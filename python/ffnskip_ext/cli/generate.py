@@ -10,6 +10,7 @@ from .options import (
     add_model_options,
     add_sampling_options,
     load_model,
+    policy_named,
     sampling_kwargs,
     set_policy,
     warmup_note,
@@ -26,6 +27,13 @@ def add_parser(subparsers: Any) -> None:
     add_sampling_options(gen)
     gen.add_argument("--system", help="system message for the chat template")
     gen.add_argument("--raw", action="store_true", help="no chat template: encode the prompt as is")
+    gen.add_argument("--speculative", choices=("ngram", "self", "auto"),
+                     help="lossless speculative decoding: draft with prompt lookup, the model "
+                     "under a skip policy, or both; the policy verifies")
+    gen.add_argument("--draft-max", type=int, default=8,
+                     help="most tokens drafted per round (1..64)")
+    gen.add_argument("--draft-policy", help="skip policy of self drafts, as --policy (default: "
+                     "FFN-SkipLLM from the first token)")
     gen.set_defaults(func=run)
 
 
@@ -46,6 +54,13 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime.generate import generate
 
     text = read_prompt(args)
+    from ..runtime.speculative import Speculative
+
+    speculative = None
+    if args.speculative:
+        speculative = Speculative(
+            draft=args.speculative, max_draft=args.draft_max,
+            draft_policy=policy_named(args.draft_policy, args) if args.draft_policy else None)
     decoder, tokenizer = load_model(args)
     set_policy(decoder, args)
     if args.raw:
@@ -60,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     try:
-        result = generate(decoder, tokenizer, prompt, stream=stream, **sampling_kwargs(args))
+        result = generate(decoder, tokenizer, prompt, stream=stream, speculative=speculative,
+                          **sampling_kwargs(args))
     except KeyboardInterrupt:  # Ctrl-C: what was decoded so far, and no traceback
         sys.stdout.write("\n")
         if not args.quiet:
@@ -79,4 +95,13 @@ def run(args: argparse.Namespace) -> int:
         f"warm-up){warmup_note(decoder)}, layer skip ratio {stats.layer_skip_ratio:.1%}]",
         file=sys.stderr,
     )
+    if result.speculative is not None:
+        spec = result.speculative
+        print(
+            f"[speculative {args.speculative}: {spec.accepted}/{spec.drafted} drafted tokens "
+            f"accepted ({spec.acceptance_rate:.1%}), {spec.mean_accepted_length:.2f} per verify "
+            f"pass, {spec.verify_passes} passes, draft {spec.draft_seconds:.2f} s, verify "
+            f"{spec.verify_seconds:.2f} s, {result.decode_tokens_per_s:.1f} tokens/s]",
+            file=sys.stderr,
+        )
     return 0

@@ -92,14 +92,19 @@ def model_path(args: argparse.Namespace) -> str:
     return resolve_model(args.model)
 
 
-def set_policy(decoder: Any, args: argparse.Namespace) -> None:
-    """Applies ``--policy``: a file, a preset, or 'first' (the routers trained for the model)."""
+def policy_named(name: str, args: argparse.Namespace) -> Any:
+    """A policy file, a preset, or 'first' (the routers trained for the model)."""
     from ..runtime.policies import FiRSTPolicy, load_policy
 
-    if args.policy == "first":
-        decoder.set_policy(FiRSTPolicy.for_model(model_path(args)))
-    elif args.policy:
-        decoder.set_policy(load_policy(args.policy))
+    if name == "first":
+        return FiRSTPolicy.for_model(model_path(args))
+    return load_policy(name)
+
+
+def set_policy(decoder: Any, args: argparse.Namespace) -> None:
+    """Applies ``--policy``."""
+    if args.policy:
+        decoder.set_policy(policy_named(args.policy, args))
 
 
 def warmup_note(decoder: Any) -> str:

@@ -96,6 +96,7 @@ class Decoder:
             int(num_threads or 0),
         )
         self._policy: Policy = DensePolicy()
+        self._draft_policy: Policy = DensePolicy()
         self._owner = threading.RLock()
 
     @contextlib.contextmanager
@@ -174,6 +175,42 @@ class Decoder:
             raise ValueError(f"token id {token_id} is outside the vocabulary")
         with self._owner:
             return self._native.step(int(token_id))
+
+    def verify(self, token_ids: Iterable[int] | np.ndarray) -> np.ndarray:
+        """Append k tokens (1 <= k <= 65) in one pass under the policy; returns float32
+        logits ``[k, vocab_size]``, row t those after token t: what k ``step`` calls return,
+        to float rounding, with each weight read once. The policy must decide nothing per
+        token (dense, StaticFFNSkip, LayerDrop, FiRST). Speculative decoding verifies drafts
+        with it; ``truncate`` then drops the rejected tail. Not counted in ``stats()``."""
+        return self._native.verify(_token_array(token_ids))
+
+    def draft_step(self, token_id: int) -> np.ndarray:
+        """Append one token under the draft policy (``set_draft_policy``, dense until set);
+        returns its logits. Same cache as ``step``; not counted in ``stats()``."""
+        if not _is_int(token_id):
+            raise TypeError(f"token id must be an integer, got {type(token_id).__name__}")
+        if not _INT64.min <= int(token_id) <= _INT64.max:
+            raise ValueError(f"token id {token_id} is outside the vocabulary")
+        return self._native.draft_step(int(token_id))
+
+    @property
+    def verifies(self) -> bool:
+        """``verify`` works under the policy: it decides nothing per token."""
+        return bool(self._native.verifies)
+
+    @property
+    def draft_policy(self) -> Policy:
+        return self._draft_policy
+
+    def set_draft_policy(self, policy: Policy) -> None:
+        """The skip policy of later ``draft_step`` calls. Policy and draft stay compiled side
+        by side, so alternating ``draft_step`` and ``verify`` costs nothing. A FiRST draft is
+        routed by the pass that starts a sequence (under a policy that runs every layer).
+        Invalid values raise ``ValueError`` and the previous draft policy stays."""
+        if not isinstance(policy, Policy):
+            raise TypeError(f"expected a Policy, got {type(policy).__name__}")
+        self._native.set_draft_policy(**policy.engine_args(self.config.num_layers))
+        self._draft_policy = policy
 
     @property
     def dtype(self) -> str:

@@ -13,6 +13,13 @@ import numpy as np
 
 from .decoder import Decoder
 from .sampling import SamplingParams, sample
+from .speculative import (
+    Speculative,
+    SpeculativeStats,
+    prepare_speculation,
+    resolve_speculative,
+    speculative_decode,
+)
 
 Message = dict[str, str]
 
@@ -27,6 +34,7 @@ class GenerationResult:
     prefill_ms: float
     decode_tokens_per_s: float
     cached_tokens: int = 0  # prompt tokens whose K/V were already cached (ChatSession)
+    speculative: SpeculativeStats | None = None  # drafts and their acceptance; None without
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +138,7 @@ def generate(
     stop_at: Callable[[str], int | None] | None = None,
     min_p: float = 0.0,
     repeat_penalty: float = 1.0,
+    speculative: str | Speculative | None = None,
 ) -> GenerationResult:
     """Reset the decoder, prefill the prompt and decode up to ``max_new_tokens`` tokens.
 
@@ -137,14 +146,34 @@ def generate(
     end-of-sequence token, at a ``stop`` string (excluded from the text), where
     ``stop_at(text)`` returns a position (the text is cut there; for ends a stop string
     cannot express), after ``max_new_tokens`` or when the context is full.
+
+    ``speculative`` ("ngram", "self", "auto" or a ``Speculative``) drafts tokens and verifies
+    them with the decoder's policy in one pass: the output is that of plain decoding (greedy:
+    token for token; sampling: the same distribution); ``result.speculative`` reports the
+    drafts' acceptance.
     """
     options = DecodeOptions.make(max_new_tokens, temperature, top_k, top_p, seed, stop, stop_at,
                                  min_p=min_p, repeat_penalty=repeat_penalty)
+    spec = speculation_for(speculative, options)
     prompt_ids = encode_prompt(tokenizer, prompt_or_messages)
     check_prompt_fits(decoder, len(prompt_ids))
     with decoder.exclusive():  # other threads' calls would interleave with this generation
+        if spec is not None:
+            prepare_speculation(decoder, spec)
         decoder.reset()
-        return prefill_and_decode(decoder, tokenizer, prompt_ids, 0, options, stream)
+        return prefill_and_decode(decoder, tokenizer, prompt_ids, 0, options, stream,
+                                  speculative=spec)
+
+
+def speculation_for(speculative: str | Speculative | None,
+                    options: DecodeOptions) -> Speculative | None:
+    """The resolved speculation of a generation, or None; refused before any work where the
+    verification rule cannot give plain decoding's tokens."""
+    spec = resolve_speculative(speculative)
+    if spec is not None and options.sampling.repeat_penalty != 1.0:
+        raise ValueError("speculative: repeat_penalty is not supported with speculative decoding "
+                         "(its drafts are accepted against the unpenalised distribution)")
+    return spec
 
 
 def prefill_and_decode(
@@ -155,15 +184,18 @@ def prefill_and_decode(
     options: DecodeOptions,
     stream: Callable[[str], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    speculative: Speculative | None = None,
 ) -> GenerationResult:
     """The generation loop of ``generate`` and ``ChatSession``: the cache holds the first
     ``cached_tokens`` prompt ids; prefill the rest, then sample, detokenize, stream and stop.
-    ``cancelled()`` is asked before every decode step; True ends the generation there."""
+    ``cancelled()`` is asked before every decode step (or speculative round); True ends the
+    generation there. With ``speculative`` (the caller ran ``prepare_speculation`` before
+    touching the cache), drafts are verified by the decoder's policy and the tokens are those
+    of plain decoding (greedy: the same; sampling: the same distribution)."""
     eos_ids = set(decoder.config.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos_ids.add(int(tokenizer.eos_token_id))
     rng = np.random.default_rng(options.seed)
-    stops = options.stops
     bias = None
     if options.logit_bias:
         ids, values = zip(*options.logit_bias, strict=True)
@@ -176,45 +208,105 @@ def prefill_and_decode(
     logits = decoder.prefill(prompt_ids[cached_tokens:])
     prefill_ms = (time.perf_counter() - start) * 1e3
 
-    generated: list[int] = []
-    text = emitted = ""
-    finish_reason = "length"
-    steps = 0
+    transcript = Transcript(tokenizer, eos_ids, options, stream, len(prompt_ids),
+                            decoder.max_seq_len)
+    spec_stats = None
     decode_start = time.perf_counter()
-    while len(generated) < options.max_new_tokens:
-        previous = [*prompt_ids, *generated] if options.sampling.repeat_penalty != 1.0 else ()
-        token = sample(logits if bias is None else logits + bias, options.sampling, rng, previous)
-        if token in eos_ids:
-            finish_reason = "eos"
-            break
-        generated.append(token)
-        new_text = tokenizer.decode(generated, skip_special_tokens=True)
-        hit = _first_stop(new_text, stops, options.stop_at)
-        if hit is not None:
-            new_text = new_text[:hit]
-            finish_reason = "stop"
-        text = new_text
-        emitted = _emit(stream, emitted, _settled(text, stops))
-        if finish_reason == "stop":
-            break
-        if len(generated) == options.max_new_tokens or decoder.position >= decoder.max_seq_len:
+    if speculative is not None:
+        spec_stats = speculative_decode(decoder, speculative, prompt_ids, logits, transcript,
+                                        options, bias, rng, cancelled)
+    else:
+        _plain_decode(decoder, prompt_ids, logits, transcript, options, bias, rng, cancelled)
+    decode_s = time.perf_counter() - decode_start
+    decided = transcript.decided_tokens
+    transcript.flush()
+    return GenerationResult(
+        text=transcript.text,
+        token_ids=transcript.tokens,
+        prompt_tokens=len(prompt_ids),
+        finish_reason=transcript.finish_reason,
+        prefill_ms=prefill_ms,
+        decode_tokens_per_s=decided / decode_s if decided and decode_s > 0 else 0.0,
+        cached_tokens=cached_tokens,
+        speculative=spec_stats,
+    )
+
+
+def _plain_decode(decoder: Decoder, prompt_ids: Sequence[int], logits: np.ndarray,
+                  transcript: Transcript, options: DecodeOptions, bias: np.ndarray | None,
+                  rng: np.random.Generator, cancelled: Callable[[], bool] | None) -> None:
+    """One step per token."""
+    penalise = options.sampling.repeat_penalty != 1.0
+    while not transcript.done:
+        previous = [*prompt_ids, *transcript.tokens] if penalise else ()
+        if transcript.push(sample(logits if bias is None else logits + bias, options.sampling,
+                                  rng, previous)):
             break
         if cancelled is not None and cancelled():
-            finish_reason = "cancelled"
+            transcript.cancel()
             break
-        logits = decoder.step(token)
-        steps += 1
-    decode_s = time.perf_counter() - decode_start
-    _emit(stream, emitted, text)
-    return GenerationResult(
-        text=text,
-        token_ids=generated,
-        prompt_tokens=len(prompt_ids),
-        finish_reason=finish_reason,
-        prefill_ms=prefill_ms,
-        decode_tokens_per_s=steps / decode_s if steps and decode_s > 0 else 0.0,
-        cached_tokens=cached_tokens,
-    )
+        logits = decoder.step(transcript.tokens[-1])
+
+
+class Transcript:
+    """The generated tokens and text as tokens arrive, for the plain and the speculative loop:
+    the end of sequence, stop strings, ``max_new_tokens`` and the end of the context decide
+    where the generation ends, and the text settled so far goes to ``stream``."""
+
+    def __init__(self, tokenizer: Any, eos_ids: set[int], options: DecodeOptions,
+                 stream: Callable[[str], None] | None, prompt_tokens: int,
+                 max_seq_len: int) -> None:
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason = "length"
+        self.done = options.max_new_tokens == 0
+        self._tokenizer, self._eos_ids, self._options = tokenizer, eos_ids, options
+        self._stream, self._emitted = stream, ""
+        self._prompt_tokens, self._max_seq_len = prompt_tokens, max_seq_len
+
+    def push(self, token: int) -> bool:
+        """Takes the next token; True when the generation ends with it (an end-of-sequence
+        token ends it without being kept)."""
+        if token in self._eos_ids:
+            return self._finish("eos")
+        self.tokens.append(token)
+        new_text = self._tokenizer.decode(self.tokens, skip_special_tokens=True)
+        hit = _first_stop(new_text, self._options.stops, self._options.stop_at)
+        if hit is not None:
+            new_text = new_text[:hit]
+        self.text = new_text
+        self._emitted = _emit(self._stream, self._emitted, _settled(new_text, self._options.stops))
+        if hit is not None:
+            return self._finish("stop")
+        # The last token is never fed back, so the cache holds one token less than the text.
+        context_full = self._prompt_tokens + len(self.tokens) - 1 >= self._max_seq_len
+        if len(self.tokens) == self._options.max_new_tokens or context_full:
+            return self._finish("length")
+        return False
+
+    def cancel(self) -> None:
+        self._finish("cancelled")
+
+    @property
+    def cache_tokens(self) -> int:
+        """Tokens the cache of plain decoding holds at this point: the prompt and every
+        generated token fed back (all but the last, which an end of sequence followed)."""
+        fed_back = len(self.tokens) - (0 if self.finish_reason == "eos" else 1)
+        return self._prompt_tokens + max(0, fed_back)
+
+    @property
+    def decided_tokens(self) -> int:
+        """Tokens decided after the prefill's (plain decoding: its steps)."""
+        return self.cache_tokens - self._prompt_tokens
+
+    def flush(self) -> None:
+        """Streams what is left of the text (held back while it could still change)."""
+        self._emitted = _emit(self._stream, self._emitted, self.text)
+
+    def _finish(self, reason: str) -> bool:
+        self.finish_reason = reason
+        self.done = True
+        return True
 
 
 def _settled(text: str, stops: Sequence[str]) -> str:

@@ -20,8 +20,10 @@ from .generate import (
     check_prompt_fits,
     encode_prompt,
     prefill_and_decode,
+    speculation_for,
 )
 from .policies import Policy
+from .speculative import Speculative, prepare_speculation
 
 # Policies whose decode steps write the same K/V as a prefill of the same tokens (to float
 # rounding), so that generated tokens can be reused as prompt. The others skip work in
@@ -99,22 +101,28 @@ class ChatSession:
         logit_bias: Mapping[int, float] | None = None,
         min_p: float = 0.0,
         repeat_penalty: float = 1.0,
+        speculative: str | Speculative | None = None,
     ) -> GenerationResult:
         """As ``ffnskip_ext.generate``, reusing the cache: ``prompt`` is a string, chat
         messages or token ids; ``result.cached_tokens`` says how many prompt tokens were not
         computed again. ``cancelled()`` is asked before every decode step (finish_reason
-        "cancelled"); ``logit_bias`` adds to the logits of token ids before sampling."""
+        "cancelled"); ``logit_bias`` adds to the logits of token ids before sampling;
+        ``speculative`` drafts and verifies as in ``generate`` (the cache ends as without)."""
         options = DecodeOptions.make(max_new_tokens, temperature, top_k, top_p, seed, stop,
                                      stop_at, logit_bias, min_p, repeat_penalty)
+        spec = speculation_for(speculative, options)
         prompt_ids = _prompt_ids(self.tokenizer, prompt)
         check_prompt_fits(self.decoder, len(prompt_ids))
         with self.decoder.exclusive():
-            return self._generate(prompt_ids, options, stream, cancelled)
+            return self._generate(prompt_ids, options, stream, cancelled, spec)
 
     def _generate(self, prompt_ids: list[int], options: DecodeOptions,
                   stream: Callable[[str], None] | None,
-                  cancelled: Callable[[], bool] | None) -> GenerationResult:
+                  cancelled: Callable[[], bool] | None,
+                  spec: Speculative | None) -> GenerationResult:
         cached = self.reusable_tokens(prompt_ids)
+        if spec is not None:
+            prepare_speculation(self.decoder, spec)
         try:
             if cached:
                 self.decoder.truncate(cached)
@@ -123,7 +131,7 @@ class ChatSession:
             # Forget the cache first: an exception below leaves it unknown.
             self._tokens, self._position = [], -1
             result = prefill_and_decode(self.decoder, self.tokenizer, prompt_ids, cached,
-                                        options, stream, cancelled)
+                                        options, stream, cancelled, spec)
         except BaseException:
             self._tokens, self._position = [], -1
             raise
