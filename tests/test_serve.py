@@ -154,6 +154,20 @@ def test_greedy_answers_equal_generate(url, name, reference) -> None:
     assert text.usage.completion_tokens == len(want.token_ids)
 
 
+@pytest.mark.parametrize("mode", ["ngram", "self"])
+def test_speculative_answers_equal_plain_generate(url, name, reference, mode) -> None:
+    body = chat("Repeat: the cat sat on the mat, the cat sat on the mat.", max_tokens=24)
+    before = metrics(url)
+    answer = client(url).chat.completions.create(
+        model=name, extra_body={"ffnskip": {"speculative": mode}}, **body)
+    want = reference(body["messages"], max_new_tokens=24)
+    assert answer.choices[0].message.content == want.text
+    if mode == "ngram":  # the repeated prompt has matches; a self draft on this random tiny
+        # model may stop before its first token (its top-1 probabilities are low)
+        drafted = "ffnskip_speculative_drafted_tokens_total"
+        assert metrics(url)[drafted] > before.get(drafted, 0.0)
+
+
 def test_streaming_deltas_concatenate_to_the_answer(url, name, reference) -> None:
     body = chat("Stream this, please.", max_tokens=20)
     chunks = list(client(url).chat.completions.create(
@@ -280,6 +294,10 @@ BAD_CHAT = [
      "ffnskip.policy"),
     ({"ffnskip": {"policy": "first"}}, "ffnskip.policy"),  # no routers beside this model
     ({"ffnskip": {"polcy": "dense"}}, "ffnskip"),
+    ({"ffnskip": {"speculative": "beam"}}, "ffnskip.speculative"),
+    ({"ffnskip": {"speculative": 3}}, "ffnskip.speculative"),
+    # FFN-SkipLLM decides per token: it cannot verify drafts
+    ({"ffnskip": {"policy": "ffn-skip", "speculative": "ngram"}}, None),
 ]
 BAD_COMPLETIONS = [
     ({"prompt": None}, "prompt"),

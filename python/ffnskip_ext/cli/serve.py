@@ -21,6 +21,10 @@ def add_parser(subparsers: Any) -> None:
                        help="decoders, each with its own KV cache and thread (default 1)")
     serve.add_argument("--policy", help="default skip policy: a JSON file, 'ffn-skip', 'dense' "
                                         "or 'first' (FiRST routers next to the model)")
+    serve.add_argument("--speculative", choices=("ngram", "self", "auto"),
+                       help="lossless speculative decoding for every request that does not ask "
+                            "otherwise (ffnskip.speculative: a mode or 'none'); needs a policy "
+                            "that verifies (dense, static, layer drop, FiRST)")
     serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                        help=f"require 'Authorization: Bearer KEY' on /v1 (default: "
                             f"${API_KEY_ENV})")
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(
         model_path(args), workers=args.workers, device=args.device, dtype=args.dtype,
         max_seq_len=args.max_seq_len, num_threads=args.threads, policy=args.policy,
-        api_key=args.api_key, queue_size=args.queue_size,
+        api_key=args.api_key, queue_size=args.queue_size, speculative=args.speculative,
     )
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, timeout_graceful_shutdown=args.shutdown_timeout,

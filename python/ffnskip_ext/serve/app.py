@@ -37,6 +37,7 @@ from .metrics import CONTENT_TYPE, Metrics, StatusCounter
 from .policy_cache import PolicyCache, server_policy
 from .responses import DONE, Completion, sse
 from .validation import (
+    SPECULATIVE_MODES,
     CompletionRequest,
     PreparedPrompt,
     parse_json,
@@ -69,6 +70,7 @@ class _Server:
     vocab_size: int
     api_key: str | None
     created: int
+    speculative: str | None  # the default draft mode of requests, or None
 
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -95,17 +97,23 @@ def create_app(
     api_key: str | None = None,
     queue_size: int = DEFAULT_QUEUE_SIZE,
     model_name: str | None = None,
+    speculative: str | None = None,
 ) -> Starlette:
     """An ASGI application serving ``model`` (a path or a name of ``ffnskip models list``;
     default: the bundled SmolLM2) with ``workers`` decoders. ``dtype`` is as in
     ``Decoder.from_pretrained`` (default "auto": the types the file stores). ``num_threads``
     is per decoder (default: the CPUs shared out among the workers); ``policy`` is the
     default skip policy (a Policy, "first", or what ``load_policy`` takes); ``queue_size``
-    requests may wait when every worker is busy. The model is loaded here; the workers start
-    with the application (its lifespan)."""
+    requests may wait when every worker is busy; ``speculative`` ("ngram", "self" or "auto")
+    drafts and verifies every request that does not say otherwise (lossless: the tokens are
+    the policy's own). The model is loaded here; the workers start with the application (its
+    lifespan)."""
     for name, value in (("workers", workers), ("queue_size", queue_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if speculative is not None and speculative not in SPECULATIVE_MODES[:-1]:
+        raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES[:-1])} or "
+                         f"None, got {speculative!r}")
     path = resolve_model(model)
     threads = num_threads or max(1, (os.cpu_count() or 1) // workers)
     # The checkpoint is opened once for every worker (memory-mapped, read as from_pretrained
@@ -133,7 +141,7 @@ def create_app(
         policies=PolicyCache(path, config.num_layers, default_policy), tokenizer=tokenizer,
         preparer=ThreadPoolExecutor(1, thread_name_prefix="ffnskip-prepare"),
         max_seq_len=decoders[0].max_seq_len, vocab_size=config.vocab_size, api_key=api_key,
-        created=int(time.time()),
+        created=int(time.time()), speculative=speculative,
     )
 
     @contextlib.asynccontextmanager
@@ -188,7 +196,9 @@ async def _complete(server: _Server, request: Request, chat: bool) -> Response:
     prompt, policy = await loop.run_in_executor(server.preparer, server.prepare, parsed)
     options = {"max_new_tokens": prompt.max_tokens, "temperature": parsed.temperature,
                "top_k": parsed.top_k, "top_p": parsed.top_p, "seed": parsed.seed,
-               "stop": parsed.stop, "logit_bias": parsed.logit_bias}
+               "stop": parsed.stop, "logit_bias": parsed.logit_bias,
+               "speculative": server.speculative if parsed.speculative is None
+               else None if parsed.speculative == "none" else parsed.speculative}
     job = Job(prompt.ids, policy, options, loop)
     server.pool.submit(job)
     completion = Completion.new(chat, server.model_name)

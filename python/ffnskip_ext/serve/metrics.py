@@ -37,6 +37,9 @@ class Metrics:
             self._totals["decode_steps"] += steps
             self._totals["ffn_blocks"] += steps * len(stats.ffn_skipped)
             self._totals["ffn_blocks_skipped"] += int(stats.ffn_skipped.sum())
+            if result.speculative is not None:
+                self._totals["drafted_tokens"] += result.speculative.drafted
+                self._totals["accepted_tokens"] += result.speculative.accepted
             if steps and result.decode_tokens_per_s > 0:
                 self._decode_seconds += steps / result.decode_tokens_per_s
 
@@ -65,6 +68,10 @@ class Metrics:
             ("ffnskip_ffn_blocks_total", "ffn_blocks", "FFN blocks of decode steps"),
             ("ffnskip_ffn_blocks_skipped_total", "ffn_blocks_skipped",
              "FFN blocks the skip policy skipped"),
+            ("ffnskip_speculative_drafted_tokens_total", "drafted_tokens",
+             "tokens drafted by speculative decoding"),
+            ("ffnskip_speculative_accepted_tokens_total", "accepted_tokens",
+             "drafted tokens the verification kept"),
         ):
             _family(lines, name, "counter", text, [("", totals.get(key, 0))])
         _family(lines, "ffnskip_decode_seconds_total", "counter",
@@ -75,6 +82,10 @@ class Metrics:
         _family(lines, "ffnskip_ffn_skip_ratio", "gauge",
                 "skipped / all FFN blocks of decode steps, since the start",
                 [("", totals.get("ffn_blocks_skipped", 0) / blocks if blocks else 0.0)])
+        drafted = totals.get("drafted_tokens", 0)
+        _family(lines, "ffnskip_speculative_acceptance_rate", "gauge",
+                "accepted / drafted tokens of speculative decoding, since the start",
+                [("", totals.get("accepted_tokens", 0) / drafted if drafted else 0.0)])
         _family(lines, "ffnskip_queue_length", "gauge", "requests waiting for a worker",
                 [("", queue_length)])
         _family(lines, "ffnskip_workers_busy", "gauge", "workers generating",

@@ -49,6 +49,7 @@ class CompletionRequest:
     include_usage: bool
     logit_bias: dict[int, float]
     policy: str | dict[str, Any] | None  # "ffnskip": {"policy": ...} as sent
+    speculative: str | None  # "ffnskip": {"speculative": ...}: a mode, "none", or None (default)
 
 
 def parse_json(raw: bytes) -> Any:
@@ -97,6 +98,7 @@ def parse_request(body: Any, chat: bool, model_name: str, vocab_size: int) -> Co
         top_p=1.0 if top_p is None else float(top_p), top_k=top_k or 0, seed=seed,
         stop=_stop(body), stream=stream, include_usage=_include_usage(body, stream),
         logit_bias=_logit_bias(body, vocab_size), policy=_policy(body),
+        speculative=_speculative(body),
     )
 
 
@@ -281,7 +283,7 @@ def _policy(body: dict[str, Any]) -> str | dict[str, Any] | None:
     extension = _optional(body, "ffnskip", dict)
     if extension is None:
         return None
-    unknown = set(extension) - {"policy"}
+    unknown = set(extension) - {"policy", "speculative"}
     if unknown:
         raise bad_request(f"ffnskip: unknown field(s) {', '.join(sorted(unknown))}", "ffnskip")
     policy = extension.get("policy")
@@ -290,3 +292,15 @@ def _policy(body: dict[str, Any]) -> str | dict[str, Any] | None:
                           "ffnskip.policy", "invalid_type")
     return policy
 
+
+
+SPECULATIVE_MODES = ("ngram", "self", "auto", "none")
+
+
+def _speculative(body: dict[str, Any]) -> str | None:
+    extension = _optional(body, "ffnskip", dict) or {}
+    mode = extension.get("speculative")
+    if mode is not None and mode not in SPECULATIVE_MODES:
+        raise bad_request(f"ffnskip.speculative must be one of {', '.join(SPECULATIVE_MODES)}, "
+                          f"got {mode!r}", "ffnskip.speculative")
+    return mode
