@@ -328,12 +328,12 @@ class CudaBackend final : public Backend {
     if (pass.kind == PassKind::Verify) {
       launch_rmsnorm(x_, pass.n, config_.hidden_size, model_.final_norm, config_.rms_norm_eps,
                      xn_, stream_.get());
-      DeviceLinear<T> head;
-      head.weight = model_.lm_head;
+      DeviceLinear head;
+      head.segments[0] = model_.lm_head;
+      head.num_segments = 1;
       head.rows = config_.vocab_size;
       head.cols = config_.hidden_size;
-      gemm(cublas_.get(), stream_.get(),
-           gemm_args(head, xn_, pass.n, verify_logits_, config_.vocab_size, false));
+      linear(head, xn_, pass.n, verify_logits_, config_.vocab_size, false, nullptr);
       return;
     }
     const int64_t row = pass.n - 1;
