@@ -246,7 +246,8 @@ def speculative_decode(decoder: Decoder, spec: Speculative, prompt_ids: Sequence
             decoder.truncate(position)
             stats.self_rounds += bool(draft)
         verified = time.perf_counter()
-        rows = decoder.verify([token, *draft])
+        # Without a draft a step is the same pass (bit for bit) and, on CUDA, a graph replay.
+        rows = decoder.verify([token, *draft]) if draft else decoder.step(token)[None]
         kept, token = rule.accept(rows, draft, draft_probs)
         decoder.truncate(position + 1 + kept)
         stats.draft_seconds += verified - began
