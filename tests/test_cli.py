@@ -168,3 +168,12 @@ def test_ctrl_c_in_chat_stops_the_answer_and_the_chat_goes_on() -> None:
     text = err.decode()
     assert process.returncode == 0, text[-3000:]
     assert "finish=cancelled" in text and "[cache " in text and "Traceback" not in text
+
+
+def test_an_uncapped_ffn_skip_policy_gets_a_warning(tiny_chat_model_dir) -> None:
+    model = ["--model", str(tiny_chat_model_dir), "--max-new-tokens", "2"]
+    uncapped = run_cli("generate", "hi", *model, "--policy", '{"kind": "ffn_skip", "version": 1}')
+    assert uncapped.returncode == 0, uncapped.stderr[-3000:]
+    assert "warning: an FFN-SkipLLM policy without max_skips_per_token" in uncapped.stderr
+    preset = run_cli("generate", "hi", *model, "--policy", "ffn-skip")
+    assert preset.returncode == 0 and "warning" not in preset.stderr, preset.stderr[-3000:]

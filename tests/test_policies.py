@@ -236,7 +236,8 @@ def test_policies_round_trip_through_json(tmp_path) -> None:
         file = tmp_path / f"{policy.kind}.json"
         file.write_text(policy.to_json())
         assert load_policy(file) == policy
-    assert load_policy("dense") == DensePolicy() and load_policy("ffn-skip") == FFNSkipPolicy()
+    assert load_policy("dense") == DensePolicy()
+    assert load_policy("ffn-skip") == FFNSkipPolicy(max_skips_per_token=4)
 
 
 @pytest.mark.parametrize(

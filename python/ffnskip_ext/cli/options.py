@@ -102,9 +102,16 @@ def policy_named(name: str, args: argparse.Namespace) -> Any:
 
 
 def set_policy(decoder: Any, args: argparse.Namespace) -> None:
-    """Applies ``--policy``."""
+    """Applies ``--policy``, with a warning for a policy known to change answers."""
+    from ..runtime.policies import is_aggressive
+
     if args.policy:
-        decoder.set_policy(policy_named(args.policy, args))
+        policy = policy_named(args.policy, args)
+        if is_aggressive(policy) and not getattr(args, "quiet", False):
+            print("warning: an FFN-SkipLLM policy without max_skips_per_token often turns "
+                  "answers into garbage after its warm-up; the 'ffn-skip' preset caps it at 4, "
+                  "or draft with it (--speculative self) for dense output", file=sys.stderr)
+        decoder.set_policy(policy)
 
 
 def warmup_note(decoder: Any) -> str:
