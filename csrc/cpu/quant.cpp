@@ -7,6 +7,7 @@
 
 #include "../core/half.h"
 #include "../core/tensor_types.h"
+#include "linear.h"
 
 #ifdef FFNSKIP_X86_DISPATCH
 #include <immintrin.h>
@@ -701,26 +702,45 @@ FFNSKIP_TARGET_AVX2 void rows_avx2(const QuantMatrix& w, const QuantInput& input
   for (int64_t t0 = 0; t0 < n; t0 += kTokenBlock) {
     const int64_t t_end = std::min(n, t0 + kTokenBlock);
     const int64_t t_tiled = t0 + (t_end - t0) / T * T;
-    for (int64_t row = row_begin; row < row_end && t_tiled > t0; row += R) {
-      const int panel_rows = static_cast<int>(std::min<int64_t>(R, row_end - row));
-      unpack_panel<kType>(w, row, panel_rows, panel);
-      if (panel_rows == R) {
-        const PanelRows<kType> unpacked(panel, blocks, 0);
-        for (int64_t t = t0; t < t_tiled; t += T) {
-          tile_avx2<kType, R, T>(unpacked, blocks, x + t * blocks, y + t * y_stride, y_stride,
+    // Tiles of T tokens, then the last few one by one, over R rows read through `w_rows`.
+    auto row_tiles = [&](const auto& w_rows, int rows_here, int64_t row) {
+      for (int64_t t = t0; t < t_tiled; t += T) {
+        if (rows_here == R) {
+          tile_avx2<kType, R, T>(w_rows, blocks, x + t * blocks, y + t * y_stride, y_stride,
                                  row, accumulate);
+        } else {
+          tile_avx2<kType, 1, T>(w_rows, blocks, x + t * blocks, y + t * y_stride, y_stride,
+                                 row, accumulate);
+        }
+      }
+      for (int64_t t = t_tiled; t < t_end; ++t) {
+        if (rows_here == R) {
+          tile_avx2<kType, R, 1>(w_rows, blocks, x + t * blocks, y + t * y_stride, y_stride,
+                                 row, accumulate);
+        } else {
+          tile_avx2<kType, 1, 1>(w_rows, blocks, x + t * blocks, y + t * y_stride, y_stride,
+                                 row, accumulate);
+        }
+      }
+    };
+    // Two tokens or more read each weight from memory once. Up to kStepExactTokens (a
+    // speculative verification) the tiles decode the stored blocks, which stay in L1 for the
+    // next tokens; more tokens amortise unpacking a panel of rows once per block of tokens.
+    for (int64_t row = row_begin; row < row_end && t_end - t0 > 1; row += R) {
+      const int panel_rows = static_cast<int>(std::min<int64_t>(R, row_end - row));
+      if (t_end - t0 <= kStepExactTokens) {
+        for (int r = 0; r < panel_rows; r += (panel_rows == R ? R : 1)) {
+          row_tiles(StoredRows<kType>{rows + (row + r) * blocks, blocks},
+                    panel_rows == R ? R : 1, row + r);
         }
         continue;
       }
-      for (int r = 0; r < panel_rows; ++r) {  // the last rows, fewer than R
-        const PanelRows<kType> unpacked(panel, blocks, r);
-        for (int64_t t = t0; t < t_tiled; t += T) {
-          tile_avx2<kType, 1, T>(unpacked, blocks, x + t * blocks, y + t * y_stride, y_stride,
-                                 row + r, accumulate);
-        }
+      unpack_panel<kType>(w, row, panel_rows, panel);
+      for (int r = 0; r < panel_rows; r += (panel_rows == R ? R : 1)) {
+        row_tiles(PanelRows<kType>(panel, blocks, r), panel_rows == R ? R : 1, row + r);
       }
     }
-    for (int64_t t = t_tiled; t < t_end; ++t) {  // one token (decode), or a block's last few
+    for (int64_t t = t0; t < t_end && t_end - t0 == 1; ++t) {  // one token (decode)
       int64_t r = row_begin;
       for (; r + kDecodeRows <= row_end; r += kDecodeRows) {
         tile_avx2<kType, kDecodeRows, 1>(StoredRows<kType>{rows + r * blocks, blocks}, blocks,
