@@ -131,23 +131,8 @@ class CudaBackend final : public Backend {
     if (stream_) cudaStreamSynchronize(stream_.get());  // nothing in flight when memory goes
   }
 
-  void set_plan(const ExecutionPlan& plan) override {
-    DeviceGuard guard(device_);
-    upload_routers(plan);
-    plans_.target = plan;
-    record_head_[0] = record_head(plan);
-    record_head_on_device_ = -1;
-    decode_graph_.reset();  // captured again, for this plan, at the next decode step
-  }
-
-  void set_draft_plan(const ExecutionPlan& plan) override {
-    DeviceGuard guard(device_);
-    upload_routers(plan);
-    plans_.draft = plan;
-    record_head_[1] = record_head(plan);
-    record_head_on_device_ = -1;
-    draft_graph_.reset();
-  }
+  void set_plan(const ExecutionPlan& plan) override { install_plan(plan, false); }
+  void set_draft_plan(const ExecutionPlan& plan) override { install_plan(plan, true); }
 
   void run(const Pass& pass) override {
     DeviceGuard guard(device_);
@@ -345,6 +330,17 @@ class CudaBackend final : public Backend {
 
  private:
   // ---- setup ----
+
+  // The policy's plan (slot 0) or the draft's (1); its decode graph is captured again, for
+  // this plan, at its next step.
+  void install_plan(const ExecutionPlan& plan, bool draft) {
+    DeviceGuard guard(device_);
+    upload_routers(plan);
+    (draft ? plans_.draft : plans_.target) = plan;
+    record_head_[draft ? 1 : 0] = record_head(plan);
+    record_head_on_device_ = -1;
+    (draft ? draft_graph_ : decode_graph_).reset();
+  }
 
   // Takes every device piece from `arena`: weights, then the KV cache, then the buffers.
   void carve(Arena& arena, const ModelView& model, ArenaSizes& sizes) {
