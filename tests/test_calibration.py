@@ -11,6 +11,7 @@ import pytest
 
 import ffnskip_ext
 from ffnskip_ext.tuning.calibration import (
+    CalibrationWarning,
     block_influence,
     calibrate,
     dense_references,
@@ -42,12 +43,41 @@ def test_calibrated_policy_hits_the_target_ratio(model, target) -> None:
     assert abs(measured.skip_ratio - target) <= 0.02, measured
 
 
-def test_unreachable_target_is_a_clear_error(model) -> None:
+def test_unreachable_target_returns_the_closest_policy_with_a_warning(model) -> None:
     decoder, tokenizer = model
+    with pytest.warns(CalibrationWarning, match="no candidate reached.*closest"):
+        policy = calibrate(decoder, tokenizer, PROMPTS, 0.95, **KWARGS)
+    assert isinstance(policy, ffnskip_ext.FFNSkipPolicy)
+    refs = dense_references(decoder, tokenizer, PROMPTS, 40, progress=False)
+    assert 0 < teacher_forced(decoder, policy, refs).skip_ratio < 0.93
     with pytest.raises(ValueError, match="no candidate reached"):
-        calibrate(decoder, tokenizer, PROMPTS, 0.95, **KWARGS)
+        calibrate(decoder, tokenizer, PROMPTS, 0.95, strict=True, **KWARGS)
     with pytest.raises(ValueError, match="target_skip_ratio"):
         calibrate(decoder, tokenizer, PROMPTS, 1.5, **KWARGS)
+
+
+def test_cli_writes_the_closest_policy_for_an_unreachable_target(tiny_chat_model_dir,
+                                                                 tmp_path) -> None:
+    out = tmp_path / "policy.json"
+    command = [sys.executable, "-m", "ffnskip_ext", "calibrate", "--model",
+               str(tiny_chat_model_dir), "--target", "0.95", "--out", str(out),
+               "--max-new-tokens", "24", "--warmup-tokens", "4"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "warning: no candidate reached" in done.stderr
+    assert json.loads(out.read_text())["kind"] == ffnskip_ext.FFNSkipPolicy.kind
+    strict = subprocess.run(command + ["--strict"], capture_output=True, text=True,
+                            timeout=600)
+    assert strict.returncode == 2 and "no candidate reached" in strict.stderr
+
+
+def test_cli_checks_arguments_before_loading_the_model(tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ffnskip_ext", "calibrate", "--model",
+         str(tmp_path / "absent"), "--target", "0.2", "--out", str(tmp_path / "p.json"),
+         "--max-new-tokens", "8", "--warmup-tokens", "8"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "warmup_tokens 8 >= max_new_tokens 8" in done.stderr
 
 
 @pytest.mark.parametrize("kwargs, message", [

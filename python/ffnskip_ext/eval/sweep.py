@@ -112,7 +112,7 @@ def sweep_specs(
             policy = calibrate(decoder, tokenizer, calibration_prompts, target,
                                max_new_tokens=calibration_tokens, warmup_tokens=warmup_tokens,
                                budgets=(budget(target, layers), None),
-                               progress=progress)
+                               progress=progress, strict=True)
             specs.append(PolicySpec(f"ffn_skip@{label}", policy, "ffn_skip", target))
         except ValueError as e:
             log(f"FFN-SkipLLM at {target:.0%} left out: {e}")

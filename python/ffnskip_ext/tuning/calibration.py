@@ -15,6 +15,7 @@ The procedure is ours (the paper only says "calibrate"; see docs/methods.md):
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +27,10 @@ from ..runtime.generate import Message, encode_prompt, generate
 from ..runtime.policies import DensePolicy, FFNSkipPolicy, FiRSTPolicy, Policy, simulate_ffn_skip
 
 DEFAULT_BUDGETS = (1, 2, 4, 8, None)
+
+
+class CalibrationWarning(UserWarning):
+    """calibrate() returned the closest policy, which misses the target skip ratio."""
 
 # Used when no calibration prompts are given: varied everyday requests.
 DEFAULT_PROMPTS = (
@@ -171,23 +176,15 @@ def calibrate(
     budgets: Sequence[int | None] = DEFAULT_BUDGETS,
     tolerance: float = 0.02,
     progress: bool = True,
+    strict: bool = False,
 ) -> FFNSkipPolicy:
     """An FFNSkipPolicy whose measured skip ratio on ``prompts`` is within ``tolerance`` of
     ``target_skip_ratio`` and that, among the candidates tried, agrees best with dense greedy
-    decoding. Raises ValueError when no candidate reaches the target."""
-    if not isinstance(target_skip_ratio, (int, float)) or not 0 < target_skip_ratio < 1:
-        raise ValueError(f"target_skip_ratio must be in (0, 1), got {target_skip_ratio!r}")
+    decoding. When no candidate reaches the target, returns the closest one with a
+    CalibrationWarning, or raises ValueError if ``strict``."""
+    check_calibration_arguments(target_skip_ratio, max_new_tokens, warmup_tokens, tolerance)
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
-    # Checked before the dense references, which take minutes on a real model.
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-    if warmup_tokens >= max_new_tokens:
-        raise ValueError(f"warmup_tokens {warmup_tokens} >= max_new_tokens {max_new_tokens}: "
-                         "every decode token would run dense, no skip ratio can be reached")
-    if not isinstance(tolerance, (int, float)) or not tolerance > 0:
-        raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
     previous = decoder.policy
     try:
         refs = dense_references(decoder, tokenizer, prompts, max_new_tokens, progress)
@@ -218,14 +215,39 @@ def calibrate(
     finally:
         decoder.set_policy(previous)
     within = [c for c in candidates if abs(c.skip_ratio - target_skip_ratio) <= tolerance]
-    if not within:
-        closest = min(candidates, key=lambda c: abs(c.skip_ratio - target_skip_ratio))
-        raise ValueError(
-            f"no candidate reached skip ratio {target_skip_ratio:.3f} +- {tolerance} "
-            f"(closest {closest.skip_ratio:.3f}); with {warmup_tokens} warm-up tokens of "
-            f"{max_new_tokens}, try more tokens, fewer warm-up tokens or a smaller target"
-        )
-    return max(within, key=lambda c: (c.agreement, -abs(c.skip_ratio - target_skip_ratio))).policy
+    if within:
+        return max(within,
+                   key=lambda c: (c.agreement, -abs(c.skip_ratio - target_skip_ratio))).policy
+    closest = min(candidates, key=lambda c: (abs(c.skip_ratio - target_skip_ratio),
+                                             -c.agreement))
+    message = (f"no candidate reached skip ratio {target_skip_ratio:.3f} +- {tolerance} "
+               f"(closest {closest.skip_ratio:.3f}); with {warmup_tokens} warm-up tokens of "
+               f"{max_new_tokens}, try more tokens, fewer warm-up tokens or a smaller target")
+    if strict:
+        raise ValueError(message)
+    warnings.warn(f"{message}; returning the closest policy", CalibrationWarning, stacklevel=2)
+    return closest.policy
+
+
+def check_calibration_arguments(target_skip_ratio: float, max_new_tokens: int,
+                                warmup_tokens: int, tolerance: float) -> None:
+    """The checks calibrate() makes before its dense references, which take minutes on a real
+    model (the CLI makes them before loading the model)."""
+    if isinstance(target_skip_ratio, bool) or not isinstance(target_skip_ratio, (int, float)) \
+            or not 0 < target_skip_ratio < 1:
+        raise ValueError(f"target_skip_ratio must be in (0, 1), got {target_skip_ratio!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(warmup_tokens, bool) or not isinstance(warmup_tokens, int) \
+            or warmup_tokens < 0:
+        raise ValueError(f"warmup_tokens must be an integer >= 0, got {warmup_tokens!r}")
+    if warmup_tokens >= max_new_tokens:
+        raise ValueError(f"warmup_tokens {warmup_tokens} >= max_new_tokens {max_new_tokens}: "
+                         "every decode token would run dense, no skip ratio can be reached")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) \
+            or not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
 
 
 def block_influence(decoder: Decoder, token_sequences: Sequence[Sequence[int]]) -> np.ndarray:
