@@ -399,6 +399,7 @@ def test_skip_decisions_equal_cpu_backend(tiny_model_dir, dtype) -> None:
         ffnskip_ext.StaticFFNSkip(layers=(1,)),
         ffnskip_ext.RandomFFNSkip(k=1, seed=11, cold_start=0, cold_end=0),
         ffnskip_ext.LayerDrop(layers=(layers - 1,)),
+        ffnskip_ext.SubBlockSkip(attention=(1,), ffn=(0,)),
         ffnskip_ext.EarlyExit(exit_layer=1),
     ]
     for policy in policies:

@@ -18,6 +18,7 @@ from ffnskip_ext import (
     LayerDrop,
     RandomFFNSkip,
     StaticFFNSkip,
+    SubBlockSkip,
     load_policy,
 )
 from skip_reference import ReferenceRule
@@ -211,6 +212,55 @@ def test_layer_drop_equals_transformers_without_those_layers(tiny) -> None:
         assert np.abs(logits[i] - ref[len(PROMPT) + i]).max() <= 1e-3 * span
 
 
+class _Zero(torch.nn.Module):
+    """A sub-block that adds nothing to the residual stream (attention returns a pair)."""
+
+    def __init__(self, pair: bool) -> None:
+        super().__init__()
+        self.pair = pair
+
+    def forward(self, hidden_states, *args, **kwargs):
+        zero = torch.zeros_like(hidden_states)
+        return (zero, None) if self.pair else zero
+
+
+def test_sub_block_skip_equals_transformers_without_those_sub_blocks(tiny) -> None:
+    model, decoder = tiny
+    decoder.set_policy(SubBlockSkip(attention=[1], ffn=[2]))
+    trace, logits = engine_decode(decoder, PROMPT, FEED)
+    assert trace["layer_skipped"][:, 1].all() and not trace["layer_skipped"][:, [0, 2]].any()
+    assert trace["ffn_skipped"][:, 2].all() and not trace["ffn_skipped"][:, [0, 1]].any()
+    # The last layer's FFN in the prompt affects no decode token: zero it for every token.
+    layers = model.model.layers
+    attention, mlp = layers[1].self_attn, layers[2].mlp
+    layers[1].self_attn, layers[2].mlp = _Zero(pair=True), _Zero(pair=False)
+    try:
+        ref = hf_logits(model, PROMPT + FEED)
+    finally:
+        layers[1].self_attn, layers[2].mlp = attention, mlp
+    for i in range(len(FEED)):
+        span = float(np.ptp(ref[len(PROMPT) + i]))
+        assert np.abs(logits[i] - ref[len(PROMPT) + i]).max() <= 1e-3 * span
+
+
+@pytest.mark.parametrize("removing", [SubBlockSkip(attention=[1]), LayerDrop([1])])
+def test_a_policy_that_runs_removed_attention_again_needs_a_new_sequence(tiny,
+                                                                         removing) -> None:
+    _, decoder = tiny
+    decoder.set_policy(removing)
+    engine_decode(decoder, PROMPT, FEED[:2])
+    decoder.set_policy(DensePolicy())
+    with pytest.raises(ValueError, match="no K/V of layer 1"):
+        decoder.step(FEED[2])
+    assert decoder.position == len(PROMPT) + 2  # refused before any work
+    decoder.set_policy(SubBlockSkip(attention=[1], ffn=[0]))  # still removes it: fine
+    assert np.isfinite(decoder.step(FEED[2])).all()
+    decoder.set_policy(DensePolicy())
+    decoder.reset()
+    _, dense = engine_decode(decoder, PROMPT, FEED[:2])
+    assert np.isfinite(dense).all()
+
+
 def test_early_exit_uses_the_exit_state_and_writes_kv(tiny) -> None:
     model, decoder = tiny
     decoder.set_policy(EarlyExit(exit_layer=2))
@@ -231,7 +281,7 @@ def test_early_exit_uses_the_exit_state_and_writes_kv(tiny) -> None:
 def test_policies_round_trip_through_json(tmp_path) -> None:
     for policy in (DensePolicy(), FFNSkipPolicy(threshold=0.9, max_skips_per_token=3),
                    StaticFFNSkip([4, 2]), RandomFFNSkip(k=2, seed=9), LayerDrop([1, 3]),
-                   EarlyExit(exit_layer=5)):
+                   EarlyExit(exit_layer=5), SubBlockSkip(attention=[3, 1], ffn=[2])):
         assert load_policy(policy.to_json()) == policy
         file = tmp_path / f"{policy.kind}.json"
         file.write_text(policy.to_json())
@@ -251,6 +301,8 @@ def test_policies_round_trip_through_json(tmp_path) -> None:
         (lambda: RandomFFNSkip(k=-1), "k"),
         (lambda: StaticFFNSkip([1, 1]), "duplicates"),
         (lambda: LayerDrop([-1]), "layers"),
+        (lambda: SubBlockSkip(attention=[2, 2]), "attention_layers has duplicates"),
+        (lambda: SubBlockSkip(ffn=[-1]), "layers"),
         (lambda: EarlyExit(exit_layer=0), "exit_layer"),
         (lambda: load_policy('{"kind": "magic", "version": 1}'), "kind"),
         (lambda: load_policy('{"kind": "dense", "version": 7}'), "version"),
@@ -270,6 +322,7 @@ def test_invalid_policy_values(make, field) -> None:
         (StaticFFNSkip([3]), "layers"),
         (LayerDrop([0, 1, 2]), "every layer"),
         (EarlyExit(exit_layer=4), "exit_layer"),
+        (SubBlockSkip(attention=[3]), "attention_layers"),
         (RandomFFNSkip(k=1, cold_start=3, cold_end=0), "cold_start"),
     ],
 )

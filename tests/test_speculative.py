@@ -23,6 +23,7 @@ from ffnskip_ext import (
     Speculative,
     SpeculativeStats,
     StaticFFNSkip,
+    SubBlockSkip,
 )
 from ffnskip_ext.runtime.sampling import SamplingParams, probabilities
 from ffnskip_ext.runtime.speculative import Acceptance, ngram_draft
@@ -80,6 +81,7 @@ def test_verify_equals_successive_steps(path, quantized_path, model, k) -> None:
 
 
 @pytest.mark.parametrize("policy", [StaticFFNSkip((1,)), LayerDrop((1,)),
+                                    SubBlockSkip(attention=(1,), ffn=(2,)),
                                     FiRSTPolicy(Routers.constant(3, 72, [1.0, 0.0, 1.0]))])
 def test_verify_follows_a_static_policy(path, policy) -> None:
     decoder = tiny(path, 64)
@@ -220,6 +222,7 @@ def generate_pair(decoder, tokenizer, prompt, spec, **kwargs):
 TINY_PROMPTS = ["abcabcabcabc", "hello hello hello", "the cat sat on the mat; the cat",
                 "0101010101", "zq", "xyzzy xyzzy", "aaaaaaaaaaaa", "ab ab ab ba ba"]
 DRAFT_POLICIES = [StaticFFNSkip((1,)), LayerDrop((1,)), EarlyExit(2),
+                  SubBlockSkip(attention=(0,), ffn=(1, 2)),
                   FFNSkipPolicy(threshold=0.0, warmup_tokens=0, cold_start=0, cold_end=0,
                                 full_token_interval=0),
                   FiRSTPolicy(Routers.constant(3, 72, [1.0, 0.0, 1.0]))]

@@ -100,6 +100,8 @@ SkipPolicy to_skip_policy(const py::kwargs& args, int num_layers) {
     else if (key == "exit_layer") r.exit_layer = value.cast<int>();
     else if (key == "seed") r.seed = value.cast<uint64_t>();
     else if (key == "layers") policy.layers = value.cast<std::vector<int32_t>>();
+    else if (key == "attention_layers")
+      policy.attention_layers = value.cast<std::vector<int32_t>>();
     else if (key == "router_weight") policy.router_weight = flat_floats(value);
     else if (key == "router_bias") policy.router_bias = flat_floats(value);
     else throw std::invalid_argument("unknown policy field '" + key + "'");

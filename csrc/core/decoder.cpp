@@ -43,11 +43,30 @@ RoutingOwner routing_owner(const SkipPolicy& policy, const SkipPolicy& draft) {
   return RoutingOwner::None;
 }
 
+// The layers whose attention sub-block a policy removes for every token: they hold no K/V.
+const std::vector<int32_t>& removed_attention(const SkipPolicy& policy) {
+  static const std::vector<int32_t> none;
+  switch (policy.rule.kind) {
+    case PolicyKind::LayerDrop: return policy.layers;
+    case PolicyKind::SubBlock: return policy.attention_layers;
+    default: return none;
+  }
+}
+
+// Per layer: 1 where the plan removes the attention sub-block for every token (no K/V).
+std::vector<uint8_t> removed_attention_layers(const ExecutionPlan& plan) {
+  std::vector<uint8_t> removed(plan.decode.size(), 0);
+  for (size_t l = 0; l < removed.size(); ++l) {
+    removed[l] = plan.decode[l].attention == AttentionMode::Skip ? 1 : 0;
+  }
+  return removed;
+}
+
 // A FiRST draft routes on the policy's passes, which must run (and cache) every layer.
 void check_draft_routing(const SkipPolicy& policy, const SkipPolicy& draft) {
   if (draft.rule.kind != PolicyKind::FiRST) return;
   const PolicyKind kind = policy.rule.kind;
-  if (kind == PolicyKind::FiRST || kind == PolicyKind::LayerDrop) {
+  if (kind == PolicyKind::FiRST || !removed_attention(policy).empty()) {
     throw std::invalid_argument(std::string("a FiRST draft policy needs a policy that runs every "
                                             "layer in a prefill; the policy is ") +
                                 policy_kind_name(kind));
@@ -124,6 +143,7 @@ Decoder::Decoder(const ModelConfig& config, const WeightMap& weights,
     const TensorType held = backend_->held_type(stored);
     if (held != stored) footprint_.conversions.push_back({spec.name, stored, held});
   }
+  kv_missing_.assign(static_cast<size_t>(config_.num_layers), 0);
   apply_policy(dense_policy(config_.num_layers), false);
   apply_draft_policy(dense_policy(config_.num_layers));
   clear_stats();
@@ -140,6 +160,7 @@ void Decoder::reset() {
   std::lock_guard<std::mutex> lock(mutex_);
   position_ = 0;  // the cache is overwritten position by position; nothing else to clear
   generation_start_ = 0;
+  std::fill(kv_missing_.begin(), kv_missing_.end(), 0);
   backend_->reset_routing();  // FiRST routes the next sequence afresh
 }
 
@@ -171,6 +192,7 @@ void Decoder::truncate(int position) {
   }
   position_ = position;  // later passes overwrite the K/V beyond it
   generation_start_ = std::min(generation_start_, position_);
+  if (position_ == 0) std::fill(kv_missing_.begin(), kv_missing_.end(), 0);
 }
 
 void Decoder::step(int32_t token, float* logits_out) {
@@ -191,7 +213,7 @@ void Decoder::verify(const int32_t* tokens, int n, float* logits_out) {
     throw std::invalid_argument(std::string("verify: the policy (") +
                                 policy_kind_name(policy_.rule.kind) +
                                 ") decides per token; verify needs dense, static_ffn, "
-                                "layer_drop or first");
+                                "sub_block, layer_drop or first");
   }
   check_tokens(tokens, n);
   run(PassKind::Verify, tokens, n, logits_out);
@@ -224,8 +246,21 @@ void Decoder::run(PassKind kind, const int32_t* tokens, int n, float* logits_out
                                           : nullptr;
   pass.logits = logits_out;
   pass.interrupted = interrupted;
+  const std::vector<uint8_t>& removed =
+      kind == PassKind::Draft ? draft_attention_removed_ : attention_removed_;
+  for (size_t l = 0; l < kv_missing_.size(); ++l) {
+    if (position_ > 0 && kv_missing_[l] && !removed[l]) {
+      throw std::invalid_argument(
+          "the cache holds no K/V of layer " + std::to_string(l) + ", whose attention an "
+          "earlier policy removed in this sequence: call reset() before running it again");
+    }
+  }
   backend_->run(pass);  // an Interrupted pass wrote K/V beyond position_ only: overwritten later
   position_ += n;
+  // Draft steps are truncated away: only the policy's passes leave holes in the sequence.
+  if (kind != PassKind::Draft) {
+    for (size_t l = 0; l < kv_missing_.size(); ++l) kv_missing_[l] |= removed[l];
+  }
 }
 
 int64_t WeightFootprint::dense_step_bytes() const {
@@ -270,6 +305,7 @@ void Decoder::apply_policy(const SkipPolicy& policy, bool tracing) {
   backend_->set_plan(plan);
   verifies_ = plan.verifies();
   kv_only_.assign(plan.decode.size(), 0);
+  attention_removed_ = removed_attention_layers(plan);
   for (size_t l = 0; l < plan.decode.size(); ++l) {
     kv_only_[l] = plan.decode[l].attention == AttentionMode::KVOnly ? 1 : 0;
   }
@@ -282,7 +318,9 @@ void Decoder::apply_draft_policy(const SkipPolicy& policy) {
   const RoutingOwner owner = routing_owner(policy_, draft_policy_);
   const bool keeps_routing =
       owner != RoutingOwner::None && owner == routing_owner(policy_, policy);
-  backend_->set_draft_plan(compile_plan(policy, false));
+  const ExecutionPlan plan = compile_plan(policy, false);
+  backend_->set_draft_plan(plan);
+  draft_attention_removed_ = removed_attention_layers(plan);
   if (!keeps_routing) backend_->reset_routing();
   draft_policy_ = policy;
 }

@@ -12,8 +12,9 @@ bool contains(const std::vector<int32_t>& sorted, int layer) {
 }
 
 // What `layer` does in a prefill pass (decode = false) or a decode step (decode = true).
-// Prefill never skips, except layer drop, whose layers do not exist for any token, and FiRST,
-// whose decisions hold for the prompt too.
+// Prefill never skips, except removed attention sub-blocks (layer drop, sub-block skip), which
+// do not exist for any token (no K/V to attend to later), and FiRST, whose decisions hold for
+// the prompt too.
 LayerPlan plan_layer(const SkipPolicy& policy, int layer, bool decode, bool trace_scores) {
   LayerPlan plan;
   const SkipRule& r = policy.rule;
@@ -33,6 +34,10 @@ LayerPlan plan_layer(const SkipPolicy& policy, int layer, bool decode, bool trac
       if (decode) plan.ffn = FFNMode::Random;
       break;
     case PolicyKind::StaticFFN:
+      if (decode && contains(policy.layers, layer)) plan.ffn = FFNMode::Skip;
+      break;
+    case PolicyKind::SubBlock:  // attention as layer drop does it, FFNs as static skip
+      if (contains(policy.attention_layers, layer)) plan.attention = AttentionMode::Skip;
       if (decode && contains(policy.layers, layer)) plan.ffn = FFNMode::Skip;
       break;
     case PolicyKind::EarlyExit:

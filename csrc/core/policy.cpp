@@ -13,8 +13,9 @@ namespace ffnskip {
 namespace {
 
 // In PolicyKind order.
-const std::vector<std::string> kKindNames = {"dense",      "ffn_skip",   "static_ffn", "random_ffn",
-                                             "layer_drop", "early_exit", "first"};
+const std::vector<std::string> kKindNames = {"dense",      "ffn_skip",   "static_ffn",
+                                             "random_ffn", "layer_drop", "early_exit",
+                                             "first",      "sub_block"};
 
 void require(bool ok, const std::string& field, const std::string& why) {
   if (!ok) throw std::invalid_argument("invalid policy: " + field + " " + why);
@@ -29,6 +30,21 @@ std::string got(T value) {
 
 void require_at_least(int value, int minimum, const std::string& field) {
   require(value >= minimum, field, "must be >= " + std::to_string(minimum) + got(value));
+}
+
+// Layer indices of the model (any index >= 0 without one), sorted and unique.
+void require_layer_set(const std::vector<int32_t>& layers, int num_layers,
+                       const std::string& field) {
+  const bool model = num_layers > 0;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    require(layers[i] >= 0 && (!model || layers[i] < num_layers), field,
+            "names layer " + std::to_string(layers[i]) +
+                (model ? ", the model has layers 0.." + std::to_string(num_layers - 1)
+                       : ", layers are numbered from 0"));
+    require(i == 0 || layers[i] != layers[i - 1], field,
+            "has duplicates (layer " + std::to_string(layers[i]) + ")");
+    require(i == 0 || layers[i] > layers[i - 1], field, "must be sorted");
+  }
 }
 
 }  // namespace
@@ -54,15 +70,10 @@ void SkipPolicy::validate(int num_layers, int hidden_size) const {
     require(r.num_layers == num_layers, "num_layers",
             "is " + std::to_string(r.num_layers) + ", the model has " + n);
   }
-  for (size_t i = 0; i < layers.size(); ++i) {
-    require(layers[i] >= 0 && (!model || layers[i] < num_layers), "layers",
-            "names layer " + std::to_string(layers[i]) +
-                (model ? ", the model has layers 0.." + std::to_string(num_layers - 1)
-                       : ", layers are numbered from 0"));
-    require(i == 0 || layers[i] != layers[i - 1], "layers",
-            "has duplicates (layer " + std::to_string(layers[i]) + ")");
-    require(i == 0 || layers[i] > layers[i - 1], "layers", "must be sorted");
-  }
+  require_layer_set(layers, num_layers, "layers");
+  require(attention_layers.empty() || r.kind == PolicyKind::SubBlock, "attention_layers",
+          "are only for sub_block policies");
+  require_layer_set(attention_layers, num_layers, "attention_layers");
   switch (r.kind) {
     case PolicyKind::Dense:
       break;
@@ -84,6 +95,7 @@ void SkipPolicy::validate(int num_layers, int hidden_size) const {
       }
       break;
     case PolicyKind::StaticFFN:
+    case PolicyKind::SubBlock:
       break;
     case PolicyKind::LayerDrop:
       if (model) {

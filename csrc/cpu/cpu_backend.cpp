@@ -241,7 +241,8 @@ class CpuBackend final : public Backend {
     StepRecord* record = pass.record;
     // Routing for the draft, this pass runs the layer whatever its router decides.
     const bool routing = pass.routes && plan.attention != AttentionMode::Skip;
-    if (!layer_runs(layer, plan) && !(routing && plan.routed)) {
+    const bool runs = plan.attention != AttentionMode::Skip && routed_on(layer, plan);
+    if (!runs && !(routing && plan.routed)) {
       if (record) record->layer_skipped[layer] = 1;
       return;
     }
@@ -291,7 +292,7 @@ class CpuBackend final : public Backend {
   // x += FFN(RMSNorm(x)), unless the plan or the rule skips it for this token.
   void ffn_block(const Pass& pass, int layer, const LayerPlan& plan) {
     StepRecord* record = pass.record;
-    const bool runs = layer_runs(layer, plan);
+    const bool runs = routed_on(layer, plan);  // FFNMode::Skip covers dropped layers
     const SkipRule& rule = plans_.of(pass.kind).rule;
     if (!runs || rule_skips_ffn(plan.ffn, rule, state_, pass.decode_index, layer)) {
       if (record) record->ffn_skipped[layer] = 1;
@@ -335,9 +336,9 @@ class CpuBackend final : public Backend {
                             cpu::dot(b, b, hidden));
   }
 
-  // Neither dropped by the plan nor routed off for this sequence by FiRST.
-  bool layer_runs(int layer, const LayerPlan& plan) const {
-    return plan.attention != AttentionMode::Skip && !(plan.routed && !layer_active_[layer]);
+  // Not routed off for this sequence by FiRST.
+  bool routed_on(int layer, const LayerPlan& plan) const {
+    return !(plan.routed && !layer_active_[layer]);
   }
 
   // FiRST at the first pass of a sequence: the router of `layer` reads the mean over the

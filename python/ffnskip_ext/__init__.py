@@ -31,6 +31,7 @@ from .runtime.policies import (
     Policy,
     RandomFFNSkip,
     StaticFFNSkip,
+    SubBlockSkip,
     load_policy,
 )
 from .runtime.routers import Routers, load_routers
@@ -57,6 +58,7 @@ __all__ = [
     "Speculative",
     "SpeculativeStats",
     "StaticFFNSkip",
+    "SubBlockSkip",
     "build_info",
     "cuda_available",
     "default_model_path",

@@ -175,6 +175,9 @@ class Decoder {
   SkipPolicy draft_policy_;
   bool verifies_ = false;  // the policy decides nothing per token (ExecutionPlan::verifies)
   std::vector<uint8_t> kv_only_;  // per layer: a decode step writes only its K/V (early exit)
+  // Per layer: the policy's / the draft policy's plan removes its attention (no K/V written),
+  // and an earlier pass of this sequence did so (a pass that attends there would read holes).
+  std::vector<uint8_t> attention_removed_, draft_attention_removed_, kv_missing_;
   WeightFootprint footprint_;
   DecodeStats stats_;
   bool tracing_ = false;

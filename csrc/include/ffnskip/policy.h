@@ -16,6 +16,8 @@ enum class PolicyKind : int32_t {
   LayerDrop = 4,   // whole layers removed for every token, prefill included (no K/V)
   EarlyExit = 5,   // layers >= exit_layer skipped; their K/V come from the exit hidden state
   FiRST = 6,       // per-sequence layer routers decide at the first pass which layers run
+  SubBlock = 7,    // chosen attention sub-blocks removed for every token (no K/V) and chosen
+                   // FFN sub-blocks skipped on every decode token: a static draft
 };
 
 // The names of the kinds in policy files and the Python API ("dense", "ffn_skip", ...).
@@ -40,8 +42,10 @@ struct SkipRule {
 
 struct SkipPolicy {
   SkipRule rule;
-  // StaticFFN: the FFN blocks skipped; LayerDrop: the layers dropped. Sorted, unique.
+  // StaticFFN, SubBlock: the FFN blocks skipped; LayerDrop: the layers dropped. Sorted, unique.
   std::vector<int32_t> layers;
+  // SubBlock: the attention sub-blocks removed. Sorted, unique.
+  std::vector<int32_t> attention_layers;
   // FiRST: one router per layer, weights [num_layers, hidden_size] row-major and biases.
   std::vector<float> router_weight;
   std::vector<float> router_bias;

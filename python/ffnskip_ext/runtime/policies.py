@@ -190,6 +190,27 @@ class LayerDrop(_LayerSetPolicy):
 
 
 @dataclasses.dataclass(frozen=True)
+class SubBlockSkip(Policy):
+    """Chosen sub-blocks of chosen layers, the same on every token: the attention of
+    ``attention`` removed for every token, prefill included (as in layer drop: no K/V), and
+    the FFN of ``ffn`` skipped on every decode token (as in static FFN skip). A static draft
+    for speculative decoding (``tuning.calibrate_draft`` picks one)."""
+
+    kind: ClassVar[str] = "sub_block"
+    attention: tuple[int, ...] = ()
+    ffn: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attention", _check_layers("attention", self.attention))
+        object.__setattr__(self, "ffn", _check_layers("ffn", self.ffn))
+        self._validate()
+
+    def engine_args(self, num_layers: int | None) -> dict[str, Any]:
+        return {"kind": self.kind, "attention_layers": list(self.attention),
+                "layers": list(self.ffn)}
+
+
+@dataclasses.dataclass(frozen=True)
 class EarlyExit(Policy):
     """Each decode token exits after layer ``exit_layer - 1``; the exited hidden state is
     copied up as the input of the skipped layers, which only write their K/V from it."""
@@ -259,7 +280,7 @@ class FiRSTPolicy(Policy):
 POLICY_TYPES: dict[str, type[Policy]] = {
     cls.kind: cls
     for cls in (DensePolicy, FFNSkipPolicy, StaticFFNSkip, RandomFFNSkip, LayerDrop, EarlyExit,
-                FiRSTPolicy)
+                FiRSTPolicy, SubBlockSkip)
 }
 
 
