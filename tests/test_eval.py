@@ -242,13 +242,25 @@ def test_sweep_end_to_end(sweep_dir) -> None:
     rows = read_rows(sweep_dir)
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     assert policies == ["dense", "ffn_skip@20", "static_ffn@20", "random_ffn@20",
-                        "layer_drop@20", "early_exit@20", "first@20", "first_w@20"]
-    assert len(rows) == len(policies) * len(SWEEP_TASKS)
+                        "layer_drop@20", "early_exit@20", "first@20", "first_w@20",
+                        "speculative_ngram", "speculative_self", "speculative_auto"]
+    # lossless rows decode the generation tasks only (teacher-forced perplexity is dense)
+    assert len(rows) == 8 * len(SWEEP_TASKS) + 3 * (len(SWEEP_TASKS) - 1)
+    dense_tokens = {r["task"]: [s["tokens"] for s in r["samples"]]
+                    for r in rows if r["policy"] == "dense" and r["task"] != "perplexity"}
+    lossless = [r for r in rows if r["method"] == "speculative"]
+    assert {r["task"] for r in lossless} == {"qa", "summarization", "chat"}
+    for row in lossless:
+        assert [s["tokens"] for s in row["samples"]] == dense_tokens[row["task"]]
+        assert row["speculative"]["lossless"] and row["metrics"]["identical"] == 1.0
+        assert row["speculative"]["verify_passes"] > 0
+    assert sum(r["speculative"]["drafted"] for r in lossless) > 0
     sizes = {r["task"]: r["n"] for r in rows if r["policy"] == "dense"}
     assert sizes == {"qa": 3, "summarization": 1, "chat": 1, "perplexity": 2}
     for row in rows:
         stats = row["stats"]
-        assert stats["decode_tokens"] > 0 and row["tokens_per_s"] > 0
+        assert row["tokens_per_s"] > 0
+        assert stats["decode_tokens"] > 0 or row["method"] == "speculative"
         if row["method"] in ("static_ffn", "random_ffn", "layer_drop", "early_exit"):
             # matched exactly: k = round(0.2 * 8) = 2 of 8 FFN blocks on every decode token
             assert stats["skip_ratio"] == pytest.approx(0.25)
@@ -275,6 +287,8 @@ def test_sweep_end_to_end(sweep_dir) -> None:
         part in command for part in ("--sweep", "--targets 0.2", "--limit 1,qa=3,perplexity=2",
                                      f"--out {sweep_dir}", "--no-plots"))
     assert "## At ~20% skip" in report and "early_exit@20" in report
+    lossless_table = report.split("## Lossless speculative decoding")[1]
+    assert "| speculative_auto | yes |" in lossless_table
     first = [r for r in rows if r["method"] in ("first", "first_w")]
     assert sum(r["stats"]["layer_skip_ratio"] for r in first) > 0
     table = next(line for line in report.splitlines() if line.startswith("| first@20 |"))

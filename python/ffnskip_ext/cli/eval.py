@@ -32,6 +32,12 @@ def add_parser(subparsers: Any) -> None:
                    help="dense, FFN-SkipLLM (calibrated), static/random FFN skip, layer drop, "
                         "early exit and FiRST (with routers) matched at --targets")
     p.add_argument("--targets", default="0.1,0.2,0.3", help="sweep skip ratios")
+    p.add_argument("--speculative", default="ngram,self,auto",
+                   help="lossless speculative rows of the sweep (comma-separated draft "
+                        "sources, or 'none')")
+    p.add_argument("--draft-policy",
+                   help="policy JSON of the sweep's self drafts (default: FFN-SkipLLM from the "
+                        "first token; see ffnskip calibrate --for speculation)")
     p.add_argument("--limit", help="items per task: N, or TASK=N,... (e.g. 20,qa=60)")
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks")
     p.add_argument("--task-file", action="append", metavar="TASK=PATH",
@@ -159,6 +165,7 @@ def _build_specs(args: argparse.Namespace, decoder: Any, tokenizer: Any,
     from ..eval.harness import EvalSettings, load_items
     from ..eval.sweep import sweep_specs
     from ..eval.tasks import load_task, select
+    from ..runtime.policies import load_policy
     from ..tuning.calibration import DEFAULT_PROMPTS
 
     notes: list[str] = []
@@ -183,7 +190,10 @@ def _build_specs(args: argparse.Namespace, decoder: Any, tokenizer: Any,
         specs = sweep_specs(decoder, tokenizer, targets, prompts, [w.tokens for w in windows],
                             seed=args.seed, warmup_tokens=args.warmup_tokens,
                             calibration_tokens=args.calibration_tokens, log=notes.append,
-                            routers=routers, routing_prompts=routing)
+                            routers=routers, routing_prompts=routing,
+                            speculative=_speculative_sources(args.speculative),
+                            draft_policy=load_policy(args.draft_policy)
+                            if args.draft_policy else None)
     return specs + [_policy_spec(path) for path in args.policies or []], notes
 
 
@@ -198,6 +208,17 @@ def _sweep_routers(args: argparse.Namespace, notes: list[str]) -> Any:
                      "out (ffnskip train-routers)")
         return None
     return load_routers(path)
+
+
+def _speculative_sources(value: str) -> list[str]:
+    from ..runtime.speculative import DRAFT_SOURCES
+
+    sources = [] if value.strip() == "none" else [s.strip() for s in value.split(",") if s.strip()]
+    unknown = [s for s in sources if s not in DRAFT_SOURCES]
+    if unknown:
+        raise ValueError(f"--speculative: unknown draft source(s) {', '.join(unknown)} "
+                         f"(expected {', '.join(DRAFT_SOURCES)} or none)")
+    return sources
 
 
 def _task_file(entry: str) -> tuple[str, str]:

@@ -43,8 +43,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..runtime.decoder import Decoder
-from ..runtime.generate import GenerationResult, Message, encode_prompt, generate
+from ..runtime.generate import GenerationResult, Message, generate
 from ..runtime.policies import DensePolicy, Policy, policy_from_dict
+from ..runtime.speculative import Speculative, SpeculativeStats
 from . import metrics
 from .codetask import code_end, code_message, extract_code
 from .sandbox import SandboxJob, run_batch
@@ -71,21 +72,30 @@ CODE_TIMEOUT_S = 10.0  # wall-clock limit of one problem's test run
 class PolicySpec:
     """A policy with the name it has in rows and reports; ``method`` groups policies in the
     report (a policy kind or a user label) and ``target`` is the skip ratio it was matched to
-    (None when it was not)."""
+    (None when it was not). With ``speculative``, generation tasks decode speculatively,
+    verified by the policy: a lossless row, whose outputs must equal the policy's own."""
 
     name: str
     policy: Policy
     method: str
     target: float | None = None
+    speculative: Speculative | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "method": self.method, "target": self.target,
-                "policy": self.policy.to_dict()}
+                "policy": self.policy.to_dict(),
+                "speculative": None if self.speculative is None else self.speculative.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PolicySpec:
+        speculative = data.get("speculative")
         return cls(data["name"], policy_from_dict(data["policy"]), data["method"],
-                   data.get("target"))
+                   data.get("target"),
+                   None if speculative is None else Speculative.from_dict(speculative))
+
+    def runs(self, task: str) -> bool:
+        """Speculation changes nothing teacher-forced: lossless rows skip perplexity."""
+        return self.speculative is None or task in GENERATION_TASKS
 
 
 DENSE_SPEC = PolicySpec(DENSE, DensePolicy(), DENSE, 0.0)
@@ -146,12 +156,15 @@ def load_items(settings: EvalSettings, tokenizer: Any) -> dict[str, list[Any]]:
 
 
 class _Run:
-    """Decoding of one (policy, task) row: counts decode steps and their time."""
+    """Decoding of one (policy, task) row: counts decode steps (tokens decided after the
+    prefill, when speculative) and their time, and the drafts' acceptance."""
 
-    def __init__(self, decoder: Decoder, tokenizer: Any) -> None:
-        self.decoder, self.tokenizer = decoder, tokenizer
+    def __init__(self, decoder: Decoder, tokenizer: Any,
+                 speculative: Speculative | None = None) -> None:
+        self.decoder, self.tokenizer, self.speculative = decoder, tokenizer, speculative
         self.steps = 0
         self.seconds = 0.0
+        self.drafts = SpeculativeStats()
 
     def generate(self, messages: Sequence[Message], max_new_tokens: int,
                  stop: Sequence[str] | None = None,
@@ -159,8 +172,14 @@ class _Run:
         """``generate`` greedily, with its ``stop`` and ``stop_at``."""
         before = self.decoder.stats().decode_tokens
         result = generate(self.decoder, self.tokenizer, messages, max_new_tokens=max_new_tokens,
-                          stop=stop, stop_at=stop_at)
-        steps = self.decoder.stats().decode_tokens - before
+                          stop=stop, stop_at=stop_at, speculative=self.speculative)
+        if result.speculative is not None:
+            steps = max(len(result.token_ids) - 1, 0)
+            for field in ("drafted", "accepted", "verify_passes"):
+                setattr(self.drafts, field,
+                        getattr(self.drafts, field) + getattr(result.speculative, field))
+        else:
+            steps = self.decoder.stats().decode_tokens - before
         if steps and result.decode_tokens_per_s > 0:
             self.steps += steps
             self.seconds += steps / result.decode_tokens_per_s
@@ -332,10 +351,11 @@ SPEED_PROMPT = "Tell me a short story about a lighthouse keeper."
 
 def measure_speed(decoder: Decoder, tokenizer: Any, specs: Sequence[PolicySpec],
                   tokens: int = 32, rounds: int = 3, progress: bool = True) -> dict[str, float]:
-    """Greedy decode tokens/s of every policy on one prompt, the median of ``rounds`` rounds
-    that alternate between the policies: on a shared machine, load changes then weigh on
-    every policy alike, unlike the timings of rows run minutes apart."""
-    prompt = encode_prompt(tokenizer, [{"role": "user", "content": SPEED_PROMPT}])
+    """Greedy decode tokens/s of every policy (speculative ones included) on one prompt, the
+    median of ``rounds`` rounds that alternate between the policies: on a shared machine,
+    load changes then weigh on every policy alike, unlike the timings of rows run minutes
+    apart."""
+    messages = [{"role": "user", "content": SPEED_PROMPT}]
     previous = decoder.policy
     speeds: dict[str, list[float]] = {s.name: [] for s in specs}
     try:
@@ -343,11 +363,9 @@ def measure_speed(decoder: Decoder, tokenizer: Any, specs: Sequence[PolicySpec],
             for spec in specs:
                 decoder.reset()
                 decoder.set_policy(spec.policy)
-                token = int(np.argmax(decoder.prefill(prompt)))
-                start = time.perf_counter()
-                for _ in range(tokens):
-                    token = int(np.argmax(decoder.step(token)))
-                speeds[spec.name].append(tokens / (time.perf_counter() - start))
+                result = generate(decoder, tokenizer, messages, max_new_tokens=tokens,
+                                  speculative=spec.speculative)
+                speeds[spec.name].append(result.decode_tokens_per_s)
     finally:
         decoder.reset()
         decoder.set_policy(previous)
@@ -393,7 +411,7 @@ def evaluate(
     items = load_items(settings, tokenizer)
     previous_policy = decoder.policy
     todo = [(spec, task) for spec in specs for task in settings.tasks
-            if (spec.name, task) not in done]
+            if (spec.name, task) not in done and spec.runs(task)]
     try:
         for spec, task in tqdm(todo, desc="eval rows", disable=not progress):
             dense = next((r["samples"] for r in rows
@@ -422,7 +440,8 @@ def previous_rows(out_dir: str | os.PathLike[str], resume: bool,
     by_name = {s.name: s for s in specs}
     for row in rows:
         spec = by_name.get(row["policy"])
-        if spec is not None and row["policy_spec"] != spec.policy.to_dict():
+        if spec is not None and (row["policy_spec"] != spec.policy.to_dict()
+                                 or row.get("speculative_spec") != spec.to_dict()["speculative"]):
             raise ValueError(f"the rows of policy {spec.name!r} in {out_dir} were made with "
                              f"another policy ({row['policy_spec']}); use another output "
                              "directory")
@@ -435,7 +454,7 @@ def _run_row(decoder: Decoder, tokenizer: Any, spec: PolicySpec, task: str,
     decoder.reset()  # a FiRST policy routes from the next sequence on
     decoder.set_policy(spec.policy)
     decoder.reset_stats()
-    run = _Run(decoder, tokenizer)
+    run = _Run(decoder, tokenizer, spec.speculative)
     start = time.perf_counter()
 
     def bar(values: Sequence[Any]) -> Any:
@@ -447,6 +466,11 @@ def _run_row(decoder: Decoder, tokenizer: Any, spec: PolicySpec, task: str,
     return {
         "policy": spec.name, "method": spec.method, "target": spec.target,
         "policy_spec": spec.policy.to_dict(), "task": task, "n": len(items),
+        "speculative_spec": spec.to_dict()["speculative"],
+        "speculative": None if spec.speculative is None else {
+            "drafted": run.drafts.drafted, "accepted": run.drafts.accepted,
+            "verify_passes": run.drafts.verify_passes,
+            "lossless": all(s.get("identical", True) for s in samples)},
         "metrics": summarize(task, samples),
         "stats": {
             "decode_tokens": stats.decode_tokens, "warmup_tokens": stats.warmup_tokens,

@@ -63,6 +63,9 @@ class PolicySummary:
     task_skip: dict[str, float]  # FFN skip ratio per task (NaN: no decode steps)
     layer_frequency: np.ndarray  # [layers] share of decode tokens whose FFN was skipped
     trace: dict[str, Any] | None
+    # Lossless rows: drafted, accepted, verify_passes summed over the rows, and whether every
+    # output equalled dense's (None for the other policies).
+    speculative: dict[str, Any] | None = None
 
     def value(self, column: Column) -> float:
         return self.values.get((column.task, column.metric), math.nan)
@@ -112,8 +115,38 @@ def summarize_policies(rows: Sequence[dict[str, Any]], speeds: dict[str, float] 
                        else math.nan for r in own},
             layer_frequency=ffn / tokens if tokens else ffn.astype(float),
             trace=next((r["trace"] for r in own if r.get("trace")), None),
+            speculative=_drafts(own),
         ))
     return out
+
+
+def _drafts(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    own = [r["speculative"] for r in rows if r.get("speculative")]
+    if not own:
+        return None
+    total = {k: sum(d[k] for d in own) for k in ("drafted", "accepted", "verify_passes")}
+    total["lossless"] = all(d["lossless"] for d in own)
+    return total
+
+
+def _lossless_table(summaries: Sequence[PolicySummary]) -> list[str]:
+    """The speculative rows: identical to dense or not, speed against dense, acceptance."""
+    dense = next((s for s in summaries if s.name == DENSE), None)
+    lines = ["| policy | outputs equal dense | tok/s | vs dense | tok/s tasks | vs dense "
+             "| acceptance | accepted per verify |", "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        if s.speculative is None:
+            continue
+        d = s.speculative
+        ratio = s.speed / dense.speed if dense and dense.speed else math.nan
+        tasks = (s.task_tokens_per_s / dense.task_tokens_per_s
+                 if dense and dense.task_tokens_per_s else math.nan)
+        acceptance = d["accepted"] / d["drafted"] if d["drafted"] else math.nan
+        per_pass = d["accepted"] / d["verify_passes"] if d["verify_passes"] else math.nan
+        lines.append(f"| {s.name} | {'yes' if d['lossless'] else '**NO**'} | "
+                     f"{_fmt(s.speed, 1)} | {_fmt(ratio, 2)}x | {_fmt(s.task_tokens_per_s, 1)} "
+                     f"| {_fmt(tasks, 2)}x | {_fmt(acceptance, 2)} | {_fmt(per_pass, 2)} |")
+    return lines
 
 
 def nearest(summaries: Sequence[PolicySummary], method: str,
@@ -241,6 +274,12 @@ def write_report(out_dir: str, plots: bool = True) -> str:
         dense = [s for s in summaries if s.name == DENSE]
         lines += [f"## At ~{mid:.0%} skip", "", *_table(dense + _at(summaries, mid), columns), ""]
     lines += ["## All policies", "", *_table(summaries, columns), ""]
+    if any(s.speculative for s in summaries):
+        lines += ["## Lossless speculative decoding", "",
+                  "Dense decoding with drafts verified by the dense model: every generated "
+                  "output is checked against dense's, token for token; tok/s as above; "
+                  "acceptance = share of drafted tokens kept.", "",
+                  *_lossless_table(summaries), ""]
     if any(s.method == "ffn_skip" for s in summaries):
         lines += ["## Rank of FFN-SkipLLM among the methods at each target", "",
                   "1 = best of the methods at that target (dense excluded); = marks a tie.", "",

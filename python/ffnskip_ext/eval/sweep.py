@@ -10,7 +10,15 @@ from typing import Any
 from ..config import ModelConfig
 from ..runtime.decoder import Decoder
 from ..runtime.generate import Message, encode_prompt
-from ..runtime.policies import EarlyExit, LayerDrop, RandomFFNSkip, StaticFFNSkip
+from ..runtime.policies import (
+    DensePolicy,
+    EarlyExit,
+    LayerDrop,
+    Policy,
+    RandomFFNSkip,
+    StaticFFNSkip,
+)
+from ..runtime.speculative import Speculative
 from ..tuning.calibration import block_influence, calibrate, calibrate_first, rank_layers_for_drop
 from .harness import DENSE_SPEC, PolicySpec
 
@@ -39,6 +47,11 @@ How methods are matched at a target ratio r on an L-layer model, with k = round(
 - ``first_w`` (FiRST, matched by weights): the same routers, thresholded to skip
   r x F / (A + F) of the layers, where F and A are one layer's FFN and attention weights, so
   that it leaves as many weights unread per token as the FFN methods at r.
+
+- ``speculative`` (lossless rows, not matched): dense decoding with drafts (``ngram`` prompt
+  lookup, ``self``: the model under a skip policy, ``auto``: n-gram, else self) verified by
+  the dense model; the harness checks that every output equals dense's token for token and
+  reports the acceptance; perplexity is not rerun (teacher forcing is dense by definition).
 
 The FFN skip ratio (skipped FFN blocks / (decode tokens x L)) is the common axis of the FFN
 methods; layer-level methods skip attention work as well, so at the same ratio they remove
@@ -89,12 +102,16 @@ def sweep_specs(
     seed: int = 0,
     warmup_tokens: int = 4,
     calibration_tokens: int = 40,
+    speculative: Sequence[str] = ("ngram", "self", "auto"),
+    draft_policy: Policy | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
     routers: Any = None,
     routing_prompts: Sequence[Sequence[Message]] = (),
 ) -> list[PolicySpec]:
-    """Dense plus every method at every target (FiRST with ``routers``, a ``Routers``); a
+    """Dense plus every method at every target (FiRST with ``routers``, a ``Routers``) and a
+    lossless speculative row per draft source of ``speculative`` (self drafts under
+    ``draft_policy``, None: the default draft); a
     target FFN-SkipLLM or FiRST cannot reach on the calibration prompts is reported through
     ``log`` and left out. FiRST thresholds are calibrated on ``routing_prompts`` (default: the
     calibration prompts)."""
@@ -135,4 +152,7 @@ def sweep_specs(
                     specs.append(PolicySpec(f"{method}@{label}", policy, method, target))
                 except ValueError as e:
                     log(f"FiRST ({method}) at {target:.0%} left out: {e}")
+    specs += [PolicySpec(f"speculative_{draft}", DensePolicy(), "speculative", None,
+                         Speculative(draft=draft, draft_policy=draft_policy))
+              for draft in speculative]
     return specs

@@ -27,12 +27,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .decoder import Decoder
-from .policies import FFNSkipPolicy, Policy
+from .policies import FFNSkipPolicy, Policy, policy_from_dict
 from .sampling import SamplingParams, probabilities
 
 if TYPE_CHECKING:
@@ -74,6 +74,23 @@ class Speculative:
         if not (isinstance(self.min_draft_prob, (int, float))
                 and 0.0 <= self.min_draft_prob < 1.0):
             raise ValueError(f"min_draft_prob must be in [0, 1), got {self.min_draft_prob!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.draft_policy is not None:
+            fields["draft_policy"] = self.draft_policy.to_dict()
+        return fields
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Speculative:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{', '.join(sorted(unknown))}: unknown speculative field(s)")
+        fields = dict(data)
+        if fields.get("draft_policy") is not None:
+            fields["draft_policy"] = policy_from_dict(fields["draft_policy"])
+        return cls(**fields)
 
     @property
     def uses_model(self) -> bool:
