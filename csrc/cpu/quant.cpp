@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../core/half.h"
@@ -666,6 +667,18 @@ FFNSKIP_TARGET_AVX2 void quantize_avx2(const float* x, int64_t blocks, BlockQ8K*
   }
 }
 
+// tile(std::integral_constant<int, width>) for the width in 1 .. kMax (nothing for 0).
+template <int kMax, typename Tile>
+inline void tile_of_width(int width, Tile&& tile) {
+  if constexpr (kMax >= 1) {
+    if (width == kMax) {
+      tile(std::integral_constant<int, kMax>{});
+    } else {
+      tile_of_width<kMax - 1>(width, tile);
+    }
+  }
+}
+
 // Tokens in blocks whose activations stay in L2 while the rows stream past; within a block,
 // tiles of several rows and tokens, and of one token for the rest (and for decode).
 constexpr int64_t kTokenBlock = 64;
@@ -684,12 +697,22 @@ template <TensorType kType>
 FFNSKIP_TARGET_AVX2 void rows_avx2(const QuantMatrix& w, const QuantInput& input, float* y,
                                    int64_t y_stride, int64_t row_begin, int64_t row_end,
                                    bool accumulate) {
-  // Many tokens: panels of R rows unpacked once per token block, then tiles of R rows x T
-  // tokens (for the K-quants, whose int32 sums double the accumulators, 1 row x 4 tokens).
+  // Many tokens (prefill): panels of kPanelRows rows unpacked once per token block, then tiles
+  // of kPanelRows rows x 4 tokens (the K-quants, whose int32 sums double the accumulators: 1
+  // row). 2 .. kStepExactTokens tokens (a speculative verification): each weight row straight
+  // from its stored blocks, which stay in L1 for the next tokens, in tiles of 8 tokens and one
+  // of the rest: a one-token tile costs nearly a decode step even from L1 (Qwen2.5-1.5B
+  // Q4_K_M: 2 tokens as two one-token tiles 1.7 steps, as one tile 1.35; 8 tokens in 4-token
+  // tiles 3.7 steps, in one tile 2.5; prefill kept its panels: 8-token tiles were slower).
   // One token: rows one at a time, each a single stream from memory ahead of which
   // prefetch_ahead reads, except that the small blocks of the 4- and 5-bit formats go two
   // rows at a time (more independent work per block; measured: bench_kernels.py).
-  constexpr int R = is_k_quant(kType) ? 1 : 2, T = 4;
+  // Each token's sums run in the same order whatever the tile: results do not depend on it.
+  constexpr int kPanelRows = is_k_quant(kType) ? 1 : 2;
+  using PanelRowsTile = std::integral_constant<int, kPanelRows>;
+  using PanelTokens = std::integral_constant<int, 4>;
+  using VerifyTokens = std::integral_constant<int, 8>;
+  using OneRow = std::integral_constant<int, 1>;
   constexpr int kDecodeRows = is_k_quant(kType) || kType == TensorType::Q8_0 ? 1 : 2;
   using Block = typename Format<kType>::BlockType;
   const auto* x = [&] {
@@ -701,43 +724,35 @@ FFNSKIP_TARGET_AVX2 void rows_avx2(const QuantMatrix& w, const QuantInput& input
   thread_local Panel panel;
   for (int64_t t0 = 0; t0 < n; t0 += kTokenBlock) {
     const int64_t t_end = std::min(n, t0 + kTokenBlock);
-    const int64_t t_tiled = t0 + (t_end - t0) / T * T;
-    // Tiles of T tokens, then the last few one by one, over R rows read through `w_rows`.
-    auto row_tiles = [&](const auto& w_rows, int rows_here, int64_t row) {
-      for (int64_t t = t0; t < t_tiled; t += T) {
-        if (rows_here == R) {
-          tile_avx2<kType, R, T>(w_rows, blocks, x + t * blocks, y + t * y_stride, y_stride,
-                                 row, accumulate);
-        } else {
-          tile_avx2<kType, 1, T>(w_rows, blocks, x + t * blocks, y + t * y_stride, y_stride,
-                                 row, accumulate);
-        }
-      }
-      for (int64_t t = t_tiled; t < t_end; ++t) {
-        if (rows_here == R) {
-          tile_avx2<kType, R, 1>(w_rows, blocks, x + t * blocks, y + t * y_stride, y_stride,
-                                 row, accumulate);
-        } else {
-          tile_avx2<kType, 1, 1>(w_rows, blocks, x + t * blocks, y + t * y_stride, y_stride,
-                                 row, accumulate);
-        }
-      }
+    // The tokens [t0, t_end) over `rows_tile` rows from `row` read through `w_rows`: tiles of
+    // `width` tokens, then one tile of the rest.
+    auto token_tiles = [&](const auto& w_rows, int64_t row, auto rows_tile, auto width) {
+      auto tile = [&](auto tokens, int64_t t) {
+        tile_avx2<kType, decltype(rows_tile)::value, decltype(tokens)::value>(
+            w_rows, blocks, x + t * blocks, y + t * y_stride, y_stride, row, accumulate);
+      };
+      constexpr int kWidth = decltype(width)::value;
+      const int64_t tiled = t0 + (t_end - t0) / kWidth * kWidth;
+      for (int64_t t = t0; t < tiled; t += kWidth) tile(width, t);
+      tile_of_width<kWidth - 1>(static_cast<int>(t_end - tiled),
+                                [&](auto tokens) { tile(tokens, tiled); });
     };
-    // Two tokens or more read each weight from memory once. Up to kStepExactTokens (a
-    // speculative verification) the tiles decode the stored blocks, which stay in L1 for the
-    // next tokens; more tokens amortise unpacking a panel of rows once per block of tokens.
-    for (int64_t row = row_begin; row < row_end && t_end - t0 > 1; row += R) {
-      const int panel_rows = static_cast<int>(std::min<int64_t>(R, row_end - row));
-      if (t_end - t0 <= kStepExactTokens) {
-        for (int r = 0; r < panel_rows; r += (panel_rows == R ? R : 1)) {
-          row_tiles(StoredRows<kType>{rows + (row + r) * blocks, blocks},
-                    panel_rows == R ? R : 1, row + r);
-        }
-        continue;
+    if (t_end - t0 > 1 && t_end - t0 <= kStepExactTokens) {
+      for (int64_t row = row_begin; row < row_end; ++row) {
+        token_tiles(StoredRows<kType>{rows + row * blocks, blocks}, row, OneRow{},
+                    VerifyTokens{});
       }
-      unpack_panel<kType>(w, row, panel_rows, panel);
-      for (int r = 0; r < panel_rows; r += (panel_rows == R ? R : 1)) {
-        row_tiles(PanelRows<kType>(panel, blocks, r), panel_rows == R ? R : 1, row + r);
+    } else if (t_end - t0 > 1) {
+      for (int64_t row = row_begin; row < row_end; row += kPanelRows) {
+        const int panel_rows = static_cast<int>(std::min<int64_t>(kPanelRows, row_end - row));
+        unpack_panel<kType>(w, row, panel_rows, panel);
+        if (panel_rows == kPanelRows) {
+          token_tiles(PanelRows<kType>(panel, blocks, 0), row, PanelRowsTile{}, PanelTokens{});
+          continue;
+        }
+        for (int r = 0; r < panel_rows; ++r) {
+          token_tiles(PanelRows<kType>(panel, blocks, r), row + r, OneRow{}, PanelTokens{});
+        }
       }
     }
     for (int64_t t = t0; t < t_end && t_end - t0 == 1; ++t) {  // one token (decode)
