@@ -138,7 +138,7 @@ def make_engines(args: argparse.Namespace, path: str) -> list[Any]:
         if name in OURS:
             spec = None if name == "dense" else Speculative(
                 draft=name, draft_policy=draft_policy, max_draft=args.draft_max,
-                ngram_max=args.ngram_max)
+                ngram_max=args.ngram_max, ngram_min=args.ngram_min)
             engines.append(Ours(decoder, tokenizer, name, spec))
         else:
             lookup = None
@@ -219,6 +219,8 @@ def main() -> int:
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--draft-max", type=int, default=8)
     parser.add_argument("--ngram-max", type=int, default=3)
+    parser.add_argument("--ngram-min", type=int, default=1,
+                        help="shortest n-gram match that drafts (ours; llama.cpp's lookup: 1)")
     parser.add_argument("--draft-policy", default=None, help="policy file or name for self drafts")
     parser.add_argument("--engines", default=",".join(OURS + LLAMA),
                         type=lambda s: [x for x in s.split(",") if x])

@@ -205,6 +205,11 @@ def test_ngram_draft_takes_the_longest_latest_match() -> None:
     assert ngram_draft(context, 3, 2) == [4, 5]  # "1 2" last seen before 4 5
     assert ngram_draft(np.array([5, 6, 7, 8]), 3, 4) == []
     assert ngram_draft(np.array([4, 1, 2, 3, 1, 2]), 1, 8) == [3, 1, 2]  # n = 1: "2" -> 3 ...
+    # ngram_min: shorter matches propose nothing
+    one_token_match = np.array([4, 2, 3, 1, 2], dtype=np.int64)  # only "2" recurs
+    assert ngram_draft(one_token_match, 3, 4) == [3, 1, 2]
+    assert ngram_draft(one_token_match, 3, 4, ngram_min=2) == []
+    assert ngram_draft(context, 3, 2, ngram_min=2) == [4, 5]
 
 
 def generate_pair(decoder, tokenizer, prompt, spec, **kwargs):
@@ -442,6 +447,7 @@ def test_sampled_second_token_has_the_target_distribution(path) -> None:
     (dict(max_draft=0), "max_draft"), (dict(max_draft=65), "max_draft"),
     (dict(max_draft=2.5), "max_draft"), (dict(draft="beam"), "unknown speculative draft"),
     (dict(min_draft_prob=1.0), "min_draft_prob"), (dict(draft_policy="dense"), "Policy"),
+    (dict(ngram_min=4), "ngram_min"), (dict(ngram_min=0), "ngram_min"),
 ])
 def test_bad_speculative_settings(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):

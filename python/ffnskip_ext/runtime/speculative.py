@@ -10,9 +10,9 @@ normalised, where p and q are the policy's and the draft's distributions under t
 temperature, top-k and top-p (``sampling.probabilities``); the output has the policy's
 distribution. Drafts come from
 
-- ``ngram`` (prompt lookup): the longest suffix of the context (n = ``ngram_max`` .. 1 tokens)
-  found earlier in the prompt and output proposes the tokens that followed it (q is a point
-  mass);
+- ``ngram`` (prompt lookup): the longest suffix of the context (n = ``ngram_max`` ..
+  ``ngram_min`` tokens, default 3 .. 1) found earlier in the prompt and output proposes the
+  tokens that followed it (q is a point mass);
 - ``self``: the same model under a skip policy (``Decoder.set_draft_policy``; draft steps run
   on the same cache, and the verify pass overwrites their K/V);
 - ``auto``: the n-gram draft when it has a match, else the self draft.
@@ -57,6 +57,7 @@ class Speculative:
     draft_policy: Policy | None = None
     max_draft: int = 8
     ngram_max: int = 3
+    ngram_min: int = 1
     min_draft_prob: float = 0.3
     adaptive: bool = True  # grow / shrink the round's draft limit with the acceptance
 
@@ -71,6 +72,10 @@ class Speculative:
                                        ("ngram_max", self.ngram_max, 1, 64)):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        if isinstance(self.ngram_min, bool) or not isinstance(self.ngram_min, int) \
+                or not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"ngram_min must be an integer in [1, ngram_max={self.ngram_max}], "
+                             f"got {self.ngram_min!r}")
         if not (isinstance(self.min_draft_prob, (int, float))
                 and 0.0 <= self.min_draft_prob < 1.0):
             raise ValueError(f"min_draft_prob must be in [0, 1), got {self.min_draft_prob!r}")
@@ -142,11 +147,11 @@ def prepare_speculation(decoder: Decoder, spec: Speculative) -> None:
         decoder.set_draft_policy(spec.policy)
 
 
-def ngram_draft(context: np.ndarray, ngram_max: int, limit: int) -> list[int]:
-    """Prompt lookup: for n = ngram_max .. 1, the last occurrence before the end of the
-    context's last n tokens proposes up to ``limit`` tokens that followed it."""
+def ngram_draft(context: np.ndarray, ngram_max: int, limit: int, ngram_min: int = 1) -> list[int]:
+    """Prompt lookup: for n = ngram_max .. ngram_min, the last occurrence before the end of
+    the context's last n tokens proposes up to ``limit`` tokens that followed it."""
     length = context.size
-    for n in range(min(ngram_max, length - 1), 0, -1):
+    for n in range(min(ngram_max, length - 1), ngram_min - 1, -1):
         windows = np.lib.stride_tricks.sliding_window_view(context[:-1], n)
         matches = np.flatnonzero((windows == context[length - n:]).all(axis=1))
         if matches.size:
@@ -256,7 +261,7 @@ def speculative_decode(decoder: Decoder, spec: Speculative, prompt_ids: Sequence
         began = time.perf_counter()
         if room > 0 and spec.draft in ("ngram", "auto"):
             context = np.concatenate([prompt, np.asarray(transcript.tokens, dtype=np.int64)])
-            draft = ngram_draft(context, spec.ngram_max, room)
+            draft = ngram_draft(context, spec.ngram_max, room, spec.ngram_min)
             stats.ngram_rounds += bool(draft)
         if room > 0 and not draft and self_draft is not None:
             draft, draft_probs = self_draft.propose(token, room)
