@@ -219,7 +219,7 @@ def main() -> int:
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--draft-max", type=int, default=8)
     parser.add_argument("--ngram-max", type=int, default=3)
-    parser.add_argument("--ngram-min", type=int, default=1,
+    parser.add_argument("--ngram-min", type=int, default=2,
                         help="shortest n-gram match that drafts (ours; llama.cpp's lookup: 1)")
     parser.add_argument("--draft-policy", default=None, help="policy file or name for self drafts")
     parser.add_argument("--engines", default=",".join(OURS + LLAMA),

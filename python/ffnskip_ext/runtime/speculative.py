@@ -11,8 +11,10 @@ temperature, top-k and top-p (``sampling.probabilities``); the output has the po
 distribution. Drafts come from
 
 - ``ngram`` (prompt lookup): the longest suffix of the context (n = ``ngram_max`` ..
-  ``ngram_min`` tokens, default 3 .. 1) found earlier in the prompt and output proposes the
-  tokens that followed it (q is a point mass);
+  ``ngram_min`` tokens, default 3 .. 2) found earlier in the prompt and output proposes the
+  tokens that followed it (q is a point mass). One-token matches are off by default: on the
+  1.5B they were accepted 4-44% of the time and made QA and chat slower than plain decoding
+  (benchmarks/results/speculative_qwen2.5-coder-1.5b_2026-12-01.md);
 - ``self``: the same model under a skip policy (``Decoder.set_draft_policy``; draft steps run
   on the same cache, and the verify pass overwrites their K/V);
 - ``auto``: the n-gram draft when it has a match, else the self draft.
@@ -57,7 +59,7 @@ class Speculative:
     draft_policy: Policy | None = None
     max_draft: int = 8
     ngram_max: int = 3
-    ngram_min: int = 1
+    ngram_min: int = 2
     min_draft_prob: float = 0.3
     adaptive: bool = True  # grow / shrink the round's draft limit with the acceptance
 
@@ -75,7 +77,8 @@ class Speculative:
         if isinstance(self.ngram_min, bool) or not isinstance(self.ngram_min, int) \
                 or not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError(f"ngram_min must be an integer in [1, ngram_max={self.ngram_max}], "
-                             f"got {self.ngram_min!r}")
+                             f"got {self.ngram_min!r} (the default is 2: give ngram_min=1 "
+                             "with ngram_max=1)")
         if not (isinstance(self.min_draft_prob, (int, float))
                 and 0.0 <= self.min_draft_prob < 1.0):
             raise ValueError(f"min_draft_prob must be in [0, 1), got {self.min_draft_prob!r}")
