@@ -326,6 +326,30 @@ def test_greedy_identity_on_smollm2(smollm2, draft) -> None:
     assert drafted > 0
 
 
+@pytest.fixture(scope="module")
+def qwen_0_5b():
+    from test_quantized_models import qwen_0_5b_path
+
+    path = qwen_0_5b_path()
+    return (ffnskip_ext.Decoder.from_pretrained(path, max_seq_len=512),
+            ffnskip_ext.load_tokenizer(path))
+
+
+@pytest.mark.parametrize("spec", [
+    Speculative(draft="ngram", max_draft=8), Speculative(draft="auto", max_draft=4),
+    Speculative(draft="self", draft_policy=SubBlockSkip(attention=(5, 9), ffn=(3, 4, 10, 11)),
+                max_draft=3, min_draft_prob=0.0),
+], ids=["ngram", "auto", "self-sub-block"])
+def test_greedy_identity_on_qwen_0_5b(qwen_0_5b, spec) -> None:
+    """The mixed-type GGUF (Q5_0, Q8_0, Q4_K, Q6_K) through every verify tile width."""
+    decoder, tokenizer = qwen_0_5b
+    drafted = 0
+    for prompt in SMOLLM2_PROMPTS:
+        _, fast = generate_pair(decoder, tokenizer, prompt, spec, max_new_tokens=24)
+        drafted += fast.speculative.drafted
+    assert drafted > 0
+
+
 def test_smollm2_ends_inside_accepted_runs(smollm2) -> None:
     decoder, tokenizer = smollm2
     spec = Speculative(draft="self", draft_policy=DensePolicy(), max_draft=8, adaptive=False,
