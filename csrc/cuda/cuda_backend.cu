@@ -566,10 +566,12 @@ class CudaBackend final : public Backend {
     return plan.routed ? routed_off() + layer : nullptr;
   }
 
-  // Decides `layer` for the sequence from the input norm of the pass's n tokens in xn_.
+  // Decides `layer` for the sequence from the input norm of the pass's first tokens (fp32).
   void route(int layer, int n) {
-    RouteArgs<T> r;
-    r.xn = xn_;
+    RouteArgs r;
+    r.x = x_;
+    r.norm_weight = model_.layers[layer].attn_norm;
+    r.eps = config_.rms_norm_eps;
     r.n = std::min(n, kRouterPromptTokens);
     r.hidden = config_.hidden_size;
     r.weight = router_weight_ + static_cast<int64_t>(layer) * config_.hidden_size;
