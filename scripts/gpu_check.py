@@ -24,6 +24,7 @@ goes through the same tiers, time limits, log and summary: CI runs it (tests/tes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -230,16 +231,11 @@ class Check:
             process.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             timed_out = True
-            for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
-                try:
-                    os.killpg(process.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    process.wait(timeout=wait_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            signal_group(process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=KILL_GRACE_S)
+            signal_group(process.pid, signal.SIGKILL)  # what of the group is still there
+            process.wait()
         reader.join(timeout=KILL_GRACE_S)
         sys.stdout.flush()
         return "".join(lines), process.returncode, timed_out
@@ -270,6 +266,11 @@ class Check:
                  + (f"; failed: {', '.join(failed)}" if failed else ""))
         self.log.close()
         return 1 if failed else 0
+
+
+def signal_group(group: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the whole group has exited
+        os.killpg(group, sig)
 
 
 def git_commit() -> str:

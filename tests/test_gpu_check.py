@@ -84,8 +84,13 @@ def test_step_past_its_limit_is_killed_with_its_children(tmp_path) -> None:
     assert "started" in (tmp_path / "gpu_check.log").read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"][0]["status"] == "timeout"  # written before the run goes on
+    # A group that ignores SIGTERM is killed after the grace period.
+    began = time.monotonic()
+    stubborn = check.run("stubborn", ["bash", "-c", "trap '' TERM; sleep 60 & wait"], limit_s=5)
+    assert stubborn.status == "timeout"
+    assert time.monotonic() - began < 5 + 2 * gpu_check.KILL_GRACE_S
     assert check.finish() == 1
-    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == ["sleeper"]
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == ["sleeper", "stubborn"]
 
 
 def test_failed_and_missing_commands_are_failed_steps(tmp_path) -> None:
