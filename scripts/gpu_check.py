@@ -4,10 +4,12 @@ that a kill at the machine's limit still leaves what ran. scripts/gpu_check.sh d
 device command and the wheels to carry.
 
 OUTDIR receives two files (at most 8 are allowed there, the most that comes back):
-  summary.json   rewritten after every step: the machine, each step's status, time, exit status
-                 and parsed results (pytest's counts, bench_decode's table), and the overall
-                 status: "running" until the end, then "passed", "failed" or "incomplete"
-                 (nothing failed, but time ran out before some steps)
+  summary.json   rewritten after every step: the commit and the sources' hash (the device's copy
+                 of the tree may lack .git; --source-hash prints the hash of a checkout), the
+                 machine, each step's status, time, exit status and parsed results (pytest's
+                 counts, bench_decode's table), and the overall status: "running" until the
+                 end, then "passed", "failed" or "incomplete" (nothing failed, but time ran
+                 out before some steps)
   gpu_check.log  every step's output, one after another under a header line
 
 Tier 1 (at most 180 s): machine info, the CUDA build with every core, the per-kernel CUDA tests
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -154,6 +157,7 @@ class Check:
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "dry_run": dry_run,
             "commit": git_commit(),
+            "source_hash": source_hash(),
             "budget_s": {"total": total_s, **{f"tier{t}": s for t, s in TIER_S.items()}},
             "status": "running",
         }
@@ -273,6 +277,25 @@ def signal_group(group: int, sig: signal.Signals) -> None:
         os.killpg(group, sig)
 
 
+# What a result depends on: the device gets a copy of the tree that may lack .git, so the
+# summary also names the sources by their hash (--source-hash prints it here, to compare).
+SOURCE_DIRS = ("csrc", "cmake", "python/ffnskip_ext", "benchmarks", "scripts", "tests")
+SOURCE_SUFFIXES = {".cpp", ".h", ".cu", ".cuh", ".py", ".sh", ".cmake", ".in", ".txt", ".toml"}
+
+
+def source_hash() -> str:
+    """sha256 over the source files' paths and contents (results/ and caches left out)."""
+    digest = hashlib.sha256()
+    files = [ROOT / "CMakeLists.txt", ROOT / "setup.py", ROOT / "pyproject.toml"]
+    for folder in SOURCE_DIRS:
+        files += [p for p in (ROOT / folder).rglob("*")
+                  if p.is_file() and p.suffix in SOURCE_SUFFIXES
+                  and not {"results", "__pycache__"} & set(p.relative_to(ROOT).parts)]
+    for path in sorted(f for f in files if f.is_file()):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
@@ -304,7 +327,8 @@ EOF
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("outdir", type=Path, help="results folder (at most 8 files go there)")
+    parser.add_argument("outdir", type=Path, nargs="?",
+                        help="results folder (at most 8 files go there)")
     parser.add_argument("--dry-run", action="store_true",
                         help="echo every command instead of running it (no GPU needed)")
     parser.add_argument("--build-dir", type=Path, default=Path("/tmp/ffnskip_gpu_build"))
@@ -313,7 +337,14 @@ def main() -> int:
                              "(default: .whl in the tree, when it exists)")
     parser.add_argument("--total-s", type=float, default=TOTAL_S,
                         help="the whole run's time limit in seconds")
+    parser.add_argument("--source-hash", action="store_true",
+                        help="print the hash of the sources the summary records, and stop")
     args = parser.parse_args()
+    if args.source_hash:
+        print(source_hash())
+        return 0
+    if args.outdir is None:
+        parser.error("OUTDIR is needed")
 
     missing = [name for name in REQUIRED_FILES if not (ROOT / name).is_file()]
     if missing:

@@ -41,6 +41,9 @@ def test_dry_run_covers_every_tier_in_at_most_eight_files(tmp_path) -> None:
     assert sorted(p.name for p in files) == ["gpu_check.log", "summary.json"]
     summary = json.loads((outdir / "summary.json").read_text())
     assert summary["dry_run"] is True and summary["status"] == "passed"
+    hashed = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"),
+                             "--source-hash"], capture_output=True, text=True, check=True)
+    assert summary["source_hash"] == hashed.stdout.strip() != ""
     steps = summary["steps"]
     assert {s["tier"] for s in steps} == {1, 2, 3}
     assert all(s["status"] == "passed" for s in steps), steps
