@@ -9,7 +9,7 @@
 // as fp32 values on the CPU and, on CUDA, directly in the --dtype the GPU holds, so that the
 // upload converts nothing. On CUDA every layer is given the same host tensors (the upload copies
 // them into each layer's own device memory; the timings do not depend on the values): a 7-8B
-// model is then made in seconds, from a few GB of host memory.
+// model then takes a few GB of host memory (one layer, the embedding and the head).
 // --policy takes a comma-separated list, measured in turn on the same weights:
 //   dense          no skipping (the reference of the speedups)
 //   static:F       StaticFFNSkip of round(F * layers) FFN blocks, a contiguous middle window
