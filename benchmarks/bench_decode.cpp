@@ -4,8 +4,12 @@
 //                [--prompt N] [--threads N] [--device cpu|cuda] [--dtype fp32|fp16|bf16]
 //                [--policy LIST] [--cuda-graphs 0|1] [--decode-gemv custom|cublas]
 //                [--weights f32|q8_0|q5_0|q4_k|q6_k]
-// --weights: every matrix made as random blocks of that GGUF format (default: fp32 values),
-// kept as stored (dtype auto, the default with a block format) or converted to --dtype.
+// --weights: every matrix made as random blocks of that GGUF format, kept as stored (dtype auto,
+// the default with a block format) or converted to --dtype. Without it the matrices are made
+// as fp32 values on the CPU and, on CUDA, directly in the --dtype the GPU holds, so that the
+// upload converts nothing. On CUDA every layer is given the same host tensors (the upload copies
+// them into each layer's own device memory; the timings do not depend on the values): a 7-8B
+// model then takes a few GB of host memory (one layer, the embedding and the head).
 // --policy takes a comma-separated list, measured in turn on the same weights:
 //   dense          no skipping (the reference of the speedups)
 //   static:F       StaticFFNSkip of round(F * layers) FFN blocks, a contiguous middle window
@@ -15,8 +19,9 @@
 // runs, the final norm and the LM head, not the embedding table, at the storage type's size),
 // the bandwidth as a fraction of the bandwidth measured in the same run (CUDA: a
 // device-to-device copy; CPU: the threads streaming a 1 GiB buffer through the kernels' vector
-// loads), the prefill rate of the --prompt tokens, and per policy the speedup over dense
-// against the ideal from bytes not read.
+// loads), the prefill rate of the --prompt tokens, per policy the speedup over dense against
+// the ideal from bytes not read, and on CUDA the kernels one decode step launches (the nodes of
+// its captured graph).
 // On the CPU, FFNSKIP_CPU_ISA=avx2 or default measures a lower instruction set's kernels.
 #include <algorithm>
 #include <cctype>
@@ -64,23 +69,34 @@ ModelConfig preset(const std::string& name) {
 
 struct RandomWeights {
   WeightMap map;
-  TensorType matrices = TensorType::F32;  // or a block format, for every matrix
+  TensorType matrices = TensorType::F32;  // F32, F16, BF16 or a block format, for every matrix
+  bool share_layers = false;  // every layer's tensors are layer 0's
   uint64_t next_seed = 1234;
 
   // The view owns its values, so that a backend reads them in place where it can.
   void add(const std::string& name, std::vector<int64_t> shape, float scale) {
-    if (shape.size() == 2 && matrices != TensorType::F32) {
-      auto data = std::make_shared<std::vector<uint8_t>>(
-          bench::block_format_bytes(matrices, shape[0], shape[1]));
-      bench::fill_random_blocks(matrices, shape[0], shape[1], next_seed++, scale, data->data());
-      map[name] = TensorView{data->data(), matrices, std::move(shape), data};
-      return;
+    const bool blocks = shape.size() == 2 && is_block_format(matrices);
+    const TensorType type = shape.size() == 2 ? matrices : TensorType::F32;  // vectors: fp32
+    const size_t bytes = blocks ? bench::block_format_bytes(type, shape[0], shape[1])
+                                : static_cast<size_t>(numel(shape)) * element_bytes(type);
+    auto data = std::make_shared<std::vector<uint8_t>>(bytes);
+    if (blocks) {
+      bench::fill_random_blocks(type, shape[0], shape[1], next_seed++, scale, data->data());
+    } else {
+      bench::fill_uniform(type, static_cast<size_t>(numel(shape)), next_seed++, scale,
+                          data->data());
     }
+    map[name] = TensorView{data->data(), type, std::move(shape), data};
+  }
+
+  static int64_t numel(const std::vector<int64_t>& shape) {
     int64_t n = 1;
     for (auto d : shape) n *= d;
-    auto data = std::make_shared<std::vector<float>>(n);
-    bench::fill_uniform(*data, next_seed++, scale);
-    map[name] = TensorView{data->data(), TensorType::F32, std::move(shape), data};
+    return n;
+  }
+  static size_t element_bytes(TensorType dense) { return dense == TensorType::F32 ? 4 : 2; }
+  static bool is_block_format(TensorType t) {
+    return t != TensorType::F32 && t != TensorType::F16 && t != TensorType::BF16;
   }
 };
 
@@ -88,8 +104,17 @@ const WeightMap& random_weights(const ModelConfig& c, RandomWeights& w) {
   const int64_t h = c.hidden_size, f = c.intermediate_size;
   const float s = 1.0f / std::sqrt(static_cast<float>(h));
   w.add("model.embed_tokens.weight", {c.vocab_size, h}, 1.0f);
+  const std::string first_layer = "model.layers.0.";
   for (int l = 0; l < c.num_layers; ++l) {
     const std::string p = "model.layers." + std::to_string(l) + ".";
+    if (l > 0 && w.share_layers) {
+      for (const char* part : {"input_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                               "self_attn.v_proj", "self_attn.o_proj", "post_attention_layernorm",
+                               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}) {
+        w.map[p + part + ".weight"] = w.map.at(first_layer + part + ".weight");
+      }
+      continue;
+    }
     w.add(p + "input_layernorm.weight", {h}, 1.0f);
     w.add(p + "self_attn.q_proj.weight", {c.q_dim(), h}, s);
     w.add(p + "self_attn.k_proj.weight", {c.kv_dim(), h}, s);
@@ -155,6 +180,7 @@ struct PolicyResult {
   double skipped_fraction = 0;  // FFN blocks skipped / (tokens * layers)
   double bytes_per_token = 0;
   double prefill_tokens_per_s = 0;  // the prompt's prefill, from an empty cache
+  int step_kernels = 0;             // CUDA: kernels of the captured decode step
 };
 
 // Times `tokens` decode steps after a prefill of `prompt` tokens and one untimed step.
@@ -191,6 +217,7 @@ PolicyResult run_policy(Decoder& decoder, const std::string& name, int prompt, i
   result.skipped_fraction =
       static_cast<double>(skipped) / (static_cast<double>(tokens) * c.num_layers);
   result.bytes_per_token = static_cast<double>(stats.weight_bytes_read) / tokens;
+  result.step_kernels = stats.decode_step_kernels;
   return result;
 }
 
@@ -237,11 +264,23 @@ int main(int argc, char** argv) {
     std::string weights_upper = weights_name;
     for (char& ch : weights_upper) ch = static_cast<char>(std::toupper(ch));
     storage.matrices = parse_tensor_type(weights_upper);
+    if (storage.matrices != TensorType::F32 && !RandomWeights::is_block_format(storage.matrices)) {
+      throw std::invalid_argument("--weights takes f32 or a block format; --dtype the rest");
+    }
     const bool blocks = storage.matrices != TensorType::F32;
     const DType dtype = parse_bench_dtype(!dtype_name_arg.empty() ? dtype_name_arg
                                           : blocks          ? "auto"
                                           : cuda            ? "fp16"
                                                             : "fp32");
+    if (cuda) {
+      // The CPU reads the weights in place: shared layers would sit in its caches.
+      storage.share_layers = true;
+      if (!blocks) {
+        storage.matrices = dtype == DType::F32 ? TensorType::F32
+                           : dtype == DType::BF16 ? TensorType::BF16
+                                                  : TensorType::F16;
+      }
+    }
 
     const WeightMap& weights = random_weights(c, storage);
     DecoderOptions options;
@@ -279,13 +318,15 @@ int main(int argc, char** argv) {
     for (const auto& r : results) {
       if (r.name == "dense") dense = &r;
     }
-    std::printf("%-14s %10s %9s %9s %10s %9s %9s %10s %9s\n", "policy", "tokens/s", "ms/token",
-                "ffn_skip", "MB/token", "GB/s", "of_peak", "prefill/s", "speedup");
+    std::printf("%-14s %10s %9s %9s %10s %9s %9s %10s %8s %9s\n", "policy", "tokens/s",
+                "ms/token", "ffn_skip", "MB/token", "GB/s", "of_peak", "prefill/s", "kernels",
+                "speedup");
     for (const auto& r : results) {
       const double gbs = r.bytes_per_token * r.tokens_per_s / 1e9;
       std::printf("%-14s %10.2f %9.3f %8.1f%% %10.1f %9.1f", r.name.c_str(), r.tokens_per_s,
                   1e3 / r.tokens_per_s, 100 * r.skipped_fraction, r.bytes_per_token / 1e6, gbs);
-      std::printf(" %8.1f%% %10.1f", 100 * gbs / peak_gbs, r.prefill_tokens_per_s);
+      std::printf(" %8.1f%% %10.1f %8d", 100 * gbs / peak_gbs, r.prefill_tokens_per_s,
+                  r.step_kernels);
       if (dense != nullptr) {
         // Ideal: time proportional to the bytes read.
         const double speedup = r.tokens_per_s / dense->tokens_per_s;

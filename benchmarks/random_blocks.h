@@ -1,9 +1,9 @@
-// Random weights for the benchmarks, the same for any number of filling threads: floats, or rows
-// of a GGUF block format the CUDA kernels read in place (Q8_0, Q5_0, Q4_K, Q6_K) made of random
-// bytes (every bit pattern of the quants and sub-block scales) with each block's fp16 scales set
-// so that the weights are of the order of `scale`. The timings do not depend on the values;
-// finite ones of a plausible size keep the activations finite. Plain C++ (bench_decode,
-// bench_gemv).
+// Random weights for the benchmarks, the same for any number of filling threads: F32, F16 or
+// BF16 values, or rows of a GGUF block format the CUDA kernels read in place (Q8_0, Q5_0, Q4_K,
+// Q6_K) made of random bytes (every bit pattern of the quants and sub-block scales) with each
+// block's fp16 scales set so that the weights are of the order of `scale`. The timings do not
+// depend on the values; finite ones of a plausible size keep the activations finite. Plain C++
+// (bench_decode, bench_gemv).
 #pragma once
 
 #include <algorithm>
@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "../csrc/core/half.h"
 #include "../csrc/core/skip_rule.h"  // mix_hash
 #include "../csrc/core/tensor_types.h"
 
@@ -32,13 +33,23 @@ inline void parallel_for(size_t n, const std::function<void(size_t, size_t)>& fi
   for (auto& thread : pool) thread.join();
 }
 
-// Uniform values in [-scale, scale) from a counter-based hash of (seed, index).
-inline void fill_uniform(std::vector<float>& data, uint64_t seed, float scale) {
-  parallel_for(data.size(), [&](size_t begin, size_t end) {
+// `count` uniform values in [-scale, scale) from a counter-based hash of (seed, index), written
+// to `out` as F32, F16 or BF16: made in the type a backend holds, so nothing is converted.
+inline void fill_uniform(TensorType type, size_t count, uint64_t seed, float scale, void* out) {
+  if (type != TensorType::F32 && type != TensorType::F16 && type != TensorType::BF16) {
+    throw std::invalid_argument(std::string("no uniform values of ") + tensor_type_name(type));
+  }
+  parallel_for(count, [&](size_t begin, size_t end) {
     for (size_t i = begin; i < end; ++i) {
       const uint64_t bits = mix_hash(seed ^ mix_hash(i));
       const float unit = static_cast<float>(bits >> 40) * (1.0f / 16777216.0f);  // [0, 1)
-      data[i] = scale * (2.0f * unit - 1.0f);
+      const float value = scale * (2.0f * unit - 1.0f);
+      if (type == TensorType::F32) {
+        static_cast<float*>(out)[i] = value;
+      } else {
+        static_cast<uint16_t*>(out)[i] =
+            type == TensorType::F16 ? float_to_f16(value) : float_to_bf16(value);
+      }
     }
   });
 }

@@ -1,9 +1,12 @@
-"""The CUDA backend's kernels one by one (``_core.cuda_kernels``) against NumPy: the decode GEMV
-over Q8_0, Q5_0, Q4_K and Q6_K blocks read in place, in each output mode (store, accumulate =
-the fused residual add, SwiGLU on stacked gate/up rows), with its skip flag set and unset; the
-prefill path (weights dequantised to the activation type a tile of rows at a time, then
-cuBLAS); the dequantisation itself and the embedding lookup in a quantised table; with fp32,
-fp16 and bf16 activations. Without a GPU only the first test runs.
+"""The CUDA backend's kernels one by one (``_core.cuda_kernels``) against NumPy and the CPU: the
+decode GEMV over Q8_0, Q5_0, Q4_K and Q6_K blocks read in place, in each output mode (store,
+accumulate = the fused residual add, SwiGLU on stacked gate/up rows), with its skip flag set and
+unset; the prefill path (weights dequantised to the activation type a tile of rows at a time,
+then cuBLAS); the dequantisation itself and the embedding lookup in a quantised table; the
+kernels of a layer (RMSNorm, RoPE with the KV-cache write, SwiGLU, decode attention in splits,
+prefill attention, FiRST's router, the skip scores) and the logits head, on shapes whole-model
+tests miss (more than 8 query heads per KV head, head_dim above 128, odd widths, empty splits);
+with fp32, fp16 and bf16 activations. Without a GPU only the first test runs.
 
 References: the blocks come from tests/gguf_files.py (``quantize`` for weights with a real
 distribution, ``random_blocks`` for random bytes that reach every bit pattern) and the
@@ -24,7 +27,7 @@ from ffnskip_ext import _core
 
 gguf = pytest.importorskip("gguf")
 from gguf_files import Q, quantize, quantized, random_blocks  # noqa: E402  (needs gguf)
-from test_kernels import EPS32, stored  # noqa: E402
+from test_kernels import EPS32, attention_reference, stored  # noqa: E402
 
 cuda = _core.cuda_kernels
 needs_gpu = pytest.mark.skipif(
@@ -118,6 +121,14 @@ def test_cuda_kernels_without_device_raise_clear_value_error() -> None:
         cuda.dequantize(data, "Q8_0")
     with pytest.raises(ValueError, match="device='cuda' is not available"):
         cuda.embedding(data, "Q8_0", np.zeros(1, np.int32))
+    # The layer kernels share one entry point: the library has it (no "lacks ...").
+    row = np.ones((1, 32), np.float32)
+    for call in (lambda: cuda.rms_norm(row, row[0], 1e-5),
+                 lambda: cuda.route(row, row[0], 1e-5, row[0], 0.0, 0.0),
+                 lambda: cuda.cosine(row[0], row[0])):
+        with pytest.raises(ValueError, match="device='cuda' is not available") as error:
+            call()
+        assert "lacks" not in str(error.value)
 
 
 # ---- on a GPU ----
@@ -222,3 +233,323 @@ def test_bad_calls_are_value_errors() -> None:
         cuda.linear(q8, "Q8_0", np.zeros((2, 32), np.float32), gemv=False, skip=True)
     with pytest.raises(ValueError, match="out of range"):
         cuda.embedding(q8, "Q8_0", np.array([2], np.int32))
+
+
+# ---- the kernels of a layer and of the head ----
+#
+# Inputs the kernels read in the activation type are rounded to it first, so the references
+# (float64) see what the kernels see. Outputs stored in that type carry its unit roundoff, and
+# in fp16 below its normal range an absolute half-spacing of the subnormals.
+
+TINY = {"float32": 0.0, "float16": 2.0**-25, "bfloat16": 0.0}
+
+kernels = _core.kernels  # the CPU's, for the references that must be its arithmetic
+
+
+def assert_within(got: np.ndarray, exact: np.ndarray, bound: np.ndarray) -> None:
+    err = np.abs(np.asarray(got, np.float64) - exact)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert np.all(err <= bound), (
+        f"error {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst} "
+        f"(got {np.asarray(got)[worst]}, exact {exact[worst]})")
+
+
+@needs_gpu
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("n, dim", [(1, 1), (3, 203), (2, 4096), (1, 8195)])
+def test_rms_norm(n, dim, activation) -> None:
+    """One block per row; widths below, between and above the 256 threads' strides."""
+    rng = np.random.default_rng(dim + n)
+    x = (rng.standard_normal((n, dim)) * 3).astype(np.float32)
+    w = rng.standard_normal(dim).astype(np.float32)
+    got = cuda.rms_norm(x, w, 1e-5, activation)
+    xd = x.astype(np.float64)
+    exact = w * (xd / np.sqrt((xd * xd).mean(axis=1, keepdims=True) + 1e-5))
+    bound = ((dim + 4) * EPS32 + ROUNDOFF[activation]) * np.abs(exact) + TINY[activation]
+    assert_within(got, exact, bound + 1e-30)
+
+
+def rope_reference(v: np.ndarray, heads: int, head_dim: int, pos: int, inv_freq: np.ndarray,
+                   interleaved: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(v [n, heads * head_dim] rotated, |x0| + |x1| of each element's pair), float64, with the
+    kernel's fp32 angle inv_freq * position."""
+    n = v.shape[0]
+    angle = inv_freq[None, :] * np.arange(pos, pos + n, dtype=np.float32)[:, None]  # fp32
+    cos, sin = (f(angle.astype(np.float64))[:, None, :] for f in (np.cos, np.sin))
+    x = v.astype(np.float64).reshape(n, heads, head_dim)
+    half = head_dim // 2
+    first, second = ((slice(0, None, 2), slice(1, None, 2)) if interleaved
+                     else (slice(0, half), slice(half, None)))
+    x0, x1 = x[..., first], x[..., second]
+    out, magnitude = np.empty_like(x), np.empty_like(x)
+    out[..., first], out[..., second] = x0 * cos - x1 * sin, x1 * cos + x0 * sin
+    magnitude[..., first] = magnitude[..., second] = np.abs(x0) + np.abs(x1)
+    return out.reshape(n, -1), magnitude.reshape(n, -1)
+
+
+# (num_heads, kv_heads, head_dim, n, pos, interleaved, rotate_q): GQA, head_dim 256 at a far
+# position, llama.cpp's interleaved pairs with an odd half, K/V only (a layer reduced to it).
+ROPE_SHAPES = [(4, 2, 64, 3, 0, False, True), (6, 2, 256, 2, 4000, False, True),
+               (3, 1, 18, 5, 7, True, True), (4, 4, 32, 2, 9, False, False)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("heads, kv_heads, head_dim, n, pos, interleaved, rotate_q", ROPE_SHAPES)
+def test_rope_and_kv_write(heads, kv_heads, head_dim, n, pos, interleaved, rotate_q,
+                           activation) -> None:
+    rng = np.random.default_rng(head_dim + pos)
+    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+    qkv = rng.standard_normal((n, q_dim + 2 * kv_dim)).astype(np.float32)
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+    rows = pos + n + 2  # rows before and after the pass's, which must stay as they are
+    k0 = np.round(rng.standard_normal((rows, kv_dim)) * 8).astype(np.float32)  # exact in bf16
+    v0 = np.round(rng.standard_normal((rows, kv_dim)) * 8).astype(np.float32)
+    q_out, k_out, v_out = cuda.rope(qkv, pos, heads, kv_heads, head_dim, inv_freq, k0, v0,
+                                    rotate_q=rotate_q, interleaved=interleaved,
+                                    activation=activation)
+    np.testing.assert_array_equal(q_out[:, q_dim:], qkv[:, q_dim:])  # K/V read, not rotated
+    if rotate_q:
+        exact, magnitude = rope_reference(qkv[:, :q_dim], heads, head_dim, pos, inv_freq,
+                                          interleaved)
+        # cosf/sinf within 2 ulp, then two products and a sum in fp32.
+        assert_within(q_out[:, :q_dim], exact, 8 * EPS32 * magnitude + 1e-30)
+    else:
+        np.testing.assert_array_equal(q_out[:, :q_dim], qkv[:, :q_dim])
+    exact, magnitude = rope_reference(qkv[:, q_dim:q_dim + kv_dim], kv_heads, head_dim, pos,
+                                      inv_freq, interleaved)
+    bound = 8 * EPS32 * magnitude + ROUNDOFF[activation] * np.abs(exact) + TINY[activation]
+    assert_within(k_out[pos:pos + n], exact, bound + 1e-30)
+    np.testing.assert_array_equal(v_out[pos:pos + n],
+                                  rounded(qkv[:, q_dim + kv_dim:], activation))
+    others = np.r_[0:pos, pos + n:rows]
+    np.testing.assert_array_equal(k_out[others], k0[others])
+    np.testing.assert_array_equal(v_out[others], v0[others])
+
+    # A skipped layer's: nothing rotated, nothing written.
+    q_skip, k_skip, v_skip = cuda.rope(qkv, pos, heads, kv_heads, head_dim, inv_freq, k0, v0,
+                                       rotate_q=rotate_q, interleaved=interleaved, skip=True,
+                                       activation=activation)
+    np.testing.assert_array_equal(q_skip, qkv)
+    np.testing.assert_array_equal(k_skip, k0)
+    np.testing.assert_array_equal(v_skip, v0)
+
+
+@needs_gpu
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("n, inter", [(1, 1), (3, 203), (2, 1537), (5, 4096)])
+def test_swiglu(n, inter, activation) -> None:
+    rng = np.random.default_rng(inter + n)
+    gate_up = (rng.standard_normal((n, 2 * inter)) * 4).astype(np.float32)
+    got = cuda.swiglu(gate_up, activation=activation)
+    g, u = gate_up[:, :inter].astype(np.float64), gate_up[:, inter:].astype(np.float64)
+    exact = g / (1.0 + np.exp(-g)) * u
+    bound = (8 * EPS32 + ROUNDOFF[activation]) * np.abs(exact) + TINY[activation]
+    assert_within(got, exact, bound + 1e-30)
+    act0 = np.round(rng.standard_normal((n, inter)) * 8).astype(np.float32)
+    np.testing.assert_array_equal(cuda.swiglu(gate_up, act0=act0, skip=True,
+                                              activation=activation), act0)
+
+
+def attention_bound(magnitude: np.ndarray, exact: np.ndarray, head_dim: int, keys: int,
+                    activation: str) -> np.ndarray:
+    """test_kernels.py's bound on fp32 attention (scores of head_dim-term sums, amplified by
+    at most |score| through exp; a weighted sum over the keys), a few more eps for the splits'
+    combine, and the rounding of the output to the activation type."""
+    scale = np.sqrt(head_dim) * 4.0
+    return ((head_dim * scale + keys + 16) * EPS32 * (magnitude + 1e-3)
+            + ROUNDOFF[activation] * np.abs(exact) + TINY[activation])
+
+
+def attention_cache(rng: np.random.Generator, rows: int, used: int, kv_dim: int,
+                    activation: str) -> tuple[np.ndarray, np.ndarray]:
+    """K and V caches [rows, kv_dim] rounded to the activation type; rows from `used` on are
+    large, so that reading a row the token does not see shows."""
+    k = rng.standard_normal((rows, kv_dim))
+    v = rng.standard_normal((rows, kv_dim))
+    k[used:] *= 50
+    v[used:] *= 50
+    return (rounded(k, activation).astype(np.float32),
+            rounded(v, activation).astype(np.float32))
+
+
+# (num_heads, kv_heads, head_dim, pos, splits): one position; more than 8 q heads per KV head
+# (12, 10: a second, partial block of heads); head_dim 80 and 256; more splits than the
+# positions fill (empty splits); MHA.
+DECODE_ATTENTION_SHAPES = [(4, 4, 64, 0, 1), (12, 1, 128, 100, 3), (24, 2, 80, 70, 5),
+                           (16, 16, 256, 40, 2), (8, 2, 64, 4, 8), (9, 3, 64, 37, 2),
+                           (40, 4, 96, 300, 16)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("heads, kv_heads, head_dim, pos, splits", DECODE_ATTENTION_SHAPES)
+def test_decode_attention(heads, kv_heads, head_dim, pos, splits, activation) -> None:
+    rng = np.random.default_rng(heads * 1000 + pos)
+    q = rng.standard_normal(heads * head_dim).astype(np.float32)
+    k, v = attention_cache(rng, pos + 3, pos + 1, kv_heads * head_dim, activation)
+    got = cuda.decode_attention(q, k, v, pos, heads, kv_heads, head_dim, num_splits=splits,
+                                activation=activation)
+    exact, magnitude = attention_reference(q[None, :], k, v, pos, heads, kv_heads, head_dim)
+    bound = attention_bound(magnitude[0], exact[0], head_dim, pos + 1, activation)
+    assert_within(got, exact[0], bound)
+    out0 = np.round(rng.standard_normal(heads * head_dim) * 8).astype(np.float32)
+    skipped = cuda.decode_attention(q, k, v, pos, heads, kv_heads, head_dim, num_splits=splits,
+                                    out0=out0, skip=True, activation=activation)
+    np.testing.assert_array_equal(skipped, out0)
+
+
+# (n, pos, heads, kv_heads, head_dim): one token; a partial last tile of 16 queries; head_dim
+# above 128 (160, 256: the kernel's larger shared-memory carve-out) and not a multiple of 32
+# (130); 12 q heads per KV head.
+PREFILL_ATTENTION_SHAPES = [(1, 0, 4, 4, 64), (37, 0, 6, 2, 64), (20, 50, 8, 2, 160),
+                            (17, 5, 4, 1, 256), (33, 40, 12, 1, 72), (5, 3, 3, 3, 130)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("n, pos, heads, kv_heads, head_dim", PREFILL_ATTENTION_SHAPES)
+def test_prefill_attention(n, pos, heads, kv_heads, head_dim, activation) -> None:
+    rng = np.random.default_rng(n * 100 + head_dim)
+    q = rng.standard_normal((n, heads * head_dim)).astype(np.float32)
+    k, v = attention_cache(rng, pos + n + 2, pos + n, kv_heads * head_dim, activation)
+    got = cuda.prefill_attention(q, k, v, pos, heads, kv_heads, head_dim, activation=activation)
+    exact, magnitude = attention_reference(q, k, v, pos, heads, kv_heads, head_dim)
+    assert_within(got, exact, attention_bound(magnitude, exact, head_dim, pos + n, activation))
+
+
+@needs_gpu
+@pytest.mark.parametrize("n, hidden", [(1, 64), (3, 203), (7, 4096), (512, 576)])
+def test_router_logit_and_gate(n, hidden) -> None:
+    rng = np.random.default_rng(n + hidden)
+    x = (rng.standard_normal((n, hidden)) * 2).astype(np.float32)
+    norm_weight = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
+    weight = (rng.standard_normal(hidden) / np.sqrt(hidden)).astype(np.float32)
+    bias = 0.3
+    xd = x.astype(np.float64)
+    normed = norm_weight * xd / np.sqrt((xd * xd).mean(axis=1, keepdims=True) + 1e-5)
+    mean = normed.mean(axis=0)
+    logit = weight @ mean + bias
+    # The norm (hidden-term sums), the mean (n terms), the dot (hidden terms), then expf.
+    logit_error = (2 * hidden + n + 8) * EPS32 * (np.abs(weight) @ np.abs(normed).mean(axis=0)
+                                                  + abs(bias))
+    for threshold, off in ((logit - 2 * logit_error - 1e-6, False),
+                           (logit + 2 * logit_error + 1e-6, True)):
+        got_off, gate = cuda.route(x, norm_weight, 1e-5, weight, bias, threshold)
+        assert got_off == off
+        assert abs(gate - 1 / (1 + np.exp(-logit))) <= logit_error / 4 + 4 * EPS32
+
+
+@needs_gpu
+@pytest.mark.parametrize("n", [1, 3, 7])
+def test_router_mean_is_the_cpu_backends_bit_for_bit(n) -> None:
+    """FiRST decides as the CPU backend: the mean of the input norm's fp32 rows (the CPU's
+    rms_norm), summed in token order and divided by n. Integer inputs make the norms' sums of
+    squares exact in any order, so the CPU's rows are the kernel's bit for bit; a one-hot
+    router makes the logit that mean's column, and thresholds on either side of it in fp32
+    must flip the decision (rows rounded to 16 bits, or a product with 1/n, would not)."""
+    rng = np.random.default_rng(n)
+    hidden, eps = 203, 2.0**-10
+    x = rng.integers(-8, 9, (n, hidden)).astype(np.float32)
+    norm_weight = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
+    rows = kernels.rms_norm(x, norm_weight, eps)  # the CPU backend's input norm
+    column_sums = np.zeros(hidden, np.float32)
+    for t in range(n):
+        column_sums += rows[t]  # the CPU backend's axpy, token by token
+    mean = column_sums / np.float32(n)
+    for j in rng.choice(hidden, 12, replace=False):
+        one_hot = np.zeros(hidden, np.float32)
+        one_hot[j] = 1.0
+        value = mean[j]
+        above = np.nextafter(value, np.float32(np.inf), dtype=np.float32)
+        assert cuda.route(x, norm_weight, eps, one_hot, 0.0, value)[0] is False  # kept
+        assert cuda.route(x, norm_weight, eps, one_hot, 0.0, above)[0] is True  # routed off
+
+
+@needs_gpu
+@pytest.mark.parametrize("hidden", [1, 17, 4096, 8191])
+def test_residual_add_score(hidden) -> None:
+    """x += ffn_out (fp32, exact as NumPy's) and the saturation score cos(x, x + ffn_out),
+    clamped as the skip state records it; 0 for a zero vector; nothing when skipped."""
+    rng = np.random.default_rng(hidden)
+    x = rng.standard_normal(hidden).astype(np.float32)
+    ffn_out = (0.3 * rng.standard_normal(hidden)).astype(np.float32)
+    x_out, score = cuda.residual_add_score(x, ffn_out)
+    after = x + ffn_out
+    np.testing.assert_array_equal(x_out, after)
+    a, b = x.astype(np.float64), after.astype(np.float64)
+    assert abs(score - a @ b / np.sqrt((a @ a) * (b @ b))) <= 4 * hidden * EPS32
+    unchanged = cuda.residual_add_score(x, np.zeros_like(x))[1]
+    assert 1.0 - 4 * hidden * EPS32 <= unchanged <= 1.0  # clamped at 1
+    assert cuda.residual_add_score(x, -x)[1] == 0.0  # x + ffn_out = 0
+    x_skip, score_skip = cuda.residual_add_score(x, ffn_out, skip=True, score0=0.25)
+    np.testing.assert_array_equal(x_skip, x)
+    assert score_skip == 0.25
+
+
+@needs_gpu
+@pytest.mark.parametrize("hidden", [1, 17, 4096, 8191])
+def test_layer_cosine(hidden) -> None:
+    rng = np.random.default_rng(hidden + 1)
+    a = rng.standard_normal(hidden).astype(np.float32)
+    b = (a + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
+    ad, bd = a.astype(np.float64), b.astype(np.float64)
+    assert abs(cuda.cosine(a, b) - ad @ bd / np.sqrt((ad @ ad) * (bd @ bd))) <= 4 * hidden * EPS32
+    assert cuda.cosine(np.zeros_like(a), b) == 0.0
+    assert np.isnan(cuda.cosine(a, b, skip=True))
+
+
+def logits_check(got: np.ndarray, w: np.ndarray, x: np.ndarray, final_norm: np.ndarray,
+                 activation: str) -> None:
+    """The head against float64: the norm's error and the rounding of the normed row to the
+    activation type (relative, plus fp16's subnormal spacing) carried through the GEMV, the
+    GEMV's own fp32 sums."""
+    xd = x.astype(np.float64)
+    normed = final_norm * xd / np.sqrt(np.mean(xd * xd) + 1e-5)
+    exact = w @ normed
+    hidden = len(x)
+    terms = np.abs(w) @ np.abs(normed)
+    bound = (((2 * hidden + 8) * EPS32 + ROUNDOFF[activation]) * terms
+             + TINY[activation] * np.abs(w).sum(axis=1) + EPS32 * np.abs(exact) + 1e-30)
+    assert_within(got, exact, bound)
+
+
+@needs_gpu
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("vocab, hidden", [(1, 64), (1001, 203), (515, 256)])
+def test_logits_dense(vocab, hidden, activation) -> None:
+    """Widths of whole 16-byte packs (64, 256) and not (203: the GEMV's element-wise path)."""
+    rng = np.random.default_rng(vocab + hidden)
+    w = rounded(rng.standard_normal((vocab, hidden)) / np.sqrt(hidden), activation)
+    x = (3 * rng.standard_normal(hidden)).astype(np.float32)
+    final_norm = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
+    got = cuda.logits(x, final_norm, 1e-5, w.astype(np.float32), "F32", activation)
+    logits_check(got, w, x, final_norm, activation)
+
+
+@needs_gpu
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("type_name", NATIVE)
+def test_logits_over_blocks(type_name, activation) -> None:
+    """An LM head held in a block format (a tied Q8_0/Q4_K/Q6_K embedding table, say)."""
+    rng = np.random.default_rng(len(type_name))
+    vocab, hidden = 777, 512 if type_name in K_QUANTS else 96
+    data = quantize(rng.standard_normal((vocab, hidden)) / np.sqrt(hidden), type_name)
+    x = (3 * rng.standard_normal(hidden)).astype(np.float32)
+    final_norm = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
+    got = cuda.logits(x, final_norm, 1e-5, data, type_name, activation)
+    logits_check(got, dequantized(data, type_name).astype(np.float64), x, final_norm,
+                 activation)
+
+
+@needs_gpu
+def test_bad_layer_kernel_calls_are_value_errors() -> None:
+    q = np.zeros(2 * 300, np.float32)
+    cache = np.zeros((4, 300), np.float32)
+    with pytest.raises(ValueError, match="attention: bad shape"):  # head_dim above 256
+        cuda.decode_attention(q, cache, cache, 3, 2, 1, 300)
+    with pytest.raises(ValueError, match="attention: bad shape"):  # the cache ends before pos
+        cuda.decode_attention(q[:128], cache[:, :64], cache[:, :64], 4, 2, 1, 64)
+    rows = np.ones((513, 8), np.float32)
+    with pytest.raises(ValueError, match="router averages"):
+        cuda.route(rows, rows[0], 1e-5, rows[0], 0.0, 0.0)

@@ -550,6 +550,298 @@ void bind_cuda_kernels(py::module_ k) {
       },
       py::arg("table"), py::arg("type"), py::arg("ids"),
       "The embedding lookup of rows `ids` in a block-quantised table on the GPU (float32).");
+
+  // The kernels of a layer and of the head (kernel_calls.h): inputs the kernel reads in the
+  // activation dtype are rounded to it, its outputs in that dtype widened to float32; skip sets
+  // the kernel's skip flag; arrays named *0 give what an output holds before the call.
+  k.def(
+      "rms_norm",
+      [](const py::handle& x, const py::handle& weight, float eps, const std::string& activation) {
+        const auto xs = need_array<float>(x, 2, "x");
+        const auto ws = need_array<float>(weight, 1, "weight");
+        if (ws.shape(0) != xs.shape(1)) throw std::invalid_argument("weight must be [dim]");
+        py::array_t<float> out({xs.shape(0), xs.shape(1)});
+        CudaRmsNormCall call;
+        call.x = xs.data();
+        call.n = static_cast<int>(xs.shape(0));
+        call.dim = static_cast<int>(xs.shape(1));
+        call.weight = ws.data();
+        call.eps = eps;
+        call.activation = parse_dtype(activation);
+        call.out = out.mutable_data();
+        py::gil_scoped_release release;
+        cuda_kernel(call);
+        return out;
+      },
+      py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("activation") = "float16",
+      "RMSNorm of float32 rows [n, dim] into the activation dtype.");
+
+  k.def(
+      "rope",
+      [](const py::handle& qkv, int pos, int num_heads, int kv_heads, int head_dim,
+         const py::handle& inv_freq, const py::handle& k_cache0, const py::handle& v_cache0,
+         bool rotate_q, bool interleaved, bool skip, const std::string& activation) {
+        const auto rows = need_array<float>(qkv, 2, "qkv");
+        const auto freqs = need_array<float>(inv_freq, 1, "inv_freq");
+        const auto k0 = need_array<float>(k_cache0, 2, "k_cache0");
+        const auto v0 = need_array<float>(v_cache0, 2, "v_cache0");
+        const int64_t kv_dim = static_cast<int64_t>(kv_heads) * head_dim;
+        if (rows.shape(1) != static_cast<int64_t>(num_heads) * head_dim + 2 * kv_dim ||
+            freqs.shape(0) != head_dim / 2 || k0.shape(1) != kv_dim ||
+            v0.shape(0) != k0.shape(0) || v0.shape(1) != kv_dim) {
+          throw std::invalid_argument("rope shapes do not fit");
+        }
+        py::array_t<float> q_out({rows.shape(0), rows.shape(1)});
+        py::array_t<float> k_out({k0.shape(0), kv_dim}), v_out({v0.shape(0), kv_dim});
+        std::copy(rows.data(), rows.data() + rows.size(), q_out.mutable_data());
+        std::copy(k0.data(), k0.data() + k0.size(), k_out.mutable_data());
+        std::copy(v0.data(), v0.data() + v0.size(), v_out.mutable_data());
+        CudaRopeCall call;
+        call.qkv = q_out.mutable_data();
+        call.n = static_cast<int>(rows.shape(0));
+        call.pos = pos;
+        call.num_heads = num_heads;
+        call.kv_heads = kv_heads;
+        call.head_dim = head_dim;
+        call.rotate_q = rotate_q;
+        call.inv_freq = freqs.data();
+        call.interleaved = interleaved;
+        call.skip = skip;
+        call.activation = parse_dtype(activation);
+        call.cache_rows = static_cast<int>(k0.shape(0));
+        call.k_cache = k_out.mutable_data();
+        call.v_cache = v_out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          cuda_kernel(call);
+        }
+        return py::make_tuple(q_out, k_out, v_out);
+      },
+      py::arg("qkv"), py::arg("pos"), py::arg("num_heads"), py::arg("kv_heads"),
+      py::arg("head_dim"), py::arg("inv_freq"), py::arg("k_cache0"), py::arg("v_cache0"),
+      py::arg("rotate_q") = true, py::arg("interleaved") = false, py::arg("skip") = false,
+      py::arg("activation") = "float16",
+      "(qkv, k_cache, v_cache) after RoPE of the q heads in place and the K/V write of the n "
+      "tokens of qkv [n, q_dim + 2 kv_dim] at positions pos.. into the caches [rows, kv_dim].");
+
+  k.def(
+      "swiglu",
+      [](const py::handle& gate_up, const py::object& act0, bool skip,
+         const std::string& activation) {
+        const auto g = need_array<float>(gate_up, 2, "gate_up");
+        if (g.shape(1) % 2 != 0) throw std::invalid_argument("gate_up must be [n, 2 * inter]");
+        py::array_t<float> act({g.shape(0), g.shape(1) / 2});
+        std::fill(act.mutable_data(), act.mutable_data() + act.size(), 0.0f);
+        if (!act0.is_none()) {
+          const auto initial = need_array<float>(act0, 2, "act0");
+          if (initial.shape(0) != act.shape(0) || initial.shape(1) != act.shape(1)) {
+            throw std::invalid_argument("act0 must be [n, inter]");
+          }
+          std::copy(initial.data(), initial.data() + initial.size(), act.mutable_data());
+        }
+        CudaSwigluCall call;
+        call.gate_up = g.data();
+        call.n = static_cast<int>(g.shape(0));
+        call.inter = static_cast<int>(g.shape(1) / 2);
+        call.skip = skip;
+        call.activation = parse_dtype(activation);
+        call.act = act.mutable_data();
+        py::gil_scoped_release release;
+        cuda_kernel(call);
+        return act;
+      },
+      py::arg("gate_up"), py::arg("act0") = py::none(), py::arg("skip") = false,
+      py::arg("activation") = "float16",
+      "silu(gate) * up of float32 rows [n, 2 inter] into the activation dtype.");
+
+  k.def(
+      "decode_attention",
+      [](const py::handle& q, const py::handle& k_cache, const py::handle& v_cache, int pos,
+         int num_heads, int kv_heads, int head_dim, int num_splits, const py::object& out0,
+         bool skip, const std::string& activation) {
+        const auto qs = need_array<float>(q, 1, "q");
+        const auto ks = need_array<float>(k_cache, 2, "k_cache");
+        const auto vs = need_array<float>(v_cache, 2, "v_cache");
+        const int64_t kv_dim = static_cast<int64_t>(kv_heads) * head_dim;
+        if (qs.shape(0) != static_cast<int64_t>(num_heads) * head_dim || ks.shape(1) != kv_dim ||
+            vs.shape(0) != ks.shape(0) || vs.shape(1) != kv_dim) {
+          throw std::invalid_argument("decode attention shapes do not fit");
+        }
+        py::array_t<float> out(qs.shape(0));
+        std::fill(out.mutable_data(), out.mutable_data() + out.size(), 0.0f);
+        if (!out0.is_none()) {
+          const auto initial = need_array<float>(out0, 1, "out0");
+          if (initial.shape(0) != qs.shape(0)) throw std::invalid_argument("out0 must be like q");
+          std::copy(initial.data(), initial.data() + initial.size(), out.mutable_data());
+        }
+        CudaDecodeAttentionCall call;
+        call.q = qs.data();
+        call.num_heads = num_heads;
+        call.kv_heads = kv_heads;
+        call.head_dim = head_dim;
+        call.pos = pos;
+        call.num_splits = num_splits;
+        call.cache_rows = static_cast<int>(ks.shape(0));
+        call.k_cache = ks.data();
+        call.v_cache = vs.data();
+        call.skip = skip;
+        call.activation = parse_dtype(activation);
+        call.out = out.mutable_data();
+        py::gil_scoped_release release;
+        cuda_kernel(call);
+        return out;
+      },
+      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"), py::arg("num_heads"),
+      py::arg("kv_heads"), py::arg("head_dim"), py::arg("num_splits") = 1,
+      py::arg("out0") = py::none(), py::arg("skip") = false, py::arg("activation") = "float16",
+      "Attention of one decode token q [heads * head_dim] at position pos over cache rows "
+      "0..pos, in num_splits parts of the cache.");
+
+  k.def(
+      "prefill_attention",
+      [](const py::handle& q, const py::handle& k_cache, const py::handle& v_cache, int pos,
+         int num_heads, int kv_heads, int head_dim, const std::string& activation) {
+        const auto qs = need_array<float>(q, 2, "q");
+        const auto ks = need_array<float>(k_cache, 2, "k_cache");
+        const auto vs = need_array<float>(v_cache, 2, "v_cache");
+        const int64_t kv_dim = static_cast<int64_t>(kv_heads) * head_dim;
+        if (qs.shape(1) != static_cast<int64_t>(num_heads) * head_dim || ks.shape(1) != kv_dim ||
+            vs.shape(0) != ks.shape(0) || vs.shape(1) != kv_dim) {
+          throw std::invalid_argument("prefill attention shapes do not fit");
+        }
+        py::array_t<float> out({qs.shape(0), qs.shape(1)});
+        CudaPrefillAttentionCall call;
+        call.q = qs.data();
+        call.n = static_cast<int>(qs.shape(0));
+        call.pos = pos;
+        call.num_heads = num_heads;
+        call.kv_heads = kv_heads;
+        call.head_dim = head_dim;
+        call.cache_rows = static_cast<int>(ks.shape(0));
+        call.k_cache = ks.data();
+        call.v_cache = vs.data();
+        call.activation = parse_dtype(activation);
+        call.out = out.mutable_data();
+        py::gil_scoped_release release;
+        cuda_kernel(call);
+        return out;
+      },
+      py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"), py::arg("num_heads"),
+      py::arg("kv_heads"), py::arg("head_dim"), py::arg("activation") = "float16",
+      "Causal attention of the n tokens q [n, heads * head_dim] at positions pos.. over the "
+      "cache rows.");
+
+  k.def(
+      "route",
+      [](const py::handle& x, const py::handle& norm_weight, float eps, const py::handle& weight,
+         float bias, float threshold_logit) {
+        const auto xs = need_array<float>(x, 2, "x");
+        const auto norm = need_array<float>(norm_weight, 1, "norm_weight");
+        const auto ws = need_array<float>(weight, 1, "weight");
+        if (norm.shape(0) != xs.shape(1) || ws.shape(0) != xs.shape(1)) {
+          throw std::invalid_argument("norm_weight and weight must be [hidden]");
+        }
+        int32_t layer_off = 0;
+        float gate = 0.0f;
+        CudaRouteCall call;
+        call.x = xs.data();
+        call.n = static_cast<int>(xs.shape(0));
+        call.hidden = static_cast<int>(xs.shape(1));
+        call.norm_weight = norm.data();
+        call.eps = eps;
+        call.weight = ws.data();
+        call.bias = bias;
+        call.threshold_logit = threshold_logit;
+        call.layer_off = &layer_off;
+        call.gate = &gate;
+        {
+          py::gil_scoped_release release;
+          cuda_kernel(call);
+        }
+        return py::make_tuple(layer_off != 0, gate);
+      },
+      py::arg("x"), py::arg("norm_weight"), py::arg("eps"), py::arg("weight"), py::arg("bias"),
+      py::arg("threshold_logit"),
+      "(routed off, gate) of FiRST's router over the layer's input rows x [n, hidden].");
+
+  k.def(
+      "residual_add_score",
+      [](const py::handle& x, const py::handle& ffn_out, bool skip, float score0) {
+        const auto xs = need_array<float>(x, 1, "x");
+        const auto fs = need_array<float>(ffn_out, 1, "ffn_out");
+        if (fs.shape(0) != xs.shape(0)) throw std::invalid_argument("ffn_out must be like x");
+        py::array_t<float> x_out(xs.shape(0));
+        std::copy(xs.data(), xs.data() + xs.size(), x_out.mutable_data());
+        float score = score0;
+        CudaScoreCall call;
+        call.x = x_out.mutable_data();
+        call.ffn_out = fs.data();
+        call.hidden = static_cast<int>(xs.shape(0));
+        call.skip = skip;
+        call.score = &score;
+        {
+          py::gil_scoped_release release;
+          cuda_kernel(call);
+        }
+        return py::make_tuple(x_out, score);
+      },
+      py::arg("x"), py::arg("ffn_out"), py::arg("skip") = false,
+      py::arg("score0") = std::numeric_limits<float>::quiet_NaN(),
+      "(x + ffn_out, the FFN's saturation score cos(x, x + ffn_out) as the skip state records "
+      "it) from a fresh skip state; score0 is returned when skip leaves it unwritten.");
+
+  k.def(
+      "cosine",
+      [](const py::handle& a, const py::handle& b, bool skip) {
+        const auto as = need_array<float>(a, 1, "a");
+        const auto bs = need_array<float>(b, 1, "b");
+        if (as.shape(0) != bs.shape(0)) throw std::invalid_argument("a and b differ in length");
+        std::vector<float> a_copy(as.data(), as.data() + as.size());
+        float score = 0.0f;
+        CudaScoreCall call;
+        call.x = a_copy.data();
+        call.b = bs.data();
+        call.hidden = static_cast<int>(as.shape(0));
+        call.skip = skip;
+        call.score = &score;
+        py::gil_scoped_release release;
+        cuda_kernel(call);
+        return score;
+      },
+      py::arg("a"), py::arg("b"), py::arg("skip") = false,
+      "The layer score cos(a, b) on the GPU; NaN when skip (the layer did not run).");
+
+  k.def(
+      "logits",
+      [](const py::handle& x, const py::handle& final_norm, float eps, const py::array& lm_head,
+         const std::string& type, const std::string& activation) {
+        const auto xs = need_array<float>(x, 1, "x");
+        const auto norm = need_array<float>(final_norm, 1, "final_norm");
+        CudaLogitsCall call;
+        call.lm_head_type = parse_tensor_type(type);
+        const py::array w = call.lm_head_type == TensorType::F32
+                                ? py::array(need_array<float>(lm_head, 2, "lm_head"))
+                                : py::array(need_array<uint8_t>(lm_head, 2, "lm_head"));
+        call.hidden = static_cast<int>(xs.shape(0));
+        if (norm.shape(0) != xs.shape(0) || weight_columns(w, call.lm_head_type) != xs.shape(0)) {
+          throw std::invalid_argument("final_norm must be [hidden] and lm_head [vocab, hidden]");
+        }
+        call.vocab = static_cast<int>(w.shape(0));
+        py::array_t<float> logits(call.vocab);
+        call.x = xs.data();
+        call.final_norm = norm.data();
+        call.eps = eps;
+        call.lm_head = w.data();
+        call.activation = parse_dtype(activation);
+        call.logits = logits.mutable_data();
+        py::gil_scoped_release release;
+        cuda_kernel(call);
+        return logits;
+      },
+      py::arg("x"), py::arg("final_norm"), py::arg("eps"), py::arg("lm_head"), py::arg("type"),
+      py::arg("activation") = "float16",
+      "The logits of one float32 row: the final RMSNorm into the activation dtype, then the "
+      "vocabulary GEMV over lm_head (float32 [vocab, hidden], type F32, or blocks).");
 }
 
 }  // namespace

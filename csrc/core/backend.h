@@ -34,6 +34,9 @@ class Backend {
   virtual WeightFootprint weight_footprint() const = 0;
   // The type the backend holds a weight matrix in that the checkpoint stores as `stored`.
   virtual TensorType held_type(TensorType stored) const = 0;
+  // Kernels one decode step of the policy launches, counted in its captured graph; 0 until a
+  // graph is captured, and on backends without graphs.
+  virtual int decode_step_kernels() const = 0;
 };
 
 }  // namespace ffnskip

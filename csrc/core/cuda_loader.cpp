@@ -129,6 +129,10 @@ void cuda_kernel_dequantize(const CudaDequantizeCall&) {
   throw std::invalid_argument(std::string(kUnavailable) + kNotCompiled);
 }
 
+void cuda_kernel(const CudaKernelCall&) {
+  throw std::invalid_argument(std::string(kUnavailable) + kNotCompiled);
+}
+
 #else
 
 std::unique_ptr<Backend> load_cuda_backend(const ModelConfig& config, const ModelView& model,
@@ -169,6 +173,8 @@ void cuda_kernel_linear(const CudaLinearCall& call) {
 void cuda_kernel_dequantize(const CudaDequantizeCall& call) {
   FFNSKIP_CUDA_ENTRY(ffnskip_cuda_kernel_dequantize)(&call);
 }
+
+void cuda_kernel(const CudaKernelCall& call) { FFNSKIP_CUDA_ENTRY(ffnskip_cuda_kernel)(&call); }
 
 #endif
 

@@ -44,5 +44,6 @@ double cuda_copy_bandwidth(size_t bytes, int iterations);
 // throws std::invalid_argument like load_cuda_backend.
 void cuda_kernel_linear(const CudaLinearCall& call);
 void cuda_kernel_dequantize(const CudaDequantizeCall& call);
+void cuda_kernel(const CudaKernelCall& call);
 
 }  // namespace ffnskip

@@ -370,6 +370,7 @@ DecodeStats Decoder::stats() const {
   DecodeStats stats = stats_;
   backend_->sequence_layers(stats.layer_active, stats.router_gate);
   stats.kv_cache_bytes = backend_->kv_cache_bytes();
+  stats.decode_step_kernels = backend_->decode_step_kernels();
   return stats;
 }
 

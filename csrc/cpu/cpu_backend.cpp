@@ -214,6 +214,8 @@ class CpuBackend final : public Backend {
     return storage_type(stored, requested_);
   }
 
+  int decode_step_kernels() const override { return 0; }  // no kernels, no graphs
+
   int64_t kv_cache_bytes() const override {
     int64_t layers = 0;
     for (const LayerCache& c : kv_) layers += c.k ? 1 : 0;

@@ -215,6 +215,8 @@ class CudaBackend final : public Backend {
     return f;
   }
 
+  int decode_step_kernels() const override { return decode_graph_kernels_; }
+
   TensorType held_type(TensorType stored) const override {
     return DeviceModel<T>::held_type(stored, requested_);
   }
@@ -340,6 +342,7 @@ class CudaBackend final : public Backend {
     record_head_[draft ? 1 : 0] = record_head(plan);
     record_head_on_device_ = -1;
     (draft ? draft_graph_ : decode_graph_).reset();
+    if (!draft) decode_graph_kernels_ = 0;
   }
 
   // Takes every device piece from `arena`: weights, then the KV cache, then the buffers.
@@ -450,6 +453,21 @@ class CudaBackend final : public Backend {
     record_head_on_device_ = slot;
   }
 
+  // Kernel nodes of a captured graph (cuBLAS's included; copies and memsets are not kernels).
+  static int kernel_nodes(cudaGraph_t graph) {
+    size_t count = 0;
+    CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &count));
+    std::vector<cudaGraphNode_t> nodes(count);
+    CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &count));
+    int kernels = 0;
+    for (cudaGraphNode_t node : nodes) {
+      cudaGraphNodeType type{};
+      CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+      if (type == cudaGraphNodeTypeKernel) ++kernels;
+    }
+    return kernels;
+  }
+
   void capture_decode_graph(const Pass& pass, GraphExec& graph_out) {
     cudaStream_t stream = stream_.get();
     CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
@@ -464,6 +482,7 @@ class CudaBackend final : public Backend {
     cudaGraph_t captured = nullptr;
     CUDA_CHECK(cudaStreamEndCapture(stream, &captured));
     Graph graph(captured);
+    if (pass.kind != PassKind::Draft) decode_graph_kernels_ = kernel_nodes(graph.get());
     cudaGraphExec_t exec = nullptr;
     CUDA_CHECK(cudaGraphInstantiate(&exec, graph.get(), 0));
     graph_out.reset(exec);
@@ -547,10 +566,12 @@ class CudaBackend final : public Backend {
     return plan.routed ? routed_off() + layer : nullptr;
   }
 
-  // Decides `layer` for the sequence from the input norm of the pass's n tokens in xn_.
+  // Decides `layer` for the sequence from the input norm of the pass's first tokens (fp32).
   void route(int layer, int n) {
-    RouteArgs<T> r;
-    r.xn = xn_;
+    RouteArgs r;
+    r.x = x_;
+    r.norm_weight = model_.layers[layer].attn_norm;
+    r.eps = config_.rms_norm_eps;
     r.n = std::min(n, kRouterPromptTokens);
     r.hidden = config_.hidden_size;
     r.weight = router_weight_ + static_cast<int64_t>(layer) * config_.hidden_size;
@@ -664,6 +685,7 @@ class CudaBackend final : public Backend {
   PinnedMemory host_output_;  // the step output, laid out as out_layout_
   Event input_copied_;
   GraphExec decode_graph_, draft_graph_;  // the policy's decode step, the draft's
+  int decode_graph_kernels_ = 0;           // kernel nodes of decode_graph_; 0: not captured
 
   // Device pieces of arena_.
   DeviceModel<T> model_;

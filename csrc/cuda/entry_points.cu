@@ -75,4 +75,9 @@ void ffnskip_cuda_kernel_dequantize(const ffnskip::CudaDequantizeCall* call) {
   ffnskip::cuda::run_dequantize(*call);
 }
 
+void ffnskip_cuda_kernel(const ffnskip::CudaKernelCall* call) {
+  ffnskip::cuda::require_device();
+  ffnskip::cuda::run_kernel(*call);
+}
+
 }  // extern "C"

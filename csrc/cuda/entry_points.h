@@ -55,5 +55,6 @@ FFNSKIP_CUDA_EXPORT double ffnskip_cuda_copy_bandwidth(size_t bytes, int iterati
 // the per-kernel tests. Throws like the factory.
 FFNSKIP_CUDA_EXPORT void ffnskip_cuda_kernel_linear(const ffnskip::CudaLinearCall* call);
 FFNSKIP_CUDA_EXPORT void ffnskip_cuda_kernel_dequantize(const ffnskip::CudaDequantizeCall* call);
+FFNSKIP_CUDA_EXPORT void ffnskip_cuda_kernel(const ffnskip::CudaKernelCall* call);
 
 }  // extern "C"

@@ -6,17 +6,27 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <variant>
 #include <vector>
 
+#include "../core/skip_rule.h"
 #include "../core/tensor_types.h"
 #include "block_formats.cuh"
 #include "common.cuh"
 #include "cuda_check.cuh"
+#include "decode_attention.cuh"
 #include "device.cuh"
 #include "dequantize.cuh"
 #include "embedding.cuh"
 #include "gemm.cuh"
 #include "gemv.cuh"
+#include "logits.cuh"
+#include "norm.cuh"
+#include "prefill_attention.cuh"
+#include "rope.cuh"
+#include "router.cuh"
+#include "score.cuh"
 #include "swiglu.cuh"
 
 namespace ffnskip::cuda {
@@ -46,6 +56,43 @@ std::vector<T> rounded(const float* values, int64_t count) {
 template <typename T>
 void widen(const std::vector<T>& values, float* out) {
   for (size_t i = 0; i < values.size(); ++i) out[i] = static_cast<float>(values[i]);
+}
+
+template <typename P>
+P* as(const DeviceMemory& memory) {
+  return reinterpret_cast<P*>(memory.get());
+}
+
+// `count` host floats on the device as T (rounded), or as they are.
+template <typename T>
+DeviceMemory device_rounded(cudaStream_t stream, const float* values, int64_t count) {
+  return device_buffer(stream, sizeof(T) * count, rounded<T>(values, count).data());
+}
+DeviceMemory device_floats(cudaStream_t stream, const float* values, int64_t count) {
+  return device_buffer(stream, sizeof(float) * count, values);
+}
+
+// After the stream's work: `count` elements of T on the device, widened into `out`.
+template <typename T>
+void copy_widened(const DeviceMemory& memory, int64_t count, float* out) {
+  std::vector<T> values(static_cast<size_t>(count));
+  CUDA_CHECK(cudaMemcpy(values.data(), memory.get(), sizeof(T) * count, cudaMemcpyDeviceToHost));
+  widen(values, out);
+}
+
+template <typename V>
+void copy_to_host(const DeviceMemory& memory, int64_t count, V* out) {
+  CUDA_CHECK(cudaMemcpy(out, memory.get(), sizeof(V) * count, cudaMemcpyDeviceToHost));
+}
+
+// The kernel's skip flag, set or not.
+DeviceMemory skip_flag(cudaStream_t stream, bool skip) {
+  const int32_t flag = skip ? 1 : 0;
+  return device_buffer(stream, sizeof(flag), &flag);
+}
+
+void require(bool ok, const char* what) {
+  if (!ok) throw std::invalid_argument(what);
 }
 
 // Calls run(T{}) with T the storage type of `dtype`.
@@ -184,6 +231,211 @@ void dequantize_in(const CudaDequantizeCall& c) {
   widen(values, c.out);
 }
 
+template <typename T>
+void run_in(const CudaRmsNormCall& c) {
+  require(c.n > 0 && c.dim > 0, "rms_norm: bad shape");
+  const Stream owned_stream = make_stream();
+  cudaStream_t stream = owned_stream.get();
+  const int64_t count = static_cast<int64_t>(c.n) * c.dim;
+  DeviceMemory x = device_floats(stream, c.x, count);
+  DeviceMemory weight = device_floats(stream, c.weight, c.dim);
+  DeviceMemory out = device_buffer(stream, sizeof(T) * count);
+  launch_rmsnorm(as<float>(x), c.n, c.dim, as<float>(weight), c.eps, as<T>(out), stream);
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  copy_widened<T>(out, count, c.out);
+}
+
+template <typename T>
+void run_in(const CudaRopeCall& c) {
+  require(c.n > 0 && c.pos >= 0 && c.num_heads > 0 && c.kv_heads > 0 && c.head_dim > 0 &&
+              c.head_dim % 2 == 0 && c.cache_rows >= c.pos + c.n,
+          "rope: bad shape");
+  const Stream owned_stream = make_stream();
+  cudaStream_t stream = owned_stream.get();
+  const int q_dim = c.num_heads * c.head_dim;
+  const int kv_dim = c.kv_heads * c.head_dim;
+  const int stride = q_dim + 2 * kv_dim;
+  const int64_t qkv_count = static_cast<int64_t>(c.n) * stride;
+  const int64_t cache_count = static_cast<int64_t>(c.cache_rows) * kv_dim;
+  DeviceMemory qkv = device_floats(stream, c.qkv, qkv_count);
+  DeviceMemory pos = device_buffer(stream, sizeof(int32_t), &c.pos);
+  DeviceMemory inv_freq = device_floats(stream, c.inv_freq, c.head_dim / 2);
+  DeviceMemory k = device_rounded<T>(stream, c.k_cache, cache_count);
+  DeviceMemory v = device_rounded<T>(stream, c.v_cache, cache_count);
+  DeviceMemory flag = skip_flag(stream, c.skip);
+  RopeKvArgs a;
+  a.qkv = as<float>(qkv);
+  a.qkv_stride = stride;
+  a.n = c.n;
+  a.pos = as<int32_t>(pos);
+  a.q_heads = c.rotate_q ? c.num_heads : 0;
+  a.kv_heads = c.kv_heads;
+  a.head_dim = c.head_dim;
+  a.q_dim = q_dim;
+  a.inv_freq = as<float>(inv_freq);
+  a.interleaved = c.interleaved;
+  a.skip_flag = as<int32_t>(flag);
+  launch_rope_kv_write(a, as<T>(k), as<T>(v), stream);
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  copy_to_host(qkv, qkv_count, c.qkv);
+  copy_widened<T>(k, cache_count, c.k_cache);
+  copy_widened<T>(v, cache_count, c.v_cache);
+}
+
+template <typename T>
+void run_in(const CudaSwigluCall& c) {
+  require(c.n > 0 && c.inter > 0, "swiglu: bad shape");
+  const Stream owned_stream = make_stream();
+  cudaStream_t stream = owned_stream.get();
+  const int64_t count = static_cast<int64_t>(c.n) * c.inter;
+  DeviceMemory gate_up = device_floats(stream, c.gate_up, 2 * count);
+  DeviceMemory act = device_rounded<T>(stream, c.act, count);
+  DeviceMemory flag = skip_flag(stream, c.skip);
+  launch_swiglu(as<float>(gate_up), c.n, c.inter, as<T>(act), as<int32_t>(flag), stream);
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  copy_widened<T>(act, count, c.act);
+}
+
+// The checks both attention kernels need: GQA groups, head_dim within the kernels' arrays.
+void check_attention_shape(int num_heads, int kv_heads, int head_dim, int rows_needed,
+                           int cache_rows) {
+  require(num_heads > 0 && kv_heads > 0 && num_heads % kv_heads == 0 && head_dim > 0 &&
+              head_dim <= kMaxHeadDim && cache_rows >= rows_needed,
+          "attention: bad shape");
+}
+
+template <typename T>
+void run_in(const CudaDecodeAttentionCall& c) {
+  check_attention_shape(c.num_heads, c.kv_heads, c.head_dim, c.pos + 1, c.cache_rows);
+  require(c.pos >= 0 && c.num_splits > 0, "decode attention: bad position or splits");
+  const Stream owned_stream = make_stream();
+  cudaStream_t stream = owned_stream.get();
+  const int64_t q_count = static_cast<int64_t>(c.num_heads) * c.head_dim;
+  const int64_t cache_count = static_cast<int64_t>(c.cache_rows) * c.kv_heads * c.head_dim;
+  DeviceMemory q = device_floats(stream, c.q, q_count);
+  DeviceMemory k = device_rounded<T>(stream, c.k_cache, cache_count);
+  DeviceMemory v = device_rounded<T>(stream, c.v_cache, cache_count);
+  DeviceMemory pos = device_buffer(stream, sizeof(int32_t), &c.pos);
+  DeviceMemory partial = device_buffer(
+      stream, sizeof(float) * decode_attention_partial_floats(c.num_heads, c.head_dim,
+                                                               c.num_splits));
+  DeviceMemory out = device_rounded<T>(stream, c.out, q_count);
+  DeviceMemory flag = skip_flag(stream, c.skip);
+  DecodeAttentionArgs a;
+  a.q = as<float>(q);
+  a.num_heads = c.num_heads;
+  a.num_kv_heads = c.kv_heads;
+  a.head_dim = c.head_dim;
+  a.pos = as<int32_t>(pos);
+  a.num_splits = c.num_splits;
+  a.partial = as<float>(partial);
+  a.skip_flag = as<int32_t>(flag);
+  launch_decode_attention(a, as<T>(k), as<T>(v), as<T>(out), stream);
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  copy_widened<T>(out, q_count, c.out);
+}
+
+template <typename T>
+void run_in(const CudaPrefillAttentionCall& c) {
+  check_attention_shape(c.num_heads, c.kv_heads, c.head_dim, c.pos + c.n, c.cache_rows);
+  require(c.pos >= 0 && c.n > 0, "prefill attention: bad position or token count");
+  const Stream owned_stream = make_stream();
+  cudaStream_t stream = owned_stream.get();
+  const int q_dim = c.num_heads * c.head_dim;
+  const int64_t q_count = static_cast<int64_t>(c.n) * q_dim;
+  const int64_t cache_count = static_cast<int64_t>(c.cache_rows) * c.kv_heads * c.head_dim;
+  DeviceMemory q = device_floats(stream, c.q, q_count);
+  DeviceMemory k = device_rounded<T>(stream, c.k_cache, cache_count);
+  DeviceMemory v = device_rounded<T>(stream, c.v_cache, cache_count);
+  DeviceMemory pos = device_buffer(stream, sizeof(int32_t), &c.pos);
+  DeviceMemory out = device_buffer(stream, sizeof(T) * q_count);
+  PrefillAttentionArgs a;
+  a.qkv = as<float>(q);
+  a.qkv_stride = q_dim;
+  a.n = c.n;
+  a.pos = as<int32_t>(pos);
+  a.num_heads = c.num_heads;
+  a.num_kv_heads = c.kv_heads;
+  a.head_dim = c.head_dim;
+  launch_prefill_attention(a, as<T>(k), as<T>(v), as<T>(out), stream);
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  copy_widened<T>(out, q_count, c.out);
+}
+
+template <typename T>
+void run_in(const CudaLogitsCall& c) {
+  const bool blocks = c.lm_head_type != TensorType::F32;
+  if (blocks) check_block_format(c.lm_head_type, c.hidden);
+  require(c.hidden > 0 && c.vocab > 0, "logits: bad shape");
+  const Stream owned_stream = make_stream();
+  cudaStream_t stream = owned_stream.get();
+  const int64_t weights = static_cast<int64_t>(c.vocab) * c.hidden;
+  DeviceMemory lm_head =
+      blocks ? device_buffer(stream, c.vocab * row_bytes(c.lm_head_type, c.hidden), c.lm_head)
+             : device_rounded<T>(stream, static_cast<const float*>(c.lm_head), weights);
+  DeviceMemory x = device_floats(stream, c.x, c.hidden);
+  DeviceMemory final_norm = device_floats(stream, c.final_norm, c.hidden);
+  DeviceMemory normed = device_buffer(stream, sizeof(T) * c.hidden);
+  DeviceMemory logits = device_buffer(stream, sizeof(float) * c.vocab);
+  launch_logits_head(as<float>(x), c.hidden, as<float>(final_norm), c.eps, lm_head.get(),
+                     blocks ? c.lm_head_type : dense_tensor_type<T>(), c.vocab, as<T>(normed),
+                     as<float>(logits), stream);
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  copy_to_host(logits, c.vocab, c.logits);
+}
+
+// The kernels that read and write fp32 only.
+void run_fp32(const CudaRouteCall& c) {
+  require(c.n > 0 && c.hidden > 0, "route: bad shape");
+  const Stream owned_stream = make_stream();
+  cudaStream_t stream = owned_stream.get();
+  DeviceMemory x = device_floats(stream, c.x, static_cast<int64_t>(c.n) * c.hidden);
+  DeviceMemory norm_weight = device_floats(stream, c.norm_weight, c.hidden);
+  DeviceMemory weight = device_floats(stream, c.weight, c.hidden);
+  DeviceMemory bias = device_floats(stream, &c.bias, 1);
+  DeviceMemory layer_off = device_buffer(stream, sizeof(int32_t));
+  DeviceMemory gate = device_buffer(stream, sizeof(float));
+  RouteArgs a;
+  a.x = as<float>(x);
+  a.norm_weight = as<float>(norm_weight);
+  a.eps = c.eps;
+  a.n = c.n;
+  a.hidden = c.hidden;
+  a.weight = as<float>(weight);
+  a.bias = as<float>(bias);
+  a.threshold_logit = c.threshold_logit;
+  a.layer_off = as<int32_t>(layer_off);
+  a.gate = as<float>(gate);
+  launch_route_layer(a, stream);
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  copy_to_host(layer_off, 1, c.layer_off);
+  copy_to_host(gate, 1, c.gate);
+}
+
+void run_fp32(const CudaScoreCall& c) {
+  require(c.hidden > 0 && (c.ffn_out != nullptr || c.b != nullptr), "score: bad call");
+  const Stream owned_stream = make_stream();
+  cudaStream_t stream = owned_stream.get();
+  DeviceMemory x = device_floats(stream, c.x, c.hidden);
+  DeviceMemory score = device_floats(stream, c.score, 1);
+  DeviceMemory flag = skip_flag(stream, c.skip);
+  if (c.ffn_out != nullptr) {
+    const SkipState fresh;
+    DeviceMemory state = device_buffer(stream, sizeof(SkipState), &fresh);
+    DeviceMemory ffn_out = device_floats(stream, c.ffn_out, c.hidden);
+    launch_residual_add_score(as<float>(x), as<float>(ffn_out), c.hidden, as<SkipState>(state),
+                              as<int32_t>(flag), as<float>(score), stream);
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    copy_to_host(x, c.hidden, c.x);
+  } else {
+    DeviceMemory b = device_floats(stream, c.b, c.hidden);
+    launch_cosine(as<float>(x), as<float>(b), c.hidden, as<int32_t>(flag), as<float>(score),
+                  stream);
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  copy_to_host(score, 1, c.score);
+}
+
 }  // namespace
 
 void run_linear(const CudaLinearCall& call) {
@@ -192,6 +444,19 @@ void run_linear(const CudaLinearCall& call) {
 
 void run_dequantize(const CudaDequantizeCall& call) {
   with_storage_type(call.out_type, [&](auto t) { dequantize_in<decltype(t)>(call); });
+}
+
+void run_kernel(const CudaKernelCall& call) {
+  std::visit(
+      [](const auto& c) {
+        using Call = std::decay_t<decltype(c)>;
+        if constexpr (std::is_same_v<Call, CudaRouteCall> || std::is_same_v<Call, CudaScoreCall>) {
+          run_fp32(c);
+        } else {
+          with_storage_type(c.activation, [&](auto t) { run_in<decltype(t)>(c); });
+        }
+      },
+      call);
 }
 
 }  // namespace ffnskip::cuda

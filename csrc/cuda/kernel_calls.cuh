@@ -9,5 +9,6 @@ namespace ffnskip::cuda {
 // Throw std::invalid_argument on inconsistent calls, std::runtime_error on CUDA errors.
 void run_linear(const CudaLinearCall& call);
 void run_dequantize(const CudaDequantizeCall& call);
+void run_kernel(const CudaKernelCall& call);
 
 }  // namespace ffnskip::cuda

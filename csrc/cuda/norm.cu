@@ -14,10 +14,7 @@ template <typename T>
 __device__ __forceinline__ void rmsnorm_row(const float* __restrict__ row, int dim,
                                             const float* __restrict__ weight, float eps,
                                             T* __restrict__ dst, float* scratch) {
-  float sum_sq = 0.0f;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) sum_sq += row[i] * row[i];
-  sum_sq = block_sum(sum_sq, scratch);
-  const float inv_rms = 1.0f / sqrtf(sum_sq / static_cast<float>(dim) + eps);
+  const float inv_rms = row_inv_rms(row, dim, eps, scratch);
   for (int i = threadIdx.x; i < dim; i += blockDim.x) {
     dst[i] = from_float<T>(weight[i] * (row[i] * inv_rms));
   }

@@ -6,9 +6,20 @@
 
 #include <cuda_runtime.h>
 
+#include "common.cuh"
 #include "ffn_gate.cuh"
 
 namespace ffnskip::cuda {
+
+// 1 / sqrt(mean(row^2) + eps) of one fp32 row, reduced over the block (every thread gets it):
+// the RMSNorm kernels' and FiRST's router's (which normalises the rows itself), one arithmetic.
+__device__ __forceinline__ float row_inv_rms(const float* __restrict__ row, int dim, float eps,
+                                             float* scratch) {
+  float sum_sq = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) sum_sq += row[i] * row[i];
+  sum_sq = block_sum(sum_sq, scratch);
+  return 1.0f / sqrtf(sum_sq / static_cast<float>(dim) + eps);
+}
 
 // x [n, dim] fp32, weight [dim] fp32, out [n, dim].
 template <typename T>

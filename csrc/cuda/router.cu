@@ -1,8 +1,12 @@
 #include "router.cuh"
 
+#include <stdexcept>
+
+#include "../core/skip_rule.h"
 #include "common.cuh"
 #include "cuda_check.cuh"
-#include "../core/skip_rule.h"
+#include "ffnskip/policy.h"  // kRouterPromptTokens
+#include "norm.cuh"
 
 namespace ffnskip::cuda {
 
@@ -11,16 +15,27 @@ namespace {
 constexpr int kRouteThreads = 256;
 constexpr int kAddThreads = 256;
 
-// One block: each thread averages its columns over the tokens and multiplies by the router.
-template <typename T>
-__global__ void __launch_bounds__(kRouteThreads) route_layer_kernel(const RouteArgs<T> a) {
+// One block: the inverse RMS of each token's row, then each thread averages its columns of the
+// normed rows over the tokens and multiplies them by the router. Rounded products and sums
+// (__fmul_rn, __fadd_rn: never fused), as the CPU backend's rms_norm, axpy and division make
+// them.
+__global__ void __launch_bounds__(kRouteThreads) route_layer_kernel(const RouteArgs a) {
   __shared__ float scratch[kWarpSize];
-  const float inv_n = 1.0f / static_cast<float>(a.n);
+  __shared__ float inv_rms[kRouterPromptTokens];
+  for (int t = 0; t < a.n; ++t) {
+    const float value = row_inv_rms(a.x + static_cast<int64_t>(t) * a.hidden, a.hidden, a.eps,
+                                    scratch);
+    if (threadIdx.x == 0) inv_rms[t] = value;
+  }
+  __syncthreads();
   float partial = 0.0f;
   for (int j = threadIdx.x; j < a.hidden; j += blockDim.x) {
     float column = 0.0f;
-    for (int t = 0; t < a.n; ++t) column += to_float(a.xn[static_cast<int64_t>(t) * a.hidden + j]);
-    partial += a.weight[j] * (column * inv_n);
+    for (int t = 0; t < a.n; ++t) {
+      const float x = a.x[static_cast<int64_t>(t) * a.hidden + j];
+      column = __fadd_rn(column, __fmul_rn(a.norm_weight[j], __fmul_rn(x, inv_rms[t])));
+    }
+    partial += a.weight[j] * (column / static_cast<float>(a.n));
   }
   const float dot = block_sum(partial, scratch);
   if (threadIdx.x == 0) {
@@ -39,9 +54,11 @@ __global__ void gated_residual_add_kernel(float* __restrict__ x, const float* __
 
 }  // namespace
 
-template <typename T>
-void launch_route_layer(const RouteArgs<T>& args, cudaStream_t stream) {
-  route_layer_kernel<T><<<1, kRouteThreads, 0, stream>>>(args);
+void launch_route_layer(const RouteArgs& args, cudaStream_t stream) {
+  if (args.n < 1 || args.n > kRouterPromptTokens) {
+    throw std::invalid_argument("the router averages 1 to kRouterPromptTokens tokens");
+  }
+  route_layer_kernel<<<1, kRouteThreads, 0, stream>>>(args);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -51,10 +68,5 @@ void launch_gated_residual_add(float* x, const float* delta, int64_t count,
   gated_residual_add_kernel<<<blocks, kAddThreads, 0, stream>>>(x, delta, count, skip_flag);
   CUDA_CHECK_LAUNCH();
 }
-
-#define FFNSKIP_INSTANTIATE(T) \
-  template void launch_route_layer<T>(const RouteArgs<T>&, cudaStream_t);
-FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
-#undef FFNSKIP_INSTANTIATE
 
 }  // namespace ffnskip::cuda

@@ -11,10 +11,14 @@
 
 namespace ffnskip::cuda {
 
-template <typename T>
+// The router reads the mean over the tokens of the layer's input norm in fp32, as the CPU
+// backend does: it normalises the fp32 rows itself (the norm kernel's output is rounded to the
+// storage type), adds them in token order and divides by n.
 struct RouteArgs {
-  const T* xn = nullptr;           // [n, hidden]: the layer's input norm of the pass's tokens
-  int n = 0;                       // tokens the router averages over
+  const float* x = nullptr;            // [n, hidden]: the layer's input (residual stream)
+  const float* norm_weight = nullptr;  // [hidden]: the layer's input RMSNorm
+  float eps = 0.0f;
+  int n = 0;                           // tokens averaged over, 1..kRouterPromptTokens
   int hidden = 0;
   const float* weight = nullptr;   // [hidden]: this layer's router
   const float* bias = nullptr;     // this layer's bias
@@ -23,8 +27,8 @@ struct RouteArgs {
   float* gate = nullptr;           // this layer's gate, for stats
 };
 
-template <typename T>
-void launch_route_layer(const RouteArgs<T>& args, cudaStream_t stream);
+// Throws std::invalid_argument when n is outside 1..kRouterPromptTokens.
+void launch_route_layer(const RouteArgs& args, cudaStream_t stream);
 
 // x[i] += delta[i] for i < count, unless *skip_flag is set.
 void launch_gated_residual_add(float* x, const float* delta, int64_t count,

@@ -90,6 +90,9 @@ struct DecodeStats {
   std::vector<uint8_t> layer_active;  // per layer: 1 when it runs for this sequence
   std::vector<float> router_gate;     // per layer: FiRST gate, NaN when not routed
   int64_t kv_cache_bytes = 0;
+  // CUDA: kernels one decode step launches (its captured graph's); 0 before the first graph
+  // replay, with graphs off and on the CPU.
+  int decode_step_kernels = 0;
 };
 
 class Decoder {
