@@ -3,6 +3,7 @@
 // which. A pass is described explicitly (Pass), and every pass follows one story (forward()).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -104,6 +105,21 @@ struct PlanPair {
   // The FiRST plan whose routers decide the sequence, when one routes.
   const ExecutionPlan& routing() const { return target.routes_sequences() ? target : draft; }
 };
+
+// A pass as consecutive chunks of at most `most` tokens, in order: run_chunk(chunk, done) with
+// `done` tokens of the pass before the chunk; FiRST routes on the first chunk only. The backend
+// sets each chunk's logits.
+template <typename RunChunk>
+void for_each_chunk(const Pass& pass, int most, RunChunk&& run_chunk) {
+  Pass chunk = pass;
+  for (int done = 0; done < pass.n; done += chunk.n) {
+    chunk.n = std::min(most, pass.n - done);
+    chunk.tokens = pass.tokens + done;
+    chunk.pos = pass.pos + done;
+    chunk.routes = pass.routes && done == 0;
+    run_chunk(chunk, done);
+  }
+}
 
 inline void throw_if_interrupted(const Pass& pass) {
   if (pass.interrupted != nullptr && (*pass.interrupted)()) throw Interrupted();

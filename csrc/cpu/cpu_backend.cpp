@@ -166,18 +166,13 @@ class CpuBackend final : public Backend {
     const ExecutionPlan& plan = plans_.of(pass.kind);
     const int most = pass.kind == PassKind::Verify ? static_cast<int>(cpu::kStepExactTokens)
                                                    : pass.n;
-    Pass chunk = pass;
-    for (int done = 0; done < pass.n; done += chunk.n) {
-      chunk.n = std::min(most, pass.n - done);
-      chunk.tokens = pass.tokens + done;
-      chunk.pos = pass.pos + done;
-      chunk.routes = pass.routes && done == 0;
+    for_each_chunk(pass, most, [&](Pass& chunk, int done) {
       chunk.logits = pass.kind == PassKind::Verify
                          ? pass.logits + static_cast<int64_t>(done) * config_.vocab_size
                          : pass.logits;
       reserve_tokens(chunk.n);
       forward(*this, chunk, plan);
-    }
+    });
   }
 
   void reset_routing() override {

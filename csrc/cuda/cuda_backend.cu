@@ -143,16 +143,11 @@ class CudaBackend final : public Backend {
     // Prefill in chunks (a verify pass is one: kMaxVerifyTokens < the chunk); FiRST routes on
     // the first, the last gives the logits.
     const ExecutionPlan& plan = plans_.of(pass.kind);
-    Pass chunk = pass;
-    for (int done = 0; done < pass.n; done += chunk.n) {
-      chunk.n = std::min(chunk_tokens_, pass.n - done);
-      chunk.tokens = pass.tokens + done;
-      chunk.pos = pass.pos + done;
-      chunk.routes = pass.routes && done == 0;
+    for_each_chunk(pass, chunk_tokens_, [&](Pass& chunk, int done) {
       chunk.logits = done + chunk.n == pass.n ? pass.logits : nullptr;
       upload_input(chunk);
       forward(*this, chunk, plan);
-    }
+    });
     if (pass.kind == PassKind::Verify) {  // every row, straight into the caller's array
       CUDA_CHECK(cudaMemcpyAsync(pass.logits, verify_logits_,
                                  sizeof(float) * config_.vocab_size * pass.n,
