@@ -75,17 +75,14 @@ def _check_skip_ratio_arguments(args: argparse.Namespace) -> None:
 
 
 def _check_speculation_arguments(args: argparse.Namespace) -> None:
-    from ..runtime.speculative import MAX_DRAFT_LIMIT
+    from ..tuning.draft import DEFAULT_TOKENS, check_draft_arguments
 
     if args.target is not None:
         raise ValueError("--target is for --for skip-ratio; a speculative draft is tuned for "
                          "speed, not to a skip ratio")
     if args.max_new_tokens is None:
-        args.max_new_tokens = 32
-    if args.max_new_tokens < 2:
-        raise ValueError(f"--max-new-tokens must be >= 2, got {args.max_new_tokens}")
-    if not 1 <= args.draft_max <= MAX_DRAFT_LIMIT:
-        raise ValueError(f"--draft-max must be in [1, {MAX_DRAFT_LIMIT}], got {args.draft_max}")
+        args.max_new_tokens = DEFAULT_TOKENS
+    check_draft_arguments(args.max_new_tokens, args.draft_max)
 
 
 def _calibrate_skip_ratio(args: argparse.Namespace, decoder: Any, tokenizer: Any,

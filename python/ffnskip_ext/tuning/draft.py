@@ -33,6 +33,8 @@ from ..runtime.policies import DensePolicy, FFNSkipPolicy, Policy, SubBlockSkip
 from ..runtime.speculative import MAX_DRAFT_LIMIT, Speculative
 from .calibration import Reference, dense_references
 
+DEFAULT_TOKENS = 32  # generated per calibration prompt
+
 
 @dataclasses.dataclass(frozen=True)
 class Costs:
@@ -165,7 +167,7 @@ def calibrate_draft(
     tokenizer: Any,
     prompts: Sequence[str | Sequence[Message]],
     *,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = DEFAULT_TOKENS,
     max_draft: int = 8,
     positions: int = 64,
     confirm: int = 3,
@@ -177,12 +179,7 @@ def calibrate_draft(
     (see the module's procedure). ``positions`` bounds the agreement measurements,
     ``confirm`` the candidates measured end to end, ``rounds`` their interleaved runs. A
     measured speedup below 1 means no draft pays on this machine: plain decoding is faster."""
-    for name, value, low, high in (("max_new_tokens", max_new_tokens, 2, 1 << 20),
-                                   ("max_draft", max_draft, 1, MAX_DRAFT_LIMIT),
-                                   ("positions", positions, 1, 1 << 20),
-                                   ("confirm", confirm, 1, 64), ("rounds", rounds, 1, 64)):
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    check_draft_arguments(max_new_tokens, max_draft, positions, confirm, rounds)
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
     if not isinstance(decoder.policy, DensePolicy):
@@ -238,6 +235,18 @@ def calibrate_draft(
     return DraftCalibration(chosen.policy, chosen.max_draft, measured[best],
                             chosen.predicted_speedup, chosen.agreement, costs,
                             tuple(candidates))
+
+
+def check_draft_arguments(max_new_tokens: int, max_draft: int, positions: int = 64,
+                          confirm: int = 3, rounds: int = 2) -> None:
+    """The checks calibrate_draft() makes before any work (the CLI makes them before loading
+    the model)."""
+    for name, value, low, high in (("max_new_tokens", max_new_tokens, 2, 1 << 20),
+                                   ("max_draft", max_draft, 1, MAX_DRAFT_LIMIT),
+                                   ("positions", positions, 1, 1 << 20),
+                                   ("confirm", confirm, 1, 64), ("rounds", rounds, 1, 64)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
 
 
 def _sub_block_set(blocks: Sequence[tuple[str, int]]) -> SubBlockSkip:
