@@ -1,8 +1,8 @@
 """The CUDA backend's kernels one by one (``_core.cuda_kernels``) against NumPy and the CPU: the
 decode GEMV over Q8_0, Q5_0, Q4_K and Q6_K blocks read in place, in each output mode (store,
 accumulate = the fused residual add, SwiGLU on stacked gate/up rows), with its skip flag set and
-unset; the prefill path (weights dequantised to the activation type a tile of rows at a time,
-then cuBLAS); the dequantisation itself and the embedding lookup in a quantised table; the
+unset, and with its RMSNorm prologue; the prefill path (weights dequantised to the activation
+type a tile of rows at a time, then cuBLAS); the dequantisation itself and the embedding lookup in a quantised table; the
 kernels of a layer (RMSNorm, RoPE with the KV-cache write, SwiGLU, decode attention in splits,
 prefill attention, FiRST's router, the skip scores) and the logits head, on shapes whole-model
 tests miss (more than 8 query heads per KV head, head_dim above 128, odd widths, empty splits);
@@ -183,6 +183,52 @@ def test_gemv_skip_flag_writes_nothing(type_name, output, activation) -> None:
     got = cuda.linear(data, type_name, x.astype(np.float32), bias=bias, y0=y_start,
                       activation=activation, output=output, skip=True)
     np.testing.assert_array_equal(got, y_start)
+
+
+@needs_gpu
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("output", OUTPUTS)
+@pytest.mark.parametrize("type_name", [*NATIVE, "F32"])
+def test_gemv_with_rms_norm_prologue_equals_norm_then_gemv(type_name, output, activation) -> None:
+    """The decode step folds the RMSNorm before the QKV and gate/up GEMVs into their prologue:
+    the output equals the norm kernel followed by the plain GEMV bit for bit (the same sums in
+    the same order), on block formats and dense weights (odd widths: the element-wise path),
+    with the skip flag honoured."""
+    dense_shapes = [(1, 8), (7, 203), (33, 2048), (65, 4100)]
+    for outputs, cols in dense_shapes if type_name == "F32" else shapes(type_name):
+        rows = 2 * outputs if output == "swiglu" else outputs
+        rng = np.random.default_rng(rows * 7 + cols)
+        if type_name == "F32":
+            data = rng.standard_normal((rows, cols)).astype(np.float32) / np.sqrt(cols)
+        else:
+            data = quantize(rng.standard_normal((rows, cols)), type_name)
+        residual = (rng.standard_normal((1, cols)) * 5).astype(np.float32)
+        norm_weight = (rng.standard_normal(cols) + 1).astype(np.float32)
+        bias = rng.standard_normal(rows).astype(np.float32)
+        y0 = start_values(np.round(rng.standard_normal((1, rows)) * 8).astype(np.float32),
+                          outputs, output)
+        normed = cuda.rms_norm(residual, norm_weight, 1e-6, activation)
+        expected = cuda.linear(data, type_name, normed, bias=bias, y0=y0, activation=activation,
+                               output=output)
+        got = cuda.linear(data, type_name, residual, bias=bias, y0=y0, activation=activation,
+                          output=output, norm_weight=norm_weight, norm_eps=1e-6)
+        np.testing.assert_array_equal(got, expected)
+        skipped = cuda.linear(data, type_name, residual, bias=bias, y0=y0 + 1,
+                              activation=activation, output=output, norm_weight=norm_weight,
+                              skip=True)
+        np.testing.assert_array_equal(skipped, y0 + 1)
+
+
+@needs_gpu
+def test_gemv_rms_norm_prologue_refuses_rows_wider_than_shared_memory() -> None:
+    cols = 11776 + 32  # fp32: one pack beyond the staged input's 46 KiB
+    w = np.zeros((1, cols), np.float32)
+    x = np.ones((1, cols), np.float32)
+    with pytest.raises(ValueError, match="shared memory"):
+        cuda.linear(w, "F32", x, activation="float32", norm_weight=np.ones(cols, np.float32))
+    with pytest.raises(ValueError, match="GEMV opens"):
+        cuda.linear(w, "F32", x, activation="float32", gemv=False,
+                    norm_weight=np.ones(cols, np.float32))
 
 
 @needs_gpu

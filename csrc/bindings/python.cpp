@@ -460,7 +460,8 @@ void bind_cuda_kernels(py::module_ k) {
       "linear",
       [](const py::array& weight, const std::string& type, const py::handle& x,
          const py::object& bias, const py::object& y0, const std::string& activation,
-         const std::string& output, bool gemv, bool skip, int64_t tile_elements) {
+         const std::string& output, bool gemv, bool skip, int64_t tile_elements,
+         const py::object& norm_weight, float norm_eps) {
         CudaLinearCall call;
         call.weight_type = parse_tensor_type(type);
         const py::array w = call.weight_type == TensorType::F32
@@ -490,6 +491,13 @@ void bind_cuda_kernels(py::module_ k) {
         }
         call.weight = w.data();
         call.x = xs.data();
+        py::array_t<float> norm;
+        if (!norm_weight.is_none()) {
+          norm = need_array<float>(norm_weight, 1, "norm_weight");
+          if (norm.shape(0) != call.cols) throw std::invalid_argument("norm_weight must be [cols]");
+          call.norm_weight = norm.data();
+          call.norm_eps = norm_eps;
+        }
         call.activation = parse_dtype(activation);
         call.gemv = gemv;
         call.skip = skip;
@@ -502,9 +510,11 @@ void bind_cuda_kernels(py::module_ k) {
       py::arg("weight"), py::arg("type"), py::arg("x"), py::arg("bias") = py::none(),
       py::arg("y0") = py::none(), py::arg("activation") = "float16",
       py::arg("output") = "store", py::arg("gemv") = true, py::arg("skip") = false,
-      py::arg("tile_elements") = 0,
+      py::arg("tile_elements") = 0, py::arg("norm_weight") = py::none(),
+      py::arg("norm_eps") = 1e-5f,
       "y of x [n, cols] through the backend's linear on the GPU: the decode GEMV (gemv, n = 1; "
-      "skip sets its skip flag) or the prefill path (dequantised tiles of tile_elements and "
+      "skip sets its skip flag; norm_weight makes x the fp32 row its RMSNorm prologue "
+      "normalises) or the prefill path (dequantised tiles of tile_elements and "
       "cuBLAS). weight: uint8 blocks [rows, row bytes] of Q8_0, Q5_0, Q4_K or Q6_K, or float32 "
       "[rows, cols] (type F32, rounded to the activation dtype). output: store (y = xW^T + b), "
       "accumulate (y = y0 + xW^T + b) or swiglu ([n, rows / 2], rounded to the activation "

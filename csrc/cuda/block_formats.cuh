@@ -90,7 +90,8 @@ FFNSKIP_BLOCK_HD float int_minus(uint32_t q, float offset) {
 }
 
 // The kCount stored activations at p, widened to fp32; p is aligned to their size, which is a
-// multiple of 8 bytes (16-byte loads where it is a multiple of 16).
+// multiple of 8 bytes (16-byte loads where it is a multiple of 16); in global or shared memory
+// (load_raw_anywhere).
 template <typename T, int kCount>
 __device__ __forceinline__ void load_run(const T* p, float (&out)[kCount]) {
   constexpr int kBytes = kCount * static_cast<int>(sizeof(T));
@@ -100,14 +101,14 @@ __device__ __forceinline__ void load_run(const T* p, float (&out)[kCount]) {
   if constexpr (kBytes % 16 == 0) {
 #pragma unroll
     for (int i = 0; i < kBytes / 16; ++i) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + i);
+      const uint4 v = reinterpret_cast<const uint4*>(p)[i];
       words[4 * i] = v.x;
       words[4 * i + 1] = v.y;
       words[4 * i + 2] = v.z;
       words[4 * i + 3] = v.w;
     }
   } else {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
     words[0] = v.x;
     words[1] = v.y;
   }

@@ -102,6 +102,13 @@ __device__ __forceinline__ uint4 load_raw(const T* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
+// The same from global or shared memory (a GEMV's input, which its RMSNorm prologue stages in
+// shared memory): a plain load, where __ldg needs a global address.
+template <typename T>
+__device__ __forceinline__ uint4 load_raw_anywhere(const T* p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+
 // The 16-byte pack at `p`, widened to fp32.
 template <typename T>
 __device__ __forceinline__ void load_pack(const T* p, float (&out)[Pack<T>::kCount]) {

@@ -169,6 +169,7 @@ class CudaBackend final : public Backend {
     const std::vector<float> nans(layers, std::numeric_limits<float>::quiet_NaN());
     CUDA_CHECK(cudaMemcpyAsync(router_gate_, nans.data(), sizeof(float) * layers,
                                cudaMemcpyHostToDevice, stream_.get()));
+    routed_off_on_host_.assign(layers, 0);
   }
 
   void sequence_layers(std::vector<uint8_t>& active, std::vector<float>& gate) const override {
@@ -229,6 +230,8 @@ class CudaBackend final : public Backend {
   // x += Attn(RMSNorm(x)) writing K/V, or only the K/V (early exit), or nothing.
   void attention_block(const Pass& pass, int layer, const LayerPlan& plan) {
     if (plan.attention == AttentionMode::Skip) return;
+    if (pass.routes) route(layer, pass.n);  // for this plan or the draft's (which then runs it)
+    if (skips_on_host(pass, layer, plan)) return;
     const DeviceLayer& w = model_.layers[layer];
     const int n = pass.n;
     const int hidden = config_.hidden_size;
@@ -241,9 +244,10 @@ class CudaBackend final : public Backend {
       CUDA_CHECK(cudaMemcpyAsync(layer_input_, x_, sizeof(float) * hidden,
                                  cudaMemcpyDeviceToDevice, stream));
     }
-    launch_rmsnorm(x_, n, hidden, w.attn_norm, config_.rms_norm_eps, xn_, stream);
-    const int32_t* layer_off = routed_flag(layer, plan);
-    if (pass.routes) route(layer, n);  // for this plan or the draft's (which then runs it)
+    const int32_t* layer_off = routed_flag(pass, layer, plan);
+    const bool kv_only = plan.attention == AttentionMode::KVOnly;  // early exit: K/V rows only
+    const DeviceLinear qkv = kv_only ? w.qkv.rows_from(q_dim) : w.qkv;
+    const LinearInput input = normed_input(qkv, w.attn_norm, n, layer_off);
 
     RopeKvArgs rope;
     rope.qkv = qkv_;
@@ -260,15 +264,11 @@ class CudaBackend final : public Backend {
     T* k_cache = k_cache_ + static_cast<int64_t>(layer) * max_seq_len_ * kv_dim;
     T* v_cache = v_cache_ + static_cast<int64_t>(layer) * max_seq_len_ * kv_dim;
 
-    if (plan.attention == AttentionMode::KVOnly) {  // early exit: the K/V rows only
-      linear(w.qkv.rows_from(q_dim), xn_, n, qkv_ + q_dim, qkv_dim, /*accumulate=*/false,
-             layer_off);
-      rope.q_heads = 0;
-      launch_rope_kv_write(rope, k_cache, v_cache, stream);
-      return;
-    }
-    linear(w.qkv, xn_, n, qkv_, qkv_dim, /*accumulate=*/false, layer_off);
+    linear(qkv, input, n, kv_only ? qkv_ + q_dim : qkv_, qkv_dim, /*accumulate=*/false,
+           layer_off);
+    if (kv_only) rope.q_heads = 0;
     launch_rope_kv_write(rope, k_cache, v_cache, stream);
+    if (kv_only) return;
     if (decode) {
       DecodeAttentionArgs attention;
       attention.q = qkv_;
@@ -296,9 +296,10 @@ class CudaBackend final : public Backend {
 
   // x += FFN(RMSNorm(x)), unless the plan, the rule (on the device) or the routing skips it.
   void ffn_block(const Pass& pass, int layer, const LayerPlan& plan) {
-    if (plan.ffn != FFNMode::Skip) run_ffn(pass, layer, plan);
+    const bool runs = plan.ffn != FFNMode::Skip && !skips_on_host(pass, layer, plan);
+    if (runs) run_ffn(pass, layer, plan);
     if (plan.layer_score) {
-      launch_cosine(layer_input_, x_, config_.hidden_size, routed_flag(layer, plan),
+      launch_cosine(layer_input_, x_, config_.hidden_size, routed_flag(pass, layer, plan),
                     record_layer_score() + layer, stream_.get());
     }
   }
@@ -368,7 +369,6 @@ class CudaBackend final : public Backend {
     pass_input_ = arena.take<int32_t>(tokens + kPassInputHeader);
     state_ = arena.take<SkipState>(1);
     skip_flags_ = arena.take<int32_t>(c.num_layers);
-    residual_delta_ = arena.take<float>(tokens * hidden);
     router_weight_ = arena.take<float>(static_cast<size_t>(c.num_layers) * hidden);
     router_bias_ = arena.take<float>(c.num_layers);
     router_gate_ = arena.take<float>(c.num_layers);
@@ -528,7 +528,7 @@ class CudaBackend final : public Backend {
     cudaStream_t stream = stream_.get();
     const int n = pass.n;
     const int hidden = config_.hidden_size;
-    const int32_t* skip_flag = routed_flag(layer, plan);
+    const int32_t* skip_flag = routed_flag(pass, layer, plan);
     if (plan.ffn == FFNMode::Adaptive || plan.ffn == FFNMode::Random) {  // decode: n == 1
       FfnGate gate;
       gate.rule = plans_.of(pass.kind).rule;
@@ -541,10 +541,11 @@ class CudaBackend final : public Backend {
       gate.score = record_score();
       launch_gated_rmsnorm(x_, hidden, w.ffn_norm, config_.rms_norm_eps, xn_, gate, stream);
       skip_flag = gate.skip_flag;
+      linear_swiglu(w.gate_up, xn_, n, act_, skip_flag);
     } else {
-      launch_rmsnorm(x_, n, hidden, w.ffn_norm, config_.rms_norm_eps, xn_, stream);
+      linear_swiglu(w.gate_up, normed_input(w.gate_up, w.ffn_norm, n, skip_flag), n, act_,
+                    skip_flag);
     }
-    linear_swiglu(w.gate_up, xn_, n, act_, skip_flag);
     if (plan.ffn_score) {  // decode: the residual add moves into the score kernel
       linear(w.down, act_, n, ffn_out_, hidden, /*accumulate=*/false, skip_flag);
       launch_residual_add_score(x_, ffn_out_, hidden, state_, skip_flag, record_score() + layer,
@@ -556,9 +557,14 @@ class CudaBackend final : public Backend {
 
   // ---- FiRST ----
 
-  // The device flag of a routed layer, or null.
-  const int32_t* routed_flag(int layer, const LayerPlan& plan) const {
-    return plan.routed ? routed_off() + layer : nullptr;
+  // A decode step's kernels read a routed layer's flag on the device (the captured graph runs
+  // for every sequence); multi-token passes know it on the host and launch nothing for a layer
+  // routed off, so prefill neither reads its weights nor its unwritten K/V.
+  const int32_t* routed_flag(const Pass& pass, int layer, const LayerPlan& plan) const {
+    return plan.routed && is_step(pass.kind) ? routed_off() + layer : nullptr;
+  }
+  bool skips_on_host(const Pass& pass, int layer, const LayerPlan& plan) const {
+    return plan.routed && !is_step(pass.kind) && routed_off_on_host_[layer] != 0;
   }
 
   // Decides `layer` for the sequence from the input norm of the pass's first tokens (fp32).
@@ -575,19 +581,37 @@ class CudaBackend final : public Backend {
     r.layer_off = routed_off() + layer;
     r.gate = router_gate_ + layer;
     launch_route_layer(r, stream_.get());
+    // One sync per layer of the routing pass (the next layer's launches depend on it).
+    auto* flag = reinterpret_cast<int32_t*>(host_output_.get() + out_layout_.routed_off) + layer;
+    CUDA_CHECK(cudaMemcpyAsync(flag, r.layer_off, sizeof(int32_t), cudaMemcpyDeviceToHost,
+                               stream_.get()));
+    CUDA_CHECK(cudaStreamSynchronize(stream_.get()));
+    routed_off_on_host_[layer] = *flag != 0 ? 1 : 0;
   }
 
-  // x += x_pass W^T + b. A routed layer's prefill linear (cuBLAS, which cannot read the flag)
-  // writes a delta that a gated kernel adds; one-token linears read the flag themselves.
+  // x += x_pass W^T + b.
   void residual_linear(const DeviceLinear& w, const T* x_pass, int n, const int32_t* skip_flag) {
-    const int hidden = config_.hidden_size;
-    if (skip_flag == nullptr || n == 1) {
-      linear(w, x_pass, n, x_, hidden, /*accumulate=*/true, skip_flag);
-      return;
-    }
-    linear(w, x_pass, n, residual_delta_, hidden, /*accumulate=*/false, nullptr);
-    launch_gated_residual_add(x_, residual_delta_, static_cast<int64_t>(n) * hidden, skip_flag,
-                              stream_.get());
+    linear(w, x_pass, n, x_, config_.hidden_size, /*accumulate=*/true, skip_flag);
+  }
+
+  // The input of a linear: rows in T, or for one token on GEMVs the RMSNorm of the residual
+  // stream, which each GEMV computes in its prologue.
+  struct LinearInput {
+    LinearInput(const T* rows) : x(rows) {}  // NOLINT(google-explicit-constructor): plain rows
+    LinearInput(const T* rows, const float* norm) : x(rows), norm_weight(norm) {}
+    const T* x;
+    const float* norm_weight = nullptr;  // non-null: the GEMVs norm x_ with it
+  };
+
+  // RMSNorm(x_) with `weight` as the input of `w`: folded into the GEMVs when one token runs on
+  // GEMVs only (a launch fewer, the same values), else written to xn_ by the norm kernel.
+  LinearInput normed_input(const DeviceLinear& w, const float* weight, int n,
+                           const int32_t* skip_flag) {
+    bool fold = n == 1 && gemv_folds_norm<T>(w.cols);
+    for (int i = 0; i < w.num_segments; ++i) fold = fold && use_gemv(n, skip_flag, w.segments[i]);
+    if (fold) return {xn_, weight};
+    launch_rmsnorm(x_, n, config_.hidden_size, weight, config_.rms_norm_eps, xn_, stream_.get());
+    return {xn_};
   }
 
   // One-token linears run the GEMV, the only one that can read a skip flag (flags exist only
@@ -598,15 +622,20 @@ class CudaBackend final : public Backend {
                       segment.type != dense_tensor_type<T>());
   }
 
-  GemvArgs<T> gemv_args(const DeviceLinear& w, const WeightSegment& segment, const T* x,
-                        const int32_t* skip_flag) const {
+  GemvArgs<T> gemv_args(const DeviceLinear& w, const WeightSegment& segment,
+                        const LinearInput& input, const int32_t* skip_flag) const {
     GemvArgs<T> g;
     g.weight = segment.data;
     g.weight_type = segment.type;
     g.bias = w.bias != nullptr ? w.bias + segment.first_row : nullptr;
     g.rows = segment.rows;
     g.cols = w.cols;
-    g.x = x;
+    g.x = input.x;
+    if (input.norm_weight != nullptr) {
+      g.norm_weight = input.norm_weight;
+      g.norm_x = x_;
+      g.norm_eps = config_.rms_norm_eps;
+    }
     g.skip_flag = skip_flag;
     return g;
   }
@@ -631,8 +660,8 @@ class CudaBackend final : public Backend {
 
   // y[t, :] (row stride y_stride) = x[t, :] W^T + b, or += with accumulate; one kernel per
   // segment of W.
-  void linear(const DeviceLinear& w, const T* x, int n, float* y, int y_stride, bool accumulate,
-              const int32_t* skip_flag) {
+  void linear(const DeviceLinear& w, const LinearInput& x, int n, float* y, int y_stride,
+              bool accumulate, const int32_t* skip_flag) {
     for (int i = 0; i < w.num_segments; ++i) {
       const WeightSegment& segment = w.segments[i];
       if (use_gemv(n, skip_flag, segment)) {
@@ -640,14 +669,14 @@ class CudaBackend final : public Backend {
         g.y = y + segment.first_row;
         launch_gemv(g, accumulate ? GemvOutput::Accumulate : GemvOutput::Store, stream_.get());
       } else {
-        gemm(cublas_.get(), stream_.get(), gemm_args(w, segment, x, n, y, y_stride, accumulate));
+        gemm(cublas_.get(), stream_.get(), gemm_args(w, segment, x.x, n, y, y_stride, accumulate));
       }
     }
   }
 
   // act[t, :] = SwiGLU of the stacked gate/up projection of x[t, :]: fused into the GEMV when
   // gate and up share a type (one segment), else the projection then the SwiGLU kernel.
-  void linear_swiglu(const DeviceLinear& w, const T* x, int n, T* act,
+  void linear_swiglu(const DeviceLinear& w, const LinearInput& x, int n, T* act,
                      const int32_t* skip_flag) {
     if (w.num_segments == 1 && use_gemv(n, skip_flag, w.segments[0])) {
       GemvArgs<T> g = gemv_args(w, w.segments[0], x, skip_flag);
@@ -698,7 +727,6 @@ class CudaBackend final : public Backend {
   int32_t* pass_input_ = nullptr;  // [pos, decode index, tokens...]
   SkipState* state_ = nullptr;
   int32_t* skip_flags_ = nullptr;  // per layer: this step skips the FFN
-  float* residual_delta_ = nullptr;  // [chunk, hidden]: a routed layer's prefill output
   float* router_weight_ = nullptr;   // FiRST: [layers, hidden]
   float* router_bias_ = nullptr;     // FiRST: [layers]
   float* router_gate_ = nullptr;     // FiRST: per layer, the gate (NaN until routed)
@@ -712,6 +740,7 @@ class CudaBackend final : public Backend {
   PlanPair plans_;
   std::vector<char> record_head_[2];  // of the policy's plan and the draft's (record_head)
   int record_head_on_device_ = -1;    // which of them the step output holds
+  std::vector<uint8_t> routed_off_on_host_;  // FiRST: routed_off(), as the routing pass read it
 };
 
 }  // namespace

@@ -19,6 +19,7 @@ template <typename T, GemvOutput kOutput>
 __global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
     gemv_kernel(const GemvArgs<T> a) {
   if (a.skip_flag != nullptr && *a.skip_flag != 0) return;
+  const T* __restrict__ x = gemv_input(a);
   constexpr int kRows = kGemvRowsPerOutput<kOutput>;
   constexpr int kPack = Pack<T>::kCount;
   const int lane = threadIdx.x % kWarpSize;
@@ -26,7 +27,6 @@ __global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
   if (output >= a.rows / kRows) return;  // whole warps leave together
   const int64_t row_step = static_cast<int64_t>(a.rows / kRows) * a.cols;  // gate row -> up row
   const T* __restrict__ w = static_cast<const T*>(a.weight) + static_cast<int64_t>(output) * a.cols;
-  const T* __restrict__ x = a.x;
 
   float acc[kRows] = {};
   if (a.cols % kPack == 0) {
@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int offset = (p + u * kWarpSize) * kPack;
-        x_raw[u] = load_raw(x + offset);
+        x_raw[u] = load_raw_anywhere(x + offset);
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
           w_raw[r][u] = load_raw(w + r * row_step + offset);
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
     }
     for (; p < packs; p += kWarpSize) {  // the last packs of the row
       float xv[kPack];
-      load_pack(x + p * kPack, xv);
+      Pack<T>::widen(load_raw_anywhere(x + p * kPack), xv);
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         float wv[kPack];
@@ -92,15 +92,16 @@ void launch_gemv(const GemvArgs<T>& args, GemvOutput output, cudaStream_t stream
   const int outputs = output == GemvOutput::SwiGLU ? args.rows / 2 : args.rows;
   const dim3 grid(ceil_div(outputs, kGemvWarpsPerBlock));
   const dim3 block(kGemvWarpsPerBlock * kWarpSize);
+  const size_t shared = gemv_shared_bytes(args);
   switch (output) {
     case GemvOutput::Store:
-      gemv_kernel<T, GemvOutput::Store><<<grid, block, 0, stream>>>(args);
+      gemv_kernel<T, GemvOutput::Store><<<grid, block, shared, stream>>>(args);
       break;
     case GemvOutput::Accumulate:
-      gemv_kernel<T, GemvOutput::Accumulate><<<grid, block, 0, stream>>>(args);
+      gemv_kernel<T, GemvOutput::Accumulate><<<grid, block, shared, stream>>>(args);
       break;
     case GemvOutput::SwiGLU:
-      gemv_kernel<T, GemvOutput::SwiGLU><<<grid, block, 0, stream>>>(args);
+      gemv_kernel<T, GemvOutput::SwiGLU><<<grid, block, shared, stream>>>(args);
       break;
   }
   CUDA_CHECK_LAUNCH();

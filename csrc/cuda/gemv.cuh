@@ -28,6 +28,11 @@ struct GemvArgs {
   int rows = 0;
   int cols = 0;
   const T* x = nullptr;  // [cols], 16-byte aligned
+  // Non-null: the input is RMSNorm(norm_x) with this weight, computed by each block (the norm
+  // kernel's arithmetic, staged in shared memory) in place of x: one launch fewer per linear.
+  const float* norm_weight = nullptr;  // [cols]
+  const float* norm_x = nullptr;       // [cols] fp32: the residual stream's row
+  float norm_eps = 0.0f;
   float* y = nullptr;    // Store, Accumulate: [rows]
   T* act = nullptr;      // SwiGLU: [rows / 2]
   // Non-null: the kernel returns before reading anything else when *skip_flag != 0
@@ -35,7 +40,17 @@ struct GemvArgs {
   const int32_t* skip_flag = nullptr;
 };
 
-// Runs the kernel of args.weight_type.
+// The widest input the RMSNorm prologue stages (the default 48 KiB of shared memory a block may
+// take, less the kernels' static scratch): 11776 fp32 or 23552 16-bit values.
+constexpr size_t kGemvNormedInputBytes = 46 * 1024;
+
+template <typename T>
+constexpr bool gemv_folds_norm(int cols) {
+  return static_cast<size_t>(cols) * sizeof(T) <= kGemvNormedInputBytes;
+}
+
+// Runs the kernel of args.weight_type. Throws std::invalid_argument for a normed input wider
+// than gemv_folds_norm allows.
 template <typename T>
 void launch_gemv(const GemvArgs<T>& args, GemvOutput output, cudaStream_t stream);
 

@@ -125,6 +125,9 @@ void linear_in(const CudaLinearCall& c) {
   }
   if (c.gemv && c.n != 1) throw std::invalid_argument("the GEMV runs one token");
   if (!c.gemv && c.skip) throw std::invalid_argument("only the GEMV reads a skip flag");
+  if (!c.gemv && c.norm_weight != nullptr) {
+    throw std::invalid_argument("only the GEMV opens with the RMSNorm");
+  }
   const int64_t weights = static_cast<int64_t>(c.rows) * c.cols;
   const int outputs = swiglu ? c.rows / 2 : c.rows;
   const int64_t out_count = static_cast<int64_t>(c.n) * outputs;
@@ -137,6 +140,10 @@ void linear_in(const CudaLinearCall& c) {
                              rounded<T>(static_cast<const float*>(c.weight), weights).data());
   const int64_t x_count = static_cast<int64_t>(c.n) * c.cols;
   DeviceMemory x = device_buffer(stream, sizeof(T) * x_count, rounded<T>(c.x, x_count).data());
+  const bool normed = c.norm_weight != nullptr;
+  DeviceMemory norm_x = device_buffer(stream, normed ? sizeof(float) * x_count : 0, c.x);
+  DeviceMemory norm_weight =
+      device_buffer(stream, normed ? sizeof(float) * c.cols : 0, c.norm_weight);
   DeviceMemory bias = device_buffer(stream, sizeof(float) * c.rows, c.bias);
   DeviceMemory y =
       swiglu ? device_buffer(stream, sizeof(T) * out_count, rounded<T>(c.y, out_count).data())
@@ -154,6 +161,11 @@ void linear_in(const CudaLinearCall& c) {
     g.rows = c.rows;
     g.cols = c.cols;
     g.x = reinterpret_cast<T*>(x.get());
+    if (normed) {
+      g.norm_x = reinterpret_cast<float*>(norm_x.get());
+      g.norm_weight = reinterpret_cast<float*>(norm_weight.get());
+      g.norm_eps = c.norm_eps;
+    }
     g.y = reinterpret_cast<float*>(y.get());
     g.act = reinterpret_cast<T*>(y.get());
     g.skip_flag = reinterpret_cast<int32_t*>(skip_flag.get());

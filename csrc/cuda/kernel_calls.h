@@ -25,6 +25,10 @@ struct CudaLinearCall {
   const float* bias = nullptr;  // [rows] or null
   const float* x = nullptr;     // [n, cols], rounded to the activation type
   int n = 1;
+  // GEMV: non-null makes x the fp32 residual row that the kernel's RMSNorm prologue normalises
+  // with this weight [cols] (not rounded first), as the decode step's QKV and gate/up GEMVs do.
+  const float* norm_weight = nullptr;
+  float norm_eps = 0.0f;
   DType activation = DType::F16;  // F32, F16 or BF16: the backend's storage type T
   CudaLinearOutput output = CudaLinearOutput::Store;
   bool gemv = true;

@@ -7,21 +7,8 @@ namespace ffnskip::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-
-// One block per row.
 template <typename T>
-__device__ __forceinline__ void rmsnorm_row(const float* __restrict__ row, int dim,
-                                            const float* __restrict__ weight, float eps,
-                                            T* __restrict__ dst, float* scratch) {
-  const float inv_rms = row_inv_rms(row, dim, eps, scratch);
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-    dst[i] = from_float<T>(weight[i] * (row[i] * inv_rms));
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRmsNormThreads)
     rmsnorm_kernel(const float* x, int dim, const float* weight, float eps, T* out) {
   __shared__ float scratch[kWarpSize];
   const int64_t offset = static_cast<int64_t>(blockIdx.x) * dim;
@@ -29,7 +16,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kRmsNormThreads)
     gated_rmsnorm_kernel(const float* x, int dim, const float* weight, float eps, T* out,
                          const FfnGate gate) {
   __shared__ float scratch[kWarpSize];
@@ -45,14 +32,14 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 void launch_rmsnorm(const float* x, int n, int dim, const float* weight, float eps, T* out,
                     cudaStream_t stream) {
-  rmsnorm_kernel<T><<<n, kThreads, 0, stream>>>(x, dim, weight, eps, out);
+  rmsnorm_kernel<T><<<n, kRmsNormThreads, 0, stream>>>(x, dim, weight, eps, out);
   CUDA_CHECK_LAUNCH();
 }
 
 template <typename T>
 void launch_gated_rmsnorm(const float* x, int dim, const float* weight, float eps, T* out,
                           const FfnGate& gate, cudaStream_t stream) {
-  gated_rmsnorm_kernel<T><<<1, kThreads, 0, stream>>>(x, dim, weight, eps, out, gate);
+  gated_rmsnorm_kernel<T><<<1, kRmsNormThreads, 0, stream>>>(x, dim, weight, eps, out, gate);
   CUDA_CHECK_LAUNCH();
 }
 

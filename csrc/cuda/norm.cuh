@@ -21,6 +21,22 @@ __device__ __forceinline__ float row_inv_rms(const float* __restrict__ row, int 
   return 1.0f / sqrtf(sum_sq / static_cast<float>(dim) + eps);
 }
 
+// Threads of the norm kernels' blocks. A GEMV that opens with the norm (gemv.cuh) runs blocks of
+// as many threads, so its sum of squares adds in the same order: its input equals the norm
+// kernel's output bit for bit.
+constexpr int kRmsNormThreads = 256;
+
+// dst = RMSNorm of one fp32 row, rounded to T, by the whole block.
+template <typename T>
+__device__ __forceinline__ void rmsnorm_row(const float* __restrict__ row, int dim,
+                                            const float* __restrict__ weight, float eps,
+                                            T* __restrict__ dst, float* scratch) {
+  const float inv_rms = row_inv_rms(row, dim, eps, scratch);
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    dst[i] = from_float<T>(weight[i] * (row[i] * inv_rms));
+  }
+}
+
 // x [n, dim] fp32, weight [dim] fp32, out [n, dim].
 template <typename T>
 void launch_rmsnorm(const float* x, int n, int dim, const float* weight, float eps, T* out,

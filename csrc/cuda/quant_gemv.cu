@@ -20,6 +20,7 @@ template <typename Format, typename T, GemvOutput kOutput>
 __global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
     quant_gemv_kernel(const GemvArgs<T> a) {
   if (a.skip_flag != nullptr && *a.skip_flag != 0) return;
+  const T* __restrict__ input = gemv_input(a);
   constexpr int kRows = kGemvRowsPerOutput<kOutput>;
   const int output = gemv_output_index();
   const int outputs = a.rows / kRows;
@@ -35,7 +36,7 @@ __global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
   for (int c = threadIdx.x % kWarpSize; c < chunks; c += kWarpSize) {
     const int block = c / Format::kChunks;
     const int chunk = c % Format::kChunks;
-    const T* x = a.x + block * Format::kElements;
+    const T* x = input + block * Format::kElements;
     float xv[Format::kRuns][Format::kRunLength];
 #pragma unroll
     for (int run = 0; run < Format::kRuns; ++run) {
@@ -70,15 +71,16 @@ void launch_quant_gemv(const GemvArgs<T>& args, GemvOutput output, cudaStream_t 
     const int outputs = output == GemvOutput::SwiGLU ? args.rows / 2 : args.rows;
     const dim3 grid(ceil_div(outputs, kGemvWarpsPerBlock));
     const dim3 block(kGemvWarpsPerBlock * kWarpSize);
+    const size_t shared = gemv_shared_bytes(args);
     switch (output) {
       case GemvOutput::Store:
-        quant_gemv_kernel<Format, T, GemvOutput::Store><<<grid, block, 0, stream>>>(args);
+        quant_gemv_kernel<Format, T, GemvOutput::Store><<<grid, block, shared, stream>>>(args);
         break;
       case GemvOutput::Accumulate:
-        quant_gemv_kernel<Format, T, GemvOutput::Accumulate><<<grid, block, 0, stream>>>(args);
+        quant_gemv_kernel<Format, T, GemvOutput::Accumulate><<<grid, block, shared, stream>>>(args);
         break;
       case GemvOutput::SwiGLU:
-        quant_gemv_kernel<Format, T, GemvOutput::SwiGLU><<<grid, block, 0, stream>>>(args);
+        quant_gemv_kernel<Format, T, GemvOutput::SwiGLU><<<grid, block, shared, stream>>>(args);
         break;
     }
     CUDA_CHECK_LAUNCH();

@@ -13,7 +13,6 @@ namespace ffnskip::cuda {
 namespace {
 
 constexpr int kRouteThreads = 256;
-constexpr int kAddThreads = 256;
 
 // One block: the inverse RMS of each token's row, then each thread averages its columns of the
 // normed rows over the tokens and multiplies them by the router. Rounded products and sums
@@ -45,13 +44,6 @@ __global__ void __launch_bounds__(kRouteThreads) route_layer_kernel(const RouteA
   }
 }
 
-__global__ void gated_residual_add_kernel(float* __restrict__ x, const float* __restrict__ delta,
-                                          int64_t count, const int32_t* skip_flag) {
-  if (*skip_flag != 0) return;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < count) x[i] += delta[i];
-}
-
 }  // namespace
 
 void launch_route_layer(const RouteArgs& args, cudaStream_t stream) {
@@ -59,13 +51,6 @@ void launch_route_layer(const RouteArgs& args, cudaStream_t stream) {
     throw std::invalid_argument("the router averages 1 to kRouterPromptTokens tokens");
   }
   route_layer_kernel<<<1, kRouteThreads, 0, stream>>>(args);
-  CUDA_CHECK_LAUNCH();
-}
-
-void launch_gated_residual_add(float* x, const float* delta, int64_t count,
-                               const int32_t* skip_flag, cudaStream_t stream) {
-  const int blocks = static_cast<int>((count + kAddThreads - 1) / kAddThreads);
-  gated_residual_add_kernel<<<blocks, kAddThreads, 0, stream>>>(x, delta, count, skip_flag);
   CUDA_CHECK_LAUNCH();
 }
 

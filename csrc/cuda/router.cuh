@@ -1,8 +1,8 @@
 // FiRST on the device: the pass that starts a sequence routes every layer (router_keeps_layer of
 // core/skip_rule.h) and writes a per-layer flag; the layer's kernels read the flag, as they
-// read the FFN skip flag (ffn_gate.cuh), so neither the decision nor the skip needs the host.
-// Prefill linears run on cuBLAS, which cannot read a flag: a routed layer's output projections
-// write a delta that a gated kernel adds to the residual stream.
+// read the FFN skip flag (ffn_gate.cuh), so a decode step needs the host for neither the
+// decision nor the skip. Multi-token passes (cuBLAS, which cannot read a flag) read each flag
+// back as the routing pass writes it and launch nothing for a layer routed off.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -29,9 +29,5 @@ struct RouteArgs {
 
 // Throws std::invalid_argument when n is outside 1..kRouterPromptTokens.
 void launch_route_layer(const RouteArgs& args, cudaStream_t stream);
-
-// x[i] += delta[i] for i < count, unless *skip_flag is set.
-void launch_gated_residual_add(float* x, const float* delta, int64_t count,
-                               const int32_t* skip_flag, cudaStream_t stream);
 
 }  // namespace ffnskip::cuda
