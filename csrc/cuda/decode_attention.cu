@@ -13,6 +13,7 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kMaxHeadsPerBlock = 8;  // q heads of one KV head scored together
 constexpr int kKeysPerRound = 32;     // positions scored per round of the online softmax
+static_assert(kKeysPerRound == kWarpSize, "the softmax update gives each key of a round a lane");
 constexpr int kDimsPerThread = kMaxHeadDim / kThreads;
 
 // Per (head, split): head_dim unnormalised output values, then the running max, then the sum
@@ -21,10 +22,19 @@ __host__ __device__ int partial_stride(int head_dim) { return head_dim + 2; }
 
 int heads_blocks(int group) { return ceil_div(group, kMaxHeadsPerBlock); }
 
+// Key rows of head_dim values in T read as 16-byte packs, one lane per pack and 32 / packs keys
+// per warp load, when the packs of a row divide the warp; else 0 (one value per lane and load).
+template <typename T>
+__device__ __forceinline__ int packs_per_key(int head_dim) {
+  constexpr int kPack = Pack<T>::kCount;
+  const int packs = head_dim / kPack;
+  return head_dim % kPack == 0 && packs <= kWarpSize && kWarpSize % packs == 0 ? packs : 0;
+}
+
 // Block (split, y): KV head y / head_blocks, q heads [first_head, first_head + heads) of its
 // group. Rounds of kKeysPerRound positions: (1) each warp scores some positions for all the
-// heads, (2) one thread per head updates its running max and sum, (3) each thread updates its
-// output dimensions with the round's probabilities and V rows.
+// heads, (2) one warp per head updates its running max and sum (a lane per position), (3)
+// each thread updates its output dimensions with the round's probabilities and V rows.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     decode_attention_split_kernel(const DecodeAttentionArgs a, const T* __restrict__ k_cache,
@@ -75,42 +85,74 @@ __global__ void __launch_bounds__(kThreads)
   const float scale = 1.0f / sqrtf(static_cast<float>(hd));
   const T* k_base = k_cache + kv_head * hd;
   const T* v_base = v_cache + kv_head * hd;
+  // Packed scoring: lane l reads pack l % packs of key l / packs, its q values in registers.
+  constexpr int kPack = Pack<T>::kCount;
+  const int packs = packs_per_key<T>(hd);
+  const int keys_per_load = packs > 0 ? kWarpSize / packs : 1;
+  const int pack = packs > 0 ? lane % packs : 0;
+  float q_pack[kMaxHeadsPerBlock][kPack] = {};
+  if (packs > 0) {
+#pragma unroll
+    for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+#pragma unroll
+      for (int i = 0; i < kPack; ++i) {
+        if (g < heads) q_pack[g][i] = q_s[g][pack * kPack + i];
+      }
+    }
+  }
   float acc[kMaxHeadsPerBlock][kDimsPerThread] = {};
   for (int k0 = begin; k0 < end; k0 += kKeysPerRound) {
     const int keys = min(kKeysPerRound, end - k0);
-    for (int j = warp; j < keys; j += kWarps) {
-      const T* k = k_base + static_cast<int64_t>(k0 + j) * kv_dim;
+    for (int j0 = warp * keys_per_load; j0 < keys; j0 += kWarps * keys_per_load) {
       float dot[kMaxHeadsPerBlock] = {};
-      for (int d = lane; d < hd; d += kWarpSize) {
-        const float kd = to_float(k[d]);
+      int j = j0;
+      if (packs > 0) {
+        j += lane / packs;
+        if (j < keys) {
+          float kv[kPack];
+          load_pack(k_base + static_cast<int64_t>(k0 + j) * kv_dim + pack * kPack, kv);
 #pragma unroll
-        for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-          if (g < heads) dot[g] += q_s[g][d] * kd;
+          for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+#pragma unroll
+            for (int i = 0; i < kPack; ++i) dot[g] += q_pack[g][i] * kv[i];
+          }
+        }
+      } else {
+        const T* k = k_base + static_cast<int64_t>(k0 + j) * kv_dim;
+        for (int d = lane; d < hd; d += kWarpSize) {
+          const float kd = to_float(k[d]);
+#pragma unroll
+          for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+            if (g < heads) dot[g] += q_s[g][d] * kd;
+          }
         }
       }
+      const int lanes_per_key = packs > 0 ? packs : kWarpSize;
 #pragma unroll
       for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
         if (g < heads) {  // `heads` is the same for the whole block: all lanes reduce
-          const float score = warp_sum(dot[g]);
-          if (lane == 0) p_s[g][j] = score * scale;
+          float score = dot[g];
+          for (int offset = lanes_per_key / 2; offset > 0; offset /= 2) {
+            score += __shfl_xor_sync(kFullMask, score, offset);  // within a key's lanes
+          }
+          if (lane % lanes_per_key == 0 && j < keys) p_s[g][j] = score * scale;
         }
       }
     }
     __syncthreads();
-    if (tid < heads) {
-      float* p = p_s[tid];
-      const float old_max = max_s[tid];
-      float new_max = old_max;
-      for (int j = 0; j < keys; ++j) new_max = fmaxf(new_max, p[j]);
-      float sum = 0.0f;
-      for (int j = 0; j < keys; ++j) {
-        p[j] = expf(p[j] - new_max);
-        sum += p[j];
+    for (int g = warp; g < heads; g += kWarps) {  // one warp per head, one lane per position
+      const float score = lane < keys ? p_s[g][lane] : -INFINITY;
+      const float old_max = max_s[g];
+      const float new_max = fmaxf(old_max, warp_max(score));
+      const float p = lane < keys ? expf(score - new_max) : 0.0f;
+      p_s[g][lane] = p;
+      const float sum = warp_sum(p);
+      if (lane == 0) {
+        const float corr = expf(old_max - new_max);  // 0 in the first round (old_max = -inf)
+        sum_s[g] = sum_s[g] * corr + sum;
+        max_s[g] = new_max;
+        corr_s[g] = corr;
       }
-      const float corr = expf(old_max - new_max);  // 0 in the first round (old_max = -inf)
-      sum_s[tid] = sum_s[tid] * corr + sum;
-      max_s[tid] = new_max;
-      corr_s[tid] = corr;
     }
     __syncthreads();
 #pragma unroll
