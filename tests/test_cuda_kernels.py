@@ -2,8 +2,9 @@
 decode GEMV over Q8_0, Q5_0, Q4_K and Q6_K blocks read in place, in each output mode (store,
 accumulate = the fused residual add, SwiGLU on stacked gate/up rows), with its skip flag set and
 unset, and with its RMSNorm prologue; the prefill path (weights dequantised to the activation
-type a tile of rows at a time, then cuBLAS); the dequantisation itself and the embedding lookup in a quantised table; the
-kernels of a layer (RMSNorm, RoPE with the KV-cache write, SwiGLU, decode attention in splits,
+type a tile of rows at a time, then cuBLAS); the dequantisation itself and the embedding lookup
+in a quantised table; the kernels of a layer (RMSNorm, RoPE with the KV-cache write and the QKV
+GEMV that does both in its epilogue, SwiGLU, decode attention in splits,
 prefill attention, FiRST's router, the skip scores) and the logits head, on shapes whole-model
 tests miss (more than 8 query heads per KV head, head_dim above 128, odd widths, empty splits);
 with fp32, fp16 and bf16 activations. Without a GPU only the first test runs.
@@ -379,6 +380,74 @@ def test_rope_and_kv_write(heads, kv_heads, head_dim, n, pos, interleaved, rotat
     np.testing.assert_array_equal(q_skip, qkv)
     np.testing.assert_array_equal(k_skip, k0)
     np.testing.assert_array_equal(v_skip, v0)
+
+
+# (heads, kv_heads, head_dim, interleaved, rotate_q, split_head): GQA; a weight split into two
+# segments (a mixed-type checkpoint's) at the k rows and inside the q rows; llama.cpp's pairs;
+# K/V only (early exit), whole and split between k and v.
+FUSED_ROPE_SHAPES = [(4, 2, 64, False, True, 0), (4, 2, 64, False, True, 4),
+                     (6, 2, 128, True, True, 3), (4, 4, 32, False, False, 0),
+                     (4, 4, 32, False, False, 4)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("type_name", ["F32", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("heads, kv_heads, head_dim, interleaved, rotate_q, split_head",
+                         FUSED_ROPE_SHAPES)
+def test_qkv_gemv_with_rope_epilogue_equals_gemv_then_rope(
+        heads, kv_heads, head_dim, interleaved, rotate_q, split_head, type_name,
+        activation) -> None:
+    """The decode step's QKV GEMV rotates q and k and writes the cache in its epilogue: the
+    same values, bit for bit, as the GEMV followed by the RoPE kernel (the same sums, the same
+    rounding of each product); a set skip flag writes nothing."""
+    rng = np.random.default_rng(head_dim * 10 + split_head)
+    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+    first = 0 if rotate_q else q_dim
+    rows, cols = q_dim + 2 * kv_dim - first, 203 if type_name == "F32" else 256
+    w = rng.standard_normal((rows, cols)) / np.sqrt(cols)
+    data = w.astype(np.float32) if type_name == "F32" else quantize(w, type_name)
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    inv_freq = (1.0 / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+    pos, cache_rows = 37, 40
+    k0 = np.round(rng.standard_normal((cache_rows, kv_dim)) * 8).astype(np.float32)
+    v0 = np.round(rng.standard_normal((cache_rows, kv_dim)) * 8).astype(np.float32)
+    qkv0 = rng.standard_normal((1, q_dim + 2 * kv_dim)).astype(np.float32)
+
+    qkv = qkv0.copy()
+    qkv[:, first:] = cuda.linear(data, type_name, x, bias=bias, activation=activation)
+    q_ref, k_ref, v_ref = cuda.rope(qkv, pos, heads, kv_heads, head_dim, inv_freq, k0, v0,
+                                    rotate_q=rotate_q, interleaved=interleaved,
+                                    activation=activation)
+    fused = dict(rotate_q=rotate_q, interleaved=interleaved, activation=activation,
+                 weight=data, weight_type=type_name, x=x[0], bias=bias,
+                 split_row=split_head * head_dim)
+    q_got, k_got, v_got = cuda.rope(qkv0, pos, heads, kv_heads, head_dim, inv_freq, k0, v0,
+                                    **fused)
+    np.testing.assert_array_equal(q_got[:, :q_dim], q_ref[:, :q_dim] if rotate_q
+                                  else qkv0[:, :q_dim])
+    np.testing.assert_array_equal(q_got[:, q_dim:], qkv0[:, q_dim:])  # K/V go to the cache only
+    np.testing.assert_array_equal(k_got, k_ref)
+    np.testing.assert_array_equal(v_got, v_ref)
+
+    q_skip, k_skip, v_skip = cuda.rope(qkv0, pos, heads, kv_heads, head_dim, inv_freq, k0, v0,
+                                       skip=True, **fused)
+    np.testing.assert_array_equal(q_skip, qkv0)
+    np.testing.assert_array_equal(k_skip, k0)
+    np.testing.assert_array_equal(v_skip, v0)
+
+
+@needs_gpu
+def test_qkv_gemv_with_rope_epilogue_refuses_rows_off_head_boundaries() -> None:
+    head_dim, cols = 64, 32
+    rows = 3 * head_dim  # one head each of q, k and v
+    w = np.zeros((rows, cols), np.float32)
+    zeros = np.zeros((2, head_dim), np.float32)
+    inv_freq = np.ones(head_dim // 2, np.float32)
+    with pytest.raises(ValueError, match="whole heads"):
+        cuda.rope(np.zeros((1, rows), np.float32), 0, 1, 1, head_dim, inv_freq, zeros, zeros,
+                  weight=w, x=np.zeros(cols, np.float32), split_row=head_dim // 2)
 
 
 @needs_gpu

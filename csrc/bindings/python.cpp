@@ -455,6 +455,22 @@ CudaLinearOutput to_linear_output(const std::string& name) {
   throw std::invalid_argument("unknown output '" + name + "' (store, accumulate or swiglu)");
 }
 
+// The score kernels' call: the FFN's residual add and saturation score (ffn_out) or the layer
+// cosine of x and b; returns the score (`score`, unchanged when skip leaves it unwritten).
+float score_on_gpu(float* x, int hidden, const float* ffn_out, const float* b, bool skip,
+                   float score) {
+  CudaScoreCall call;
+  call.x = x;
+  call.ffn_out = ffn_out;
+  call.b = b;
+  call.hidden = hidden;
+  call.skip = skip;
+  call.score = &score;
+  py::gil_scoped_release release;
+  cuda_kernel(call);
+  return score;
+}
+
 void bind_cuda_kernels(py::module_ k) {
   k.def(
       "linear",
@@ -590,7 +606,9 @@ void bind_cuda_kernels(py::module_ k) {
       "rope",
       [](const py::handle& qkv, int pos, int num_heads, int kv_heads, int head_dim,
          const py::handle& inv_freq, const py::handle& k_cache0, const py::handle& v_cache0,
-         bool rotate_q, bool interleaved, bool skip, const std::string& activation) {
+         bool rotate_q, bool interleaved, bool skip, const std::string& activation,
+         const py::object& weight, const std::string& weight_type, const py::object& x,
+         const py::object& bias, int split_row) {
         const auto rows = need_array<float>(qkv, 2, "qkv");
         const auto freqs = need_array<float>(inv_freq, 1, "inv_freq");
         const auto k0 = need_array<float>(k_cache0, 2, "k_cache0");
@@ -621,6 +639,28 @@ void bind_cuda_kernels(py::module_ k) {
         call.cache_rows = static_cast<int>(k0.shape(0));
         call.k_cache = k_out.mutable_data();
         call.v_cache = v_out.mutable_data();
+        py::array w, xs, b;  // the fused form's inputs, kept alive for the call
+        if (!weight.is_none()) {
+          if (x.is_none()) throw std::invalid_argument("the fused form needs x");
+          call.weight_type = parse_tensor_type(weight_type);
+          w = call.weight_type == TensorType::F32
+                  ? py::array(need_array<float>(weight, 2, "weight"))
+                  : py::array(need_array<uint8_t>(weight, 2, "weight"));
+          const int64_t projected = rows.shape(1) - (rotate_q ? 0 : num_heads * head_dim);
+          xs = need_array<float>(x, 1, "x");
+          call.cols = static_cast<int>(weight_columns(w, call.weight_type));
+          if (w.shape(0) != projected || xs.shape(0) != call.cols) {
+            throw std::invalid_argument("weight must be [projected rows, cols], x [cols]");
+          }
+          if (!bias.is_none()) {
+            b = need_array<float>(bias, 1, "bias");
+            if (b.shape(0) != projected) throw std::invalid_argument("bias must be [rows]");
+            call.bias = static_cast<const float*>(b.data());
+          }
+          call.weight = w.data();
+          call.x = static_cast<const float*>(xs.data());
+          call.split_row = split_row;
+        }
         {
           py::gil_scoped_release release;
           cuda_kernel(call);
@@ -630,9 +670,14 @@ void bind_cuda_kernels(py::module_ k) {
       py::arg("qkv"), py::arg("pos"), py::arg("num_heads"), py::arg("kv_heads"),
       py::arg("head_dim"), py::arg("inv_freq"), py::arg("k_cache0"), py::arg("v_cache0"),
       py::arg("rotate_q") = true, py::arg("interleaved") = false, py::arg("skip") = false,
-      py::arg("activation") = "float16",
+      py::arg("activation") = "float16", py::arg("weight") = py::none(),
+      py::arg("weight_type") = "F32", py::arg("x") = py::none(), py::arg("bias") = py::none(),
+      py::arg("split_row") = 0,
       "(qkv, k_cache, v_cache) after RoPE of the q heads in place and the K/V write of the n "
-      "tokens of qkv [n, q_dim + 2 kv_dim] at positions pos.. into the caches [rows, kv_dim].");
+      "tokens of qkv [n, q_dim + 2 kv_dim] at positions pos.. into the caches [rows, kv_dim]; "
+      "with weight (and x [cols], bias), the decode step's fused form: x's [q; k; v] projection "
+      "(the K/V rows only without rotate_q) with RoPE and the K/V write in the GEMV's epilogue, "
+      "which writes only the q part of qkv (split_row > 0: two GEMVs, as weight segments).");
 
   k.def(
       "swiglu",
@@ -782,17 +827,8 @@ void bind_cuda_kernels(py::module_ k) {
         if (fs.shape(0) != xs.shape(0)) throw std::invalid_argument("ffn_out must be like x");
         py::array_t<float> x_out(xs.shape(0));
         std::copy(xs.data(), xs.data() + xs.size(), x_out.mutable_data());
-        float score = score0;
-        CudaScoreCall call;
-        call.x = x_out.mutable_data();
-        call.ffn_out = fs.data();
-        call.hidden = static_cast<int>(xs.shape(0));
-        call.skip = skip;
-        call.score = &score;
-        {
-          py::gil_scoped_release release;
-          cuda_kernel(call);
-        }
+        const float score = score_on_gpu(x_out.mutable_data(), static_cast<int>(xs.shape(0)),
+                                         fs.data(), nullptr, skip, score0);
         return py::make_tuple(x_out, score);
       },
       py::arg("x"), py::arg("ffn_out"), py::arg("skip") = false,
@@ -807,16 +843,8 @@ void bind_cuda_kernels(py::module_ k) {
         const auto bs = need_array<float>(b, 1, "b");
         if (as.shape(0) != bs.shape(0)) throw std::invalid_argument("a and b differ in length");
         std::vector<float> a_copy(as.data(), as.data() + as.size());
-        float score = 0.0f;
-        CudaScoreCall call;
-        call.x = a_copy.data();
-        call.b = bs.data();
-        call.hidden = static_cast<int>(as.shape(0));
-        call.skip = skip;
-        call.score = &score;
-        py::gil_scoped_release release;
-        cuda_kernel(call);
-        return score;
+        return score_on_gpu(a_copy.data(), static_cast<int>(as.shape(0)), nullptr, bs.data(),
+                            skip, 0.0f);
       },
       py::arg("a"), py::arg("b"), py::arg("skip") = false,
       "The layer score cos(a, b) on the GPU; NaN when skip (the layer did not run).");

@@ -247,27 +247,10 @@ class CudaBackend final : public Backend {
     const int32_t* layer_off = routed_flag(pass, layer, plan);
     const bool kv_only = plan.attention == AttentionMode::KVOnly;  // early exit: K/V rows only
     const DeviceLinear qkv = kv_only ? w.qkv.rows_from(q_dim) : w.qkv;
-    const LinearInput input = normed_input(qkv, w.attn_norm, n, layer_off);
-
-    RopeKvArgs rope;
-    rope.qkv = qkv_;
-    rope.qkv_stride = qkv_dim;
-    rope.n = n;
-    rope.pos = pass_pos();
-    rope.q_heads = config_.num_heads;
-    rope.kv_heads = config_.num_kv_heads;
-    rope.head_dim = config_.head_dim;
-    rope.q_dim = q_dim;
-    rope.inv_freq = model_.inv_freq;
-    rope.interleaved = config_.rope_interleaved;
-    rope.skip_flag = layer_off;
     T* k_cache = k_cache_ + static_cast<int64_t>(layer) * max_seq_len_ * kv_dim;
     T* v_cache = v_cache_ + static_cast<int64_t>(layer) * max_seq_len_ * kv_dim;
-
-    linear(qkv, input, n, kv_only ? qkv_ + q_dim : qkv_, qkv_dim, /*accumulate=*/false,
-           layer_off);
-    if (kv_only) rope.q_heads = 0;
-    launch_rope_kv_write(rope, k_cache, v_cache, stream);
+    project_qkv(qkv, normed_input(qkv, w.attn_norm, n, layer_off), n, kv_only, layer_off,
+                k_cache, v_cache);
     if (kv_only) return;
     if (decode) {
       DecodeAttentionArgs attention;
@@ -607,11 +590,51 @@ class CudaBackend final : public Backend {
   // GEMVs only (a launch fewer, the same values), else written to xn_ by the norm kernel.
   LinearInput normed_input(const DeviceLinear& w, const float* weight, int n,
                            const int32_t* skip_flag) {
-    bool fold = n == 1 && gemv_folds_norm<T>(w.cols);
-    for (int i = 0; i < w.num_segments; ++i) fold = fold && use_gemv(n, skip_flag, w.segments[i]);
-    if (fold) return {xn_, weight};
+    if (runs_on_gemvs(w, n, skip_flag) && gemv_folds_norm<T>(w.cols)) return {xn_, weight};
     launch_rmsnorm(x_, n, config_.hidden_size, weight, config_.rms_norm_eps, xn_, stream_.get());
     return {xn_};
+  }
+
+  // The [q; k; v] rows of the pass's tokens (from q_dim on when kv_only: early exit): q rotated
+  // into qkv_, k rotated and v into the layer's cache rows at the pass's positions. For one
+  // token in the GEMVs' epilogue (a launch fewer, the same values), else the RoPE kernel after.
+  void project_qkv(const DeviceLinear& qkv, const LinearInput& input, int n, bool kv_only,
+                   const int32_t* layer_off, T* k_cache, T* v_cache) {
+    const int q_dim = config_.q_dim();
+    const int first_row = kv_only ? q_dim : 0;
+    if (runs_on_gemvs(qkv, n, layer_off)) {
+      for (int i = 0; i < qkv.num_segments; ++i) {
+        const WeightSegment& segment = qkv.segments[i];
+        GemvArgs<T> g = gemv_args(qkv, segment, input, layer_off);
+        g.y = qkv_ + first_row + segment.first_row;
+        g.first_row = first_row + segment.first_row;
+        g.q_dim = q_dim;
+        g.kv_dim = config_.kv_dim();
+        g.head_dim = config_.head_dim;
+        g.pos = pass_pos();
+        g.inv_freq = model_.inv_freq;
+        g.interleaved = config_.rope_interleaved;
+        g.k_cache = k_cache;
+        g.v_cache = v_cache;
+        launch_gemv(g, GemvOutput::RopeKv, stream_.get());
+      }
+      return;
+    }
+    const int qkv_dim = q_dim + 2 * config_.kv_dim();
+    linear(qkv, input, n, qkv_ + first_row, qkv_dim, /*accumulate=*/false, layer_off);
+    RopeKvArgs rope;
+    rope.qkv = qkv_;
+    rope.qkv_stride = qkv_dim;
+    rope.n = n;
+    rope.pos = pass_pos();
+    rope.q_heads = kv_only ? 0 : config_.num_heads;
+    rope.kv_heads = config_.num_kv_heads;
+    rope.head_dim = config_.head_dim;
+    rope.q_dim = q_dim;
+    rope.inv_freq = model_.inv_freq;
+    rope.interleaved = config_.rope_interleaved;
+    rope.skip_flag = layer_off;
+    launch_rope_kv_write(rope, k_cache, v_cache, stream_.get());
   }
 
   // One-token linears run the GEMV, the only one that can read a skip flag (flags exist only
@@ -620,6 +643,12 @@ class CudaBackend final : public Backend {
   bool use_gemv(int n, const int32_t* skip_flag, const WeightSegment& segment) const {
     return n == 1 && (skip_flag != nullptr || !cublas_decode_ ||
                       segment.type != dense_tensor_type<T>());
+  }
+
+  bool runs_on_gemvs(const DeviceLinear& w, int n, const int32_t* skip_flag) const {
+    bool all = n == 1;
+    for (int i = 0; i < w.num_segments; ++i) all = all && use_gemv(n, skip_flag, w.segments[i]);
+    return all;
   }
 
   GemvArgs<T> gemv_args(const DeviceLinear& w, const WeightSegment& segment,

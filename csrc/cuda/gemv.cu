@@ -12,7 +12,7 @@ namespace {
 constexpr int kUnroll = 4;  // 16-byte loads in flight per lane and row
 
 // Warp w of block b computes output b * kGemvWarpsPerBlock + w from kRows weight rows (2 for
-// SwiGLU: gate row i and up row i, rows / 2 apart in the stacked [gate; up] matrix). Lane l
+// SwiGLU and RopeKv: gemv_weight_row). Lane l
 // reads the 16-byte packs l, l + 32, ... of the rows and of x, so each warp load is 512
 // contiguous bytes.
 template <typename T, GemvOutput kOutput>
@@ -25,8 +25,12 @@ __global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
   const int lane = threadIdx.x % kWarpSize;
   const int output = gemv_output_index();
   if (output >= a.rows / kRows) return;  // whole warps leave together
-  const int64_t row_step = static_cast<int64_t>(a.rows / kRows) * a.cols;  // gate row -> up row
-  const T* __restrict__ w = static_cast<const T*>(a.weight) + static_cast<int64_t>(output) * a.cols;
+  const T* w[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    w[r] = static_cast<const T*>(a.weight) +
+           static_cast<int64_t>(gemv_weight_row<kOutput>(a, output, r)) * a.cols;
+  }
 
   float acc[kRows] = {};
   if (a.cols % kPack == 0) {
@@ -42,7 +46,7 @@ __global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
         x_raw[u] = load_raw_anywhere(x + offset);
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-          w_raw[r][u] = load_raw(w + r * row_step + offset);
+          w_raw[r][u] = load_raw(w[r] + offset);
         }
       }
 #pragma unroll
@@ -64,7 +68,7 @@ __global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         float wv[kPack];
-        load_pack(w + r * row_step + p * kPack, wv);
+        load_pack(w[r] + p * kPack, wv);
 #pragma unroll
         for (int i = 0; i < kPack; ++i) acc[r] += wv[i] * xv[i];
       }
@@ -74,7 +78,7 @@ __global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
       const float xv = to_float(x[c]);
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        acc[r] += to_float(w[r * row_step + c]) * xv;
+        acc[r] += to_float(w[r][c]) * xv;
       }
     }
   }
@@ -89,19 +93,19 @@ void launch_gemv(const GemvArgs<T>& args, GemvOutput output, cudaStream_t stream
     launch_quant_gemv(args, output, stream);
     return;
   }
-  const int outputs = output == GemvOutput::SwiGLU ? args.rows / 2 : args.rows;
-  const dim3 grid(ceil_div(outputs, kGemvWarpsPerBlock));
-  const dim3 block(kGemvWarpsPerBlock * kWarpSize);
-  const size_t shared = gemv_shared_bytes(args);
+  const GemvLaunch l = gemv_launch(args, output);
   switch (output) {
     case GemvOutput::Store:
-      gemv_kernel<T, GemvOutput::Store><<<grid, block, shared, stream>>>(args);
+      gemv_kernel<T, GemvOutput::Store><<<l.grid, l.block, l.shared_bytes, stream>>>(args);
       break;
     case GemvOutput::Accumulate:
-      gemv_kernel<T, GemvOutput::Accumulate><<<grid, block, shared, stream>>>(args);
+      gemv_kernel<T, GemvOutput::Accumulate><<<l.grid, l.block, l.shared_bytes, stream>>>(args);
       break;
     case GemvOutput::SwiGLU:
-      gemv_kernel<T, GemvOutput::SwiGLU><<<grid, block, shared, stream>>>(args);
+      gemv_kernel<T, GemvOutput::SwiGLU><<<l.grid, l.block, l.shared_bytes, stream>>>(args);
+      break;
+    case GemvOutput::RopeKv:
+      gemv_kernel<T, GemvOutput::RopeKv><<<l.grid, l.block, l.shared_bytes, stream>>>(args);
       break;
   }
   CUDA_CHECK_LAUNCH();

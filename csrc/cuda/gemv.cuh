@@ -16,6 +16,8 @@ enum class GemvOutput {
   Accumulate,  // y[r] += W[r] . x + b[r] (the residual add, fused)
   SwiGLU,      // act[i] = silu(W[i] . x + b[i]) * (W[h+i] . x + b[h+i]), h = rows / 2:
                // the stacked [gate; up] projection
+  RopeKv,      // the stacked [q; k; v] projection with RoPE and the KV-cache write (rope.cuh's
+               // arithmetic): rotated q rows into y, rotated k and plain v rows into the caches
 };
 
 template <typename T>
@@ -35,6 +37,18 @@ struct GemvArgs {
   float norm_eps = 0.0f;
   float* y = nullptr;    // Store, Accumulate: [rows]
   T* act = nullptr;      // SwiGLU: [rows / 2]
+  // RopeKv: W holds rows first_row.. of the [q; k; v] stack of q_dim + 2 kv_dim rows (both ends
+  // on head boundaries), y the q rows from first_row on; the caches [max_seq_len, kv_dim] get
+  // row *pos.
+  int first_row = 0;
+  int q_dim = 0;
+  int kv_dim = 0;
+  int head_dim = 0;
+  const int32_t* pos = nullptr;      // device
+  const float* inv_freq = nullptr;   // [head_dim / 2]
+  bool interleaved = false;
+  T* k_cache = nullptr;
+  T* v_cache = nullptr;
   // Non-null: the kernel returns before reading anything else when *skip_flag != 0
   // (a gated FFN block that the skip rule skipped on the device).
   const int32_t* skip_flag = nullptr;

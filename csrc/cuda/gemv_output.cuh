@@ -1,24 +1,83 @@
-// What the GEMV kernels (gemv.cu, quant_gemv.cu) share: the block shape, and the epilogue that
-// turns each lane's partial sums of a row into the output.
+// What the GEMV kernels (gemv.cu, quant_gemv.cu) share: the launch shape, the rows a warp
+// reads, the RMSNorm prologue, and the epilogue that turns each lane's partial sums into the
+// output.
 #pragma once
 
 #include <stdexcept>
+#include <string>
 
 #include "common.cuh"
 #include "gemv.cuh"
 #include "norm.cuh"
+#include "rope.cuh"
 #include "swiglu.cuh"
 
 namespace ffnskip::cuda {
 
 constexpr int kGemvWarpsPerBlock = 8;
 
-// Rows a warp reads for one output: 2 for SwiGLU (gate row i and up row i, rows / 2 apart).
+// Rows a warp reads for one output: 2 for SwiGLU (gate row i and up row i, rows / 2 apart)
+// and for RopeKv (the two elements of a head that turn together).
+constexpr bool gemv_reads_row_pairs(GemvOutput output) {
+  return output == GemvOutput::SwiGLU || output == GemvOutput::RopeKv;
+}
 template <GemvOutput kOutput>
-constexpr int kGemvRowsPerOutput = kOutput == GemvOutput::SwiGLU ? 2 : 1;
+constexpr int kGemvRowsPerOutput = gemv_reads_row_pairs(kOutput) ? 2 : 1;
 
 static_assert(kGemvWarpsPerBlock * kWarpSize == kRmsNormThreads,
               "the RMSNorm prologue sums in the norm kernel's order");
+
+// The grid, block and dynamic shared memory of a launch; throws std::invalid_argument for
+// arguments the output mode cannot take.
+struct GemvLaunch {
+  dim3 grid;
+  dim3 block;
+  size_t shared_bytes = 0;
+};
+
+template <typename T>
+GemvLaunch gemv_launch(const GemvArgs<T>& a, GemvOutput output) {
+  if (output == GemvOutput::RopeKv) {
+    const int stack = a.q_dim + 2 * a.kv_dim;
+    if (a.head_dim <= 0 || a.head_dim % 2 != 0 || a.first_row % a.head_dim != 0 ||
+        a.rows % a.head_dim != 0 || a.first_row + a.rows > stack || a.pos == nullptr ||
+        a.inv_freq == nullptr) {
+      throw std::invalid_argument("GEMV: RoPE rows must be whole heads of the q/k/v stack");
+    }
+  }
+  GemvLaunch launch;
+  const int outputs = gemv_reads_row_pairs(output) ? a.rows / 2 : a.rows;
+  launch.grid = dim3(ceil_div(outputs, kGemvWarpsPerBlock));
+  launch.block = dim3(kGemvWarpsPerBlock * kWarpSize);
+  if (a.norm_weight != nullptr) {  // the staged input
+    if (!gemv_folds_norm<T>(a.cols)) {
+      throw std::invalid_argument("GEMV: a normed input of " + std::to_string(a.cols) +
+                                  " values does not fit in shared memory");
+    }
+    launch.shared_bytes = (sizeof(T) * static_cast<size_t>(a.cols) + 15) / 16 * 16;
+  }
+  return launch;
+}
+
+// The output of the calling warp (one per output; blocks of kGemvWarpsPerBlock warps).
+__device__ __forceinline__ int gemv_output_index() {
+  return blockIdx.x * kGemvWarpsPerBlock + threadIdx.x / kWarpSize;
+}
+
+// The weight row (and bias index) of row r < kGemvRowsPerOutput of output `output`.
+template <GemvOutput kOutput, typename T>
+__device__ __forceinline__ int gemv_weight_row(const GemvArgs<T>& a, int output, int r) {
+  if constexpr (kOutput == GemvOutput::SwiGLU) {
+    return output + r * (a.rows / 2);
+  } else if constexpr (kOutput == GemvOutput::RopeKv) {  // pair output % half of head output / half
+    const int half = a.head_dim / 2;
+    int i0, i1;
+    rope_pair(output % half, a.head_dim, a.interleaved, i0, i1);
+    return output / half * a.head_dim + (r == 0 ? i0 : i1);
+  } else {
+    return output;
+  }
+}
 
 // The input row: a.x, or RMSNorm(a.norm_x) staged in the block's dynamic shared memory by every
 // thread (call it before any warp leaves).
@@ -33,40 +92,47 @@ __device__ __forceinline__ const T* gemv_input(const GemvArgs<T>& a) {
   return staged;
 }
 
-// The dynamic shared memory of a GEMV launch: the staged input, when the kernel norms it.
-template <typename T>
-size_t gemv_shared_bytes(const GemvArgs<T>& a) {
-  if (a.norm_weight == nullptr) return 0;
-  if (!gemv_folds_norm<T>(a.cols)) {
-    throw std::invalid_argument("GEMV: a normed input of " + std::to_string(a.cols) +
-                                " values does not fit in shared memory");
-  }
-  return (sizeof(T) * static_cast<size_t>(a.cols) + 15) / 16 * 16;
-}
-
-// The output of the calling warp (one per output; blocks of kGemvWarpsPerBlock warps).
-__device__ __forceinline__ int gemv_output_index() {
-  return blockIdx.x * kGemvWarpsPerBlock + threadIdx.x / kWarpSize;
-}
-
 // Sums the lanes' partial dot products of output `output`, adds the bias and writes the output
 // (lane 0). Every lane of the warp calls it.
 template <typename T, GemvOutput kOutput>
 __device__ __forceinline__ void finish_gemv_output(const GemvArgs<T>& a, int output,
                                                    float (&acc)[kGemvRowsPerOutput<kOutput>]) {
   constexpr int kRows = kGemvRowsPerOutput<kOutput>;
+  int rows[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
+    rows[r] = gemv_weight_row<kOutput>(a, output, r);
     acc[r] = warp_sum(acc[r]);
-    if (a.bias != nullptr) acc[r] += a.bias[output + r * (a.rows / kRows)];
+    if (a.bias != nullptr) acc[r] += a.bias[rows[r]];
   }
   if (threadIdx.x % kWarpSize != 0) return;
   if constexpr (kOutput == GemvOutput::Store) {
     a.y[output] = acc[0];
   } else if constexpr (kOutput == GemvOutput::Accumulate) {
     a.y[output] += acc[0];
-  } else {
+  } else if constexpr (kOutput == GemvOutput::SwiGLU) {
     a.act[output] = from_float<T>(silu_mul(acc[0], acc[1]));
+  } else {  // RopeKv: q, k or v by the rows' place in the stack
+    const int stack_row = a.first_row + rows[0];  // rows[1] is in the same head
+    const int position = *a.pos;
+    T* const cache_row = (stack_row < a.q_dim + a.kv_dim ? a.k_cache : a.v_cache) +
+                         static_cast<int64_t>(position) * a.kv_dim;
+    if (stack_row >= a.q_dim + a.kv_dim) {  // v, as is
+      const int v0 = a.first_row - a.q_dim - a.kv_dim;  // the segment's first v column
+      cache_row[v0 + rows[0]] = from_float<T>(acc[0]);
+      cache_row[v0 + rows[1]] = from_float<T>(acc[1]);
+      return;
+    }
+    float y0, y1;
+    rope_rotate(acc[0], acc[1], a.inv_freq[output % (a.head_dim / 2)], position, y0, y1);
+    if (stack_row < a.q_dim) {
+      a.y[rows[0]] = y0;
+      a.y[rows[1]] = y1;
+    } else {
+      const int k0 = a.first_row - a.q_dim;  // the segment's first k column
+      cache_row[k0 + rows[0]] = from_float<T>(y0);
+      cache_row[k0 + rows[1]] = from_float<T>(y1);
+    }
   }
 }
 

@@ -72,6 +72,17 @@ DeviceMemory device_floats(cudaStream_t stream, const float* values, int64_t cou
   return device_buffer(stream, sizeof(float) * count, values);
 }
 
+// The weight of a linear call on the device: its blocks, or its F32 values rounded to T.
+template <typename T>
+DeviceMemory device_weight(cudaStream_t stream, const void* weight, TensorType type, int rows,
+                           int cols) {
+  if (type != TensorType::F32) {
+    return device_buffer(stream, rows * row_bytes(type, cols), weight);
+  }
+  const int64_t count = static_cast<int64_t>(rows) * cols;
+  return device_rounded<T>(stream, static_cast<const float*>(weight), count);
+}
+
 // After the stream's work: `count` elements of T on the device, widened into `out`.
 template <typename T>
 void copy_widened(const DeviceMemory& memory, int64_t count, float* out) {
@@ -134,10 +145,7 @@ void linear_in(const CudaLinearCall& c) {
 
   const Stream owned_stream = make_stream();  // first: destroyed after the buffers
   cudaStream_t stream = owned_stream.get();
-  DeviceMemory weight =
-      blocks ? device_buffer(stream, c.rows * row_bytes(c.weight_type, c.cols), c.weight)
-             : device_buffer(stream, sizeof(T) * weights,
-                             rounded<T>(static_cast<const float*>(c.weight), weights).data());
+  DeviceMemory weight = device_weight<T>(stream, c.weight, c.weight_type, c.rows, c.cols);
   const int64_t x_count = static_cast<int64_t>(c.n) * c.cols;
   DeviceMemory x = device_buffer(stream, sizeof(T) * x_count, rounded<T>(c.x, x_count).data());
   const bool normed = c.norm_weight != nullptr;
@@ -262,6 +270,11 @@ void run_in(const CudaRopeCall& c) {
   require(c.n > 0 && c.pos >= 0 && c.num_heads > 0 && c.kv_heads > 0 && c.head_dim > 0 &&
               c.head_dim % 2 == 0 && c.cache_rows >= c.pos + c.n,
           "rope: bad shape");
+  const bool fused = c.weight != nullptr;
+  if (fused) {
+    require(c.n == 1 && c.cols > 0, "rope: the fused projection runs one token");
+    if (c.weight_type != TensorType::F32) check_block_format(c.weight_type, c.cols);
+  }
   const Stream owned_stream = make_stream();
   cudaStream_t stream = owned_stream.get();
   const int q_dim = c.num_heads * c.head_dim;
@@ -275,19 +288,54 @@ void run_in(const CudaRopeCall& c) {
   DeviceMemory k = device_rounded<T>(stream, c.k_cache, cache_count);
   DeviceMemory v = device_rounded<T>(stream, c.v_cache, cache_count);
   DeviceMemory flag = skip_flag(stream, c.skip);
-  RopeKvArgs a;
-  a.qkv = as<float>(qkv);
-  a.qkv_stride = stride;
-  a.n = c.n;
-  a.pos = as<int32_t>(pos);
-  a.q_heads = c.rotate_q ? c.num_heads : 0;
-  a.kv_heads = c.kv_heads;
-  a.head_dim = c.head_dim;
-  a.q_dim = q_dim;
-  a.inv_freq = as<float>(inv_freq);
-  a.interleaved = c.interleaved;
-  a.skip_flag = as<int32_t>(flag);
-  launch_rope_kv_write(a, as<T>(k), as<T>(v), stream);
+  if (fused) {
+    const int first_row = c.rotate_q ? 0 : q_dim;
+    const int rows = stride - first_row;
+    require(c.split_row >= 0 && c.split_row < rows, "rope: split_row outside the rows");
+    DeviceMemory weight = device_weight<T>(stream, c.weight, c.weight_type, rows, c.cols);
+    DeviceMemory bias = device_floats(stream, c.bias, c.bias != nullptr ? rows : 0);
+    DeviceMemory x = device_rounded<T>(stream, c.x, c.cols);
+    const TensorType held = c.weight_type != TensorType::F32 ? c.weight_type
+                                                             : dense_tensor_type<T>();
+    const int64_t row_size = row_bytes(held, c.cols);
+    const int splits[3] = {0, c.split_row > 0 ? c.split_row : rows, rows};
+    for (int part = 0; part < 2 && splits[part] < rows; ++part) {
+      const int begin = splits[part], end = splits[part + 1];
+      GemvArgs<T> g;
+      g.weight = as<uint8_t>(weight) + begin * row_size;
+      g.weight_type = held;
+      g.bias = c.bias != nullptr ? as<float>(bias) + begin : nullptr;
+      g.rows = end - begin;
+      g.cols = c.cols;
+      g.x = as<T>(x);
+      g.y = as<float>(qkv) + first_row + begin;
+      g.skip_flag = as<int32_t>(flag);
+      g.first_row = first_row + begin;
+      g.q_dim = q_dim;
+      g.kv_dim = kv_dim;
+      g.head_dim = c.head_dim;
+      g.pos = as<int32_t>(pos);
+      g.inv_freq = as<float>(inv_freq);
+      g.interleaved = c.interleaved;
+      g.k_cache = as<T>(k);
+      g.v_cache = as<T>(v);
+      launch_gemv(g, GemvOutput::RopeKv, stream);
+    }
+  } else {
+    RopeKvArgs a;
+    a.qkv = as<float>(qkv);
+    a.qkv_stride = stride;
+    a.n = c.n;
+    a.pos = as<int32_t>(pos);
+    a.q_heads = c.rotate_q ? c.num_heads : 0;
+    a.kv_heads = c.kv_heads;
+    a.head_dim = c.head_dim;
+    a.q_dim = q_dim;
+    a.inv_freq = as<float>(inv_freq);
+    a.interleaved = c.interleaved;
+    a.skip_flag = as<int32_t>(flag);
+    launch_rope_kv_write(a, as<T>(k), as<T>(v), stream);
+  }
   CUDA_CHECK(cudaStreamSynchronize(stream));
   copy_to_host(qkv, qkv_count, c.qkv);
   copy_widened<T>(k, cache_count, c.k_cache);

@@ -73,7 +73,9 @@ struct CudaRmsNormCall {
 };
 
 // RoPE of the q heads (in place, fp32) and the K/V write of n tokens at positions pos.. into a
-// cache in T (rope.cuh).
+// cache in T (rope.cuh); or, given a weight, the decode step's fused form: one token's
+// [q; k; v] projection (rows from q_dim on without rotate_q) with RoPE and the K/V write in the
+// GEMV's epilogue (gemv.cuh RopeKv), writing only the q part of qkv.
 struct CudaRopeCall {
   float* qkv = nullptr;  // in/out [n, (num_heads + 2 kv_heads) * head_dim]: q, k, v
   int n = 0;
@@ -89,6 +91,13 @@ struct CudaRopeCall {
   int cache_rows = 0;  // at least pos + n
   float* k_cache = nullptr;  // in/out [cache_rows, kv_heads * head_dim]
   float* v_cache = nullptr;
+  // The fused form (n = 1): weight [rows, cols] as in CudaLinearCall, x [cols] rounded to T.
+  const void* weight = nullptr;
+  TensorType weight_type = TensorType::F32;
+  int cols = 0;
+  const float* bias = nullptr;  // [rows] or null
+  const float* x = nullptr;
+  int split_row = 0;  // > 0: two GEMVs, rows below and from it (a head boundary), as segments
 };
 
 // act = silu(gate) * up of the stacked [gate | up] fp32 rows, into T (swiglu.cuh).

@@ -12,8 +12,8 @@ namespace ffnskip::cuda {
 
 namespace {
 
-// Warp w of block b computes output b * kGemvWarpsPerBlock + w from kRows rows (SwiGLU: the gate
-// and up rows, rows / 2 apart). Lane l decodes chunks l, l + 32, ... of the row (a chunk is a
+// Warp w of block b computes output b * kGemvWarpsPerBlock + w from kRows rows (2 for SwiGLU and
+// RopeKv: gemv_weight_row). Lane l decodes chunks l, l + 32, ... of the row (a chunk is a
 // few bytes of one block, Format::kChunks per block), so each warp step reads 32 consecutive
 // chunks, and multiplies them with the matching runs of x.
 template <typename Format, typename T, GemvOutput kOutput>
@@ -26,9 +26,12 @@ __global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
   const int outputs = a.rows / kRows;
   if (output >= outputs) return;  // whole warps leave together
   const int64_t row_bytes = format_row_bytes<Format>(a.cols);
-  const int64_t row_step = outputs * row_bytes;  // gate row -> up row
-  const uint8_t* __restrict__ w =
-      static_cast<const uint8_t*>(a.weight) + static_cast<int64_t>(output) * row_bytes;
+  const uint8_t* w[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    w[r] = static_cast<const uint8_t*>(a.weight) +
+           static_cast<int64_t>(gemv_weight_row<kOutput>(a, output, r)) * row_bytes;
+  }
   const int chunks = a.cols / Format::kElements * Format::kChunks;
 
   float acc[kRows] = {};
@@ -45,7 +48,7 @@ __global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       float wv[Format::kRuns][Format::kRunLength];
-      Format::decode(w + r * row_step + block * Format::kBytes, chunk, wv);
+      Format::decode(w[r] + block * Format::kBytes, chunk, wv);
 #pragma unroll
       for (int run = 0; run < Format::kRuns; ++run) {
 #pragma unroll
@@ -68,19 +71,22 @@ void launch_quant_gemv(const GemvArgs<T>& args, GemvOutput output, cudaStream_t 
       throw std::invalid_argument("GEMV: rows of " + std::to_string(args.cols) +
                                   " elements are not whole blocks");
     }
-    const int outputs = output == GemvOutput::SwiGLU ? args.rows / 2 : args.rows;
-    const dim3 grid(ceil_div(outputs, kGemvWarpsPerBlock));
-    const dim3 block(kGemvWarpsPerBlock * kWarpSize);
-    const size_t shared = gemv_shared_bytes(args);
+    const GemvLaunch l = gemv_launch(args, output);
+    auto launch = [&](auto kernel) {
+      kernel<<<l.grid, l.block, l.shared_bytes, stream>>>(args);
+    };
     switch (output) {
       case GemvOutput::Store:
-        quant_gemv_kernel<Format, T, GemvOutput::Store><<<grid, block, shared, stream>>>(args);
+        launch(quant_gemv_kernel<Format, T, GemvOutput::Store>);
         break;
       case GemvOutput::Accumulate:
-        quant_gemv_kernel<Format, T, GemvOutput::Accumulate><<<grid, block, shared, stream>>>(args);
+        launch(quant_gemv_kernel<Format, T, GemvOutput::Accumulate>);
         break;
       case GemvOutput::SwiGLU:
-        quant_gemv_kernel<Format, T, GemvOutput::SwiGLU><<<grid, block, shared, stream>>>(args);
+        launch(quant_gemv_kernel<Format, T, GemvOutput::SwiGLU>);
+        break;
+      case GemvOutput::RopeKv:
+        launch(quant_gemv_kernel<Format, T, GemvOutput::RopeKv>);
         break;
     }
     CUDA_CHECK_LAUNCH();

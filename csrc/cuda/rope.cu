@@ -35,18 +35,11 @@ __global__ void rope_kv_write_kernel(const RopeKvArgs a, T* __restrict__ k_cache
   const int rel = is_q ? item : item - q_items;
   const int head = rel / half;
   const int i = rel % half;
-  // fp32 angle, as transformers computes it (inv_freq @ position_ids in float32).
-  const float angle = a.inv_freq[i] * static_cast<float>(position);
-  const float c = cosf(angle);
-  const float s = sinf(angle);
   float* v = row + (is_q ? 0 : a.q_dim) + head * a.head_dim;
-  // Element i turns with i + half, or in interleaved rows 2i with 2i + 1 (the CPU backend's).
-  const int i0 = a.interleaved ? 2 * i : i;
-  const int i1 = a.interleaved ? 2 * i + 1 : i + half;
-  const float x0 = v[i0];
-  const float x1 = v[i1];
-  const float y0 = x0 * c - x1 * s;
-  const float y1 = x1 * c + x0 * s;
+  int i0, i1;
+  rope_pair(i, a.head_dim, a.interleaved, i0, i1);
+  float y0, y1;
+  rope_rotate(v[i0], v[i1], a.inv_freq[i], position, y0, y1);
   if (is_q) {
     v[i0] = y0;
     v[i1] = y1;

@@ -24,6 +24,26 @@ struct RopeKvArgs {
   const int32_t* skip_flag = nullptr;  // device, optional: when set, the kernel does nothing
 };
 
+// The two elements of a head that turn together, for pair i < head_dim / 2: i with i + half,
+// or in interleaved rows 2i with 2i + 1 (the CPU backend's).
+__host__ __device__ __forceinline__ void rope_pair(int i, int head_dim, bool interleaved,
+                                                   int& i0, int& i1) {
+  i0 = interleaved ? 2 * i : i;
+  i1 = interleaved ? 2 * i + 1 : i + head_dim / 2;
+}
+
+// (x0, x1) turned by pair i's angle at `position`: the fp32 angle as transformers computes it
+// (inv_freq @ position_ids in float32), products and sums rounded one by one (no contraction),
+// so that this kernel and the QKV GEMV's epilogue (gemv.cuh) agree bit for bit.
+__device__ __forceinline__ void rope_rotate(float x0, float x1, float inv_freq, int position,
+                                            float& y0, float& y1) {
+  const float angle = inv_freq * static_cast<float>(position);
+  const float c = cosf(angle);
+  const float s = sinf(angle);
+  y0 = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+  y1 = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+}
+
 // k_cache, v_cache: [max_seq_len, kv_heads * head_dim] of one layer.
 template <typename T>
 void launch_rope_kv_write(const RopeKvArgs& args, T* k_cache, T* v_cache, cudaStream_t stream);
