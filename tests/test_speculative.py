@@ -166,7 +166,15 @@ def test_first_draft_and_first_policy_exclude_each_other(path) -> None:
     decoder.set_draft_policy(first)
     with pytest.raises(ValueError, match="FiRST draft"):
         decoder.set_policy(LayerDrop((1,)))
+    with pytest.raises(ValueError, match="FiRST draft"):  # attention removed: no K/V to route on
+        decoder.set_policy(SubBlockSkip(attention=(1,)))
     assert decoder.policy == DensePolicy()
+    decoder.set_policy(SubBlockSkip(ffn=(1,)))  # a prefill still runs every layer
+    decoder.set_draft_policy(DensePolicy())
+    decoder.set_policy(SubBlockSkip(attention=(1,)))
+    with pytest.raises(ValueError, match="FiRST draft"):
+        decoder.set_draft_policy(first)
+    assert decoder.draft_policy == DensePolicy()
 
 
 @pytest.mark.parametrize("tokens, message", [([], "at least one"), (list(range(66)), "at most"),

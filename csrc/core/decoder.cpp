@@ -43,16 +43,6 @@ RoutingOwner routing_owner(const SkipPolicy& policy, const SkipPolicy& draft) {
   return RoutingOwner::None;
 }
 
-// The layers whose attention sub-block a policy removes for every token: they hold no K/V.
-const std::vector<int32_t>& removed_attention(const SkipPolicy& policy) {
-  static const std::vector<int32_t> none;
-  switch (policy.rule.kind) {
-    case PolicyKind::LayerDrop: return policy.layers;
-    case PolicyKind::SubBlock: return policy.attention_layers;
-    default: return none;
-  }
-}
-
 // Per layer: 1 where the plan removes the attention sub-block for every token (no K/V).
 std::vector<uint8_t> removed_attention_layers(const ExecutionPlan& plan) {
   std::vector<uint8_t> removed(plan.decode.size(), 0);
@@ -62,11 +52,14 @@ std::vector<uint8_t> removed_attention_layers(const ExecutionPlan& plan) {
   return removed;
 }
 
-// A FiRST draft routes on the policy's passes, which must run (and cache) every layer.
-void check_draft_routing(const SkipPolicy& policy, const SkipPolicy& draft) {
+// A FiRST draft routes on the policy's passes, which must run (and cache) every layer:
+// `attention_removed` is the policy's plan's (removed_attention_layers).
+void check_draft_routing(PolicyKind kind, const std::vector<uint8_t>& attention_removed,
+                         const SkipPolicy& draft) {
   if (draft.rule.kind != PolicyKind::FiRST) return;
-  const PolicyKind kind = policy.rule.kind;
-  if (kind == PolicyKind::FiRST || !removed_attention(policy).empty()) {
+  const bool removes = std::find(attention_removed.begin(), attention_removed.end(), 1) !=
+                       attention_removed.end();
+  if (kind == PolicyKind::FiRST || removes) {
     throw std::invalid_argument(std::string("a FiRST draft policy needs a policy that runs every "
                                             "layer in a prefill; the policy is ") +
                                 policy_kind_name(kind));
@@ -328,7 +321,7 @@ void Decoder::apply_draft_policy(const SkipPolicy& policy) {
 void Decoder::set_draft_policy(const SkipPolicy& policy) {
   std::lock_guard<std::mutex> lock(mutex_);
   policy.validate(config_.num_layers, config_.hidden_size);
-  check_draft_routing(policy_, policy);
+  check_draft_routing(policy_.rule.kind, attention_removed_, policy);
   apply_draft_policy(policy);
 }
 
@@ -345,7 +338,8 @@ SkipPolicy Decoder::draft_policy() const {
 void Decoder::set_policy(const SkipPolicy& policy) {
   std::lock_guard<std::mutex> lock(mutex_);
   policy.validate(config_.num_layers, config_.hidden_size);
-  check_draft_routing(policy, draft_policy_);
+  check_draft_routing(policy.rule.kind, removed_attention_layers(compile_plan(policy, false)),
+                      draft_policy_);
   if (policy_.rule.kind == PolicyKind::FiRST && policy.rule.kind != PolicyKind::FiRST &&
       position_ > 0) {
     std::vector<uint8_t> active;
