@@ -319,6 +319,44 @@ def test_report_plots(sweep_dir) -> None:
         assert f"]({name})" in (sweep_dir / "report.md").read_text()
 
 
+def test_size_trend_compares_models_relative_to_their_own_dense(sweep_dir, tmp_path) -> None:
+    """Two "models" made from one sweep (dense QA set to 0.5 and 0.25, static FFN skip's to 0.2,
+    the second with more weights): the table puts them in order of size and divides by each
+    one's dense value."""
+    small, large = tmp_path / "small", tmp_path / "large"
+    dense_qa = {small: 0.5, large: 0.25}
+    for directory, name, scale in ((small, "small.Q4_K_M.gguf", 1), (large, "large", 10)):
+        directory.mkdir()
+        run = json.loads((sweep_dir / "run.json").read_text())
+        run["model_name"] = name
+        run["weights"] = {k: v * scale for k, v in run["weights"].items()}
+        (directory / "run.json").write_text(json.dumps(run))
+        rows = read_rows(sweep_dir)
+        for row in rows:
+            if row["task"] == "qa" and row["policy"] in ("dense", "static_ffn@20"):
+                row["metrics"]["contains"] = dense_qa[directory] if row["policy"] == "dense" \
+                    else 0.2
+        (directory / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "trend"
+    # larger model first on the command line: the report still goes by size
+    assert main(["trend", str(large), str(small), "--targets", "0.2", "--out", str(out),
+                 "--no-plots"]) == 0
+    report = (out / "size_trend.md").read_text()
+    assert "ffnskip trend " in report and "| small.Q4_K_M.gguf |" in report
+    section = report.split("## QA contains / dense")[1].split("##")[0]
+    assert "| method | target | small (" in section and section.index("small (") < section.index(
+        "large (")
+    line = next(x for x in section.splitlines() if x.startswith("| static_ffn | 20% |"))
+    assert [c.strip() for c in line.split("|")[3:5]] == ["0.400", "0.800"]  # 0.2 / 0.5, / 0.25
+    assert "speculative" not in section  # lossless rows equal dense by construction
+    assert main(["trend", str(small), "--out", str(out)]) == 2  # one model: nothing to compare
+    assert main(["trend", str(small), str(large), "--targets", "0", "--out", str(out)]) == 2
+    pytest.importorskip("matplotlib")
+    assert main(["trend", str(small), str(large), "--targets", "0.2", "--out", str(out)]) == 0
+    assert (out / "size_trend.png").stat().st_size > 0
+    assert "](size_trend.png)" in (out / "size_trend.md").read_text()
+
+
 @pytest.mark.parametrize(("window", "prompt"), [(1, 1), (24, 0), (24, 24)])
 def test_perplexity_settings_are_checked(window: int, prompt: int) -> None:
     with pytest.raises(ValueError, match="ppl_"):

@@ -1,7 +1,7 @@
 """Command line: ``ffnskip SUBCOMMAND`` (also ``python -m ffnskip_ext SUBCOMMAND``).
 
-Subcommands: generate, chat, calibrate, train-routers, eval, models, serve; each module here
-adds its parser.
+Subcommands: generate, chat, calibrate, train-routers, eval, trend, models, serve; each
+module here adds its parser.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import calibrate, chat, eval, generate, models, serve, train_routers
+from . import calibrate, chat, eval, generate, models, serve, train_routers, trend
 from .options import HelpFormatter
 
-SUBCOMMANDS = (generate, chat, calibrate, train_routers, eval, models, serve)
+SUBCOMMANDS = (generate, chat, calibrate, train_routers, eval, trend, models, serve)
 
 
 class _Parser(argparse.ArgumentParser):
