@@ -15,6 +15,13 @@ constexpr int kMaxHeadsPerBlock = 8;  // q heads of one KV head scored together
 constexpr int kKeysPerRound = 32;     // positions scored per round of the online softmax
 static_assert(kKeysPerRound == kWarpSize, "the softmax update gives each key of a round a lane");
 constexpr int kDimsPerThread = kMaxHeadDim / kThreads;
+// A split scores whole rounds, at least this many positions: fewer would cost more in blocks
+// and partials than it gains in parallelism.
+constexpr int kMinKeysPerSplit = 2 * kKeysPerRound;
+// Blocks per multiprocessor the splits aim at when the cache is full (four warps each, at up
+// to 128 registers per thread: one wave of the 64K-register file), so that more loads are in
+// flight to stream K/V than with fewer, longer splits. An estimate, to be measured on a GPU.
+constexpr int kBlocksPerMultiprocessor = 4;
 
 // Per (head, split): head_dim unnormalised output values, then the running max, then the sum
 // of exp(score - max).
@@ -36,7 +43,7 @@ __device__ __forceinline__ int packs_per_key(int head_dim) {
 // heads, (2) one warp per head updates its running max and sum (a lane per position), (3)
 // each thread updates its output dimensions with the round's probabilities and V rows.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
     decode_attention_split_kernel(const DecodeAttentionArgs a, const T* __restrict__ k_cache,
                                   const T* __restrict__ v_cache) {
   if (a.skip_flag != nullptr && *a.skip_flag != 0) return;
@@ -63,13 +70,12 @@ __global__ void __launch_bounds__(kThreads)
   };
 
   const int len = *a.pos + 1;
-  const int chunk = ceil_div(len, a.num_splits);
+  const int chunk =
+      ceil_div(max(ceil_div(len, a.num_splits), kMinKeysPerSplit), kKeysPerRound) * kKeysPerRound;
   const int begin = split * chunk;
   const int end = min(len, begin + chunk);
-  if (begin >= end) {  // nothing to attend to in this split: weight zero in the combine
-    for (int i = tid; i < heads * stride; i += kThreads) {
-      partial_of(i / stride)[i % stride] = i % stride == hd ? -INFINITY : 0.0f;
-    }
+  if (begin >= end) {  // nothing to attend to in this split: the combine reads only its max
+    if (tid < heads) partial_of(tid)[hd] = -INFINITY;
     return;
   }
 
@@ -219,9 +225,8 @@ __global__ void decode_attention_combine_kernel(const DecodeAttentionArgs a, T* 
 int decode_attention_splits(int num_heads, int num_kv_heads, int multiprocessors,
                             int max_seq_len) {
   const int blocks_per_split = num_kv_heads * heads_blocks(num_heads / num_kv_heads);
-  const int splits = ceil_div(2 * multiprocessors, blocks_per_split);
-  const int64_t rounds = (static_cast<int64_t>(max_seq_len) + kKeysPerRound - 1) / kKeysPerRound;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(splits, rounds)));
+  const int splits = ceil_div(kBlocksPerMultiprocessor * multiprocessors, blocks_per_split);
+  return std::max(1, std::min(splits, ceil_div(max_seq_len, kMinKeysPerSplit)));
 }
 
 size_t decode_attention_partial_floats(int num_heads, int head_dim, int num_splits) {

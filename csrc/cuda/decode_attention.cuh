@@ -25,7 +25,9 @@ struct DecodeAttentionArgs {
   const int32_t* skip_flag = nullptr;  // device, optional: when set, the kernels do nothing
 };
 
-// Splits that fill the GPU with about two blocks per multiprocessor.
+// Splits of the cache of max_seq_len positions: enough for several blocks per multiprocessor
+// at full length, but none shorter than two rounds of keys (at a shorter length the splits past
+// it are empty, their blocks return at once).
 int decode_attention_splits(int num_heads, int num_kv_heads, int multiprocessors, int max_seq_len);
 size_t decode_attention_partial_floats(int num_heads, int head_dim, int num_splits);
 
