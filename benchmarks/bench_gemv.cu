@@ -5,7 +5,10 @@
 // made). Second table: the GEMV over GGUF blocks read in place (Q8_0, Q5_0, Q4_K, Q6_K; random
 // blocks, fp16 activations): the time per call, the bandwidth of the blocks' bytes, the speedup
 // over the fp16 GEMV against the ideal from bytes not read, and the agreement with cuBLAS on the
-// blocks dequantised to fp16 (the prefill path).
+// blocks dequantised to fp16 (the prefill path). For the linears whose input is an RMSNorm (qkv,
+// gate_up, lm_head), the first table also times the decode step's fused form, the norm in the
+// GEMV's prologue (fold_us), against the norm kernel then the GEMV (norm_gemv_us), back to back
+// on the stream: whether the fold pays for the launch it saves.
 //   bench_gemv [--iterations N]
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -27,6 +30,7 @@
 #include "dequantize.cuh"
 #include "gemm.cuh"
 #include "gemv.cuh"
+#include "norm.cuh"
 #include "random_blocks.h"
 #include "swiglu.cuh"
 
@@ -41,19 +45,20 @@ struct Shape {
   int rows;
   int cols;
   bool swiglu;  // stacked gate/up rows, SwiGLU epilogue
+  bool normed;  // the input is an RMSNorm of the residual stream (folded in decode)
 };
 
 const Shape kShapes[] = {
-    {"llama2-7b", "qkv", 3 * 4096, 4096, false},
-    {"llama2-7b", "o", 4096, 4096, false},
-    {"llama2-7b", "gate_up", 2 * 11008, 4096, true},
-    {"llama2-7b", "down", 4096, 11008, false},
-    {"llama2-7b", "lm_head", 32000, 4096, false},
-    {"llama3-8b", "qkv", 4096 + 2 * 1024, 4096, false},
-    {"llama3-8b", "o", 4096, 4096, false},
-    {"llama3-8b", "gate_up", 2 * 14336, 4096, true},
-    {"llama3-8b", "down", 4096, 14336, false},
-    {"llama3-8b", "lm_head", 128256, 4096, false},
+    {"llama2-7b", "qkv", 3 * 4096, 4096, false, true},
+    {"llama2-7b", "o", 4096, 4096, false, false},
+    {"llama2-7b", "gate_up", 2 * 11008, 4096, true, true},
+    {"llama2-7b", "down", 4096, 11008, false, false},
+    {"llama2-7b", "lm_head", 32000, 4096, false, true},
+    {"llama3-8b", "qkv", 4096 + 2 * 1024, 4096, false, true},
+    {"llama3-8b", "o", 4096, 4096, false, false},
+    {"llama3-8b", "gate_up", 2 * 14336, 4096, true, true},
+    {"llama3-8b", "down", 4096, 14336, false, false},
+    {"llama3-8b", "lm_head", 128256, 4096, false, true},
 };
 
 template <typename T>
@@ -170,16 +175,44 @@ double bench_shape(const Shape& s, const char* dtype, cublasHandle_t handle, cud
   const double custom_us = time_us(stream, copies, iterations, custom);
   const double cublas_us = time_us(stream, copies, iterations, cublas);
 
+  // The normed input: folded into the GEMV, or the norm kernel first (into x).
+  DeviceArray<float> residual(s.cols), norm_weight(s.cols);
+  fill_random(residual.data, s.cols, 4, 3.0f);
+  fill_random(norm_weight.data, s.cols, 5, 1.0f);
+  auto normed = [&](int copy, bool fold) {
+    GemvArgs<T> g;
+    g.weight = weights.data + weight_count * copy;
+    g.rows = s.rows;
+    g.cols = s.cols;
+    g.y = y_custom.data;
+    g.act = act_custom.data;
+    if (fold) {
+      g.norm_weight = norm_weight.data;
+      g.norm_x = residual.data;
+      g.norm_eps = 1e-5f;
+    } else {
+      launch_rmsnorm(residual.data, 1, s.cols, norm_weight.data, 1e-5f, x.data, stream);
+      g.x = x.data;
+    }
+    launch_gemv(g, s.swiglu ? GemvOutput::SwiGLU : GemvOutput::Store, stream);
+  };
+  double fold_us = NAN, norm_gemv_us = NAN;
+  if (s.normed) {
+    fold_us = time_us(stream, copies, iterations, [&](int copy) { normed(copy, true); });
+    norm_gemv_us = time_us(stream, copies, iterations, [&](int copy) { normed(copy, false); });
+    fill_random(x.data, s.cols, 2, 1.0f);  // the agreement below reads the plain input
+  }
+
   // Agreement of the two on copy 0.
   custom(0);
   const std::vector<float> a = read_output(s, stream, y_custom.data, act_custom.data);
   cublas(0);
   const std::vector<float> b = read_output(s, stream, y_cublas.data, act_cublas.data);
   const double gb = static_cast<double>(weight_bytes) / 1e9;
-  std::printf("%-10s %-8s %-5s %6d x %-6d %9.2f %8.0f %9.2f %8.0f %10.2e  %s\n", s.model, s.name,
-              dtype, s.rows, s.cols, custom_us, gb / (custom_us * 1e-6), cublas_us,
-              gb / (cublas_us * 1e-6), relative_difference(a, b),
-              custom_us <= cublas_us ? "custom" : "cublas");
+  std::printf("%-10s %-8s %-5s %6d x %-6d %9.2f %8.0f %9.2f %8.0f %10.2e  %-6s %8.2f %12.2f\n",
+              s.model, s.name, dtype, s.rows, s.cols, custom_us, gb / (custom_us * 1e-6),
+              cublas_us, gb / (cublas_us * 1e-6), relative_difference(a, b),
+              custom_us <= cublas_us ? "custom" : "cublas", fold_us, norm_gemv_us);
   return custom_us;
 }
 
@@ -220,7 +253,7 @@ void bench_block_shape(const Shape& s, TensorType type, double dense_us, cublasH
   {
     // The prefill path on one token: the whole matrix dequantised to fp16, then cuBLAS.
     DeviceArray<T> dense(static_cast<size_t>(s.rows) * s.cols);
-    launch_dequantize_rows(blocks.data, type, s.cols, nullptr, 0, s.rows, dense.data, stream);
+    launch_dequantize_rows(blocks.data, type, s.cols, 0, s.rows, dense.data, stream);
     GemmArgs<T> g;
     g.weight = dense.data;
     g.rows = s.rows;
@@ -262,8 +295,9 @@ int main(int argc, char** argv) {
     CUBLAS_CHECK(cublasSetStream(handle, stream));
     std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
                 prop.l2CacheSize >> 20);
-    std::printf("%-10s %-8s %-5s %15s %9s %8s %9s %8s %10s  %s\n", "model", "linear", "dtype",
-                "rows x cols", "custom_us", "GB/s", "cublas_us", "GB/s", "rel_diff", "faster");
+    std::printf("%-10s %-8s %-5s %15s %9s %8s %9s %8s %10s  %-6s %8s %12s\n", "model", "linear",
+                "dtype", "rows x cols", "custom_us", "GB/s", "cublas_us", "GB/s", "rel_diff",
+                "faster", "fold_us", "norm_gemv_us");
     std::vector<double> fp16_us;
     for (const Shape& s : kShapes) {
       fp16_us.push_back(bench_shape<__half>(s, "fp16", handle, stream, prop.l2CacheSize,

@@ -142,7 +142,6 @@ function(ffnskip_add_cuda_backend core_target)
     ${cuda_dir}/decode_attention.cu
     ${cuda_dir}/dequantize.cu
     ${cuda_dir}/embedding.cu
-    ${cuda_dir}/ffn_gate.cu
     ${cuda_dir}/gemm.cu
     ${cuda_dir}/gemv.cu
     ${cuda_dir}/logits.cu

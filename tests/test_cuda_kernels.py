@@ -2,12 +2,13 @@
 decode GEMV over Q8_0, Q5_0, Q4_K and Q6_K blocks read in place, in each output mode (store,
 accumulate = the fused residual add, SwiGLU on stacked gate/up rows), with its skip flag set and
 unset, and with its RMSNorm prologue; the prefill path (weights dequantised to the activation
-type a tile of rows at a time, then cuBLAS); the dequantisation itself and the embedding lookup
-in a quantised table; the kernels of a layer (RMSNorm, RoPE with the KV-cache write and the QKV
-GEMV that does both in its epilogue, SwiGLU, decode attention in splits,
-prefill attention, FiRST's router, the skip scores) and the logits head, on shapes whole-model
-tests miss (more than 8 query heads per KV head, head_dim above 128, odd widths, empty splits);
-with fp32, fp16 and bf16 activations. Without a GPU only the first test runs.
+type a tile of rows at a time, then cuBLAS); the dequantisation itself; the embedding lookup in
+dense and quantised tables, which also starts a decode step's skip state; the kernels of a layer
+(RMSNorm, RoPE with the KV-cache write and the QKV GEMV that does both in its epilogue, SwiGLU,
+decode attention in splits, prefill attention, FiRST's router, the skip scores) and the logits
+head, on shapes whole-model tests miss (more than 8 query heads per KV head, head_dim above 128,
+odd widths, empty splits); with fp32, fp16 and bf16 activations. Without a GPU only the first
+test runs.
 
 References: the blocks come from tests/gguf_files.py (``quantize`` for weights with a real
 distribution, ``random_blocks`` for random bytes that reach every bit pattern) and the
@@ -25,6 +26,7 @@ import pytest
 
 import ffnskip_ext
 from ffnskip_ext import _core
+from ffnskip_ext.runtime.policies import FFNSkipPolicy, simulate_ffn_skip
 
 gguf = pytest.importorskip("gguf")
 from gguf_files import Q, quantize, quantized, random_blocks  # noqa: E402  (needs gguf)
@@ -155,6 +157,34 @@ def test_embedding_lookup_in_quantized_table(type_name) -> None:
     ids = np.array([3, 0, 10, 3, 7], np.int32)  # repeats, first and last rows
     np.testing.assert_array_equal(cuda.embedding(data, type_name, ids),
                                   dequantized(data, type_name)[ids])
+
+
+@needs_gpu
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_embedding_lookup_in_dense_table(activation) -> None:
+    rng = np.random.default_rng(5)
+    table = (3 * rng.standard_normal((13, 203))).astype(np.float32)
+    ids = np.array([12, 0, 5, 5], np.int32)
+    np.testing.assert_array_equal(cuda.embedding(table, "F32", ids, activation),
+                                  rounded(table, activation)[ids])
+
+
+@needs_gpu
+@pytest.mark.parametrize("decode_index", [0, 3, 4, 5, 6, 7, 9, 40])
+def test_decode_step_embedding_starts_the_token_as_the_cpu_rule(decode_index) -> None:
+    """The skip state a decode step starts from, set by thread 0 of its embedding lookup: the
+    CPU rule on saturated scores skips in each token that is not dense (warm-up, interval)."""
+    policy = FFNSkipPolicy(threshold=0.5, max_skips_per_token=2, warmup_tokens=4,
+                           full_token_interval=3, cold_start=0, cold_end=0)
+    table = np.random.default_rng(6).standard_normal((7, 64)).astype(np.float32)
+    ids = np.array([6], np.int32)
+    rows, started = cuda.embedding(table, "F32", ids, "float32", decode_index,
+                                   **policy.engine_args(6))
+    np.testing.assert_array_equal(rows, table[ids])
+    cpu_skips = simulate_ffn_skip(policy, np.ones((1, 6)), decode_index).any()
+    assert started["dense_token"] == (0 if cpu_skips else 1)
+    assert (started["budget"], started["in_run"]) == (2, 0)
+    assert np.isnan(started["prev_score"])
 
 
 @needs_gpu
@@ -632,9 +662,11 @@ def logits_check(got: np.ndarray, w: np.ndarray, x: np.ndarray, final_norm: np.n
 
 @needs_gpu
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-@pytest.mark.parametrize("vocab, hidden", [(1, 64), (1001, 203), (515, 256)])
+@pytest.mark.parametrize("vocab, hidden", [(1, 64), (1001, 203), (515, 256), (5, 23557)])
 def test_logits_dense(vocab, hidden, activation) -> None:
-    """Widths of whole 16-byte packs (64, 256) and not (203: the GEMV's element-wise path)."""
+    """Widths of whole 16-byte packs (64, 256) and not (203: the GEMV's element-wise path); the
+    norm in the GEMV's prologue, except for a row wider than it stages in any activation type
+    (23557): the norm kernel first."""
     rng = np.random.default_rng(vocab + hidden)
     w = rounded(rng.standard_normal((vocab, hidden)) / np.sqrt(hidden), activation)
     x = (3 * rng.standard_normal(hidden)).astype(np.float32)

@@ -558,24 +558,48 @@ void bind_cuda_kernels(py::module_ k) {
 
   k.def(
       "embedding",
-      [](const py::array& table, const std::string& type, const py::handle& ids) {
-        CudaDequantizeCall call;
+      [](const py::array& table, const std::string& type, const py::handle& ids,
+         const std::string& activation, const py::object& decode_index,
+         const py::kwargs& rule_args) -> py::object {
+        CudaEmbeddingCall call;
         call.type = parse_tensor_type(type);
-        const auto blocks = need_array<uint8_t>(table, 2, "table");
-        const auto rows = need_array<int32_t>(ids, 1, "ids");
-        call.rows = static_cast<int>(blocks.shape(0));
-        call.cols = static_cast<int>(weight_columns(blocks, call.type));
-        call.data = blocks.data();
-        call.ids = rows.data();
-        call.n = static_cast<int>(rows.shape(0));
+        const py::array rows = call.type == TensorType::F32
+                                   ? py::array(need_array<float>(table, 2, "table"))
+                                   : py::array(need_array<uint8_t>(table, 2, "table"));
+        const auto tokens = need_array<int32_t>(ids, 1, "ids");
+        call.table = rows.data();
+        call.rows = static_cast<int>(rows.shape(0));
+        call.cols = static_cast<int>(weight_columns(rows, call.type));
+        call.ids = tokens.data();
+        call.n = static_cast<int>(tokens.shape(0));
+        call.activation = parse_dtype(activation);
+        const SkipRule rule = to_skip_policy(rule_args, 0).rule;
+        if (!decode_index.is_none()) {
+          call.rule = &rule;
+          call.decode_index = decode_index.cast<int32_t>();
+        }
         py::array_t<float> out({static_cast<int64_t>(call.n), static_cast<int64_t>(call.cols)});
         call.out = out.mutable_data();
-        py::gil_scoped_release release;
-        cuda_kernel_dequantize(call);
-        return out;
+        float started[4] = {};
+        call.started = started;
+        {
+          py::gil_scoped_release release;
+          cuda_kernel(call);
+        }
+        if (call.rule == nullptr) return std::move(out);
+        py::dict state;
+        state["dense_token"] = static_cast<int>(started[0]);
+        state["budget"] = static_cast<int>(started[1]);
+        state["in_run"] = static_cast<int>(started[2]);
+        state["prev_score"] = started[3];
+        return py::make_tuple(out, state);
       },
-      py::arg("table"), py::arg("type"), py::arg("ids"),
-      "The embedding lookup of rows `ids` in a block-quantised table on the GPU (float32).");
+      py::arg("table"), py::arg("type"), py::arg("ids"), py::arg("activation") = "float16",
+      py::arg("decode_index") = py::none(),
+      "The embedding lookup of rows `ids` on the GPU into float32: table float32 [rows, cols] "
+      "(type F32, rounded to the activation dtype) or blocks. With decode_index, as a decode "
+      "step's first kernel: also starts that token of the rule given as policy keywords "
+      "(Policy.engine_args()), returning (rows, the skip state it starts from).");
 
   // The kernels of a layer and of the head (kernel_calls.h): inputs the kernel reads in the
   // activation dtype are rounded to it, its outputs in that dtype widened to float32; skip sets

@@ -290,4 +290,24 @@ __host__ __device__ constexpr int64_t format_row_bytes(int64_t cols) {
   return cols / Format::kElements * Format::kBytes;
 }
 
+// Thread `t` of `threads` decodes its chunks (t, t + threads, ...) of the row at `src` of `cols`
+// elements into dst: the dequantisation kernel's rows and the embedding lookup's.
+template <typename Format, typename Out>
+__device__ __forceinline__ void dequantize_row(const uint8_t* __restrict__ src, int cols,
+                                               Out* __restrict__ dst, int t, int threads) {
+  const int chunks = cols / Format::kElements * Format::kChunks;
+  for (int c = t; c < chunks; c += threads) {
+    const int block = c / Format::kChunks;
+    const int chunk = c % Format::kChunks;
+    float w[Format::kRuns][Format::kRunLength];
+    Format::decode(src + block * Format::kBytes, chunk, w);
+#pragma unroll
+    for (int run = 0; run < Format::kRuns; ++run) {
+      Out* run_dst = dst + block * Format::kElements + Format::run_start(chunk, run);
+#pragma unroll
+      for (int e = 0; e < Format::kRunLength; ++e) run_dst[e] = from_float<Out>(w[run][e]);
+    }
+  }
+}
+
 }  // namespace ffnskip::cuda

@@ -220,11 +220,14 @@ class CudaBackend final : public Backend {
   // ---- the sub-blocks of a pass, in the order forward() (plan.h) calls them ----
 
   void begin_pass(const Pass& pass) {
+    TokenStart start;
     if (is_step(pass.kind)) {
-      launch_begin_token(plans_.of(pass.kind).rule, state_, pass_decode_index(), stream_.get());
+      start.rule = plans_.of(pass.kind).rule;
+      start.state = state_;
+      start.decode_index = pass_decode_index();
     }
     launch_embedding<T>(model_.embed.data, model_.embed.type, pass_tokens(), pass.n,
-                        config_.hidden_size, x_, stream_.get());
+                        config_.hidden_size, x_, start, stream_.get());
   }
 
   // x += Attn(RMSNorm(x)) writing K/V, or only the K/V (early exit), or nothing.

@@ -38,8 +38,18 @@ __device__ __forceinline__ bool decide_ffn(const FfnGate& g) {
   return skip;
 }
 
-// begin_token of a decode step (one thread), for the step's decode index in device memory.
-void launch_begin_token(const SkipRule& rule, SkipState* state, const int32_t* decode_index,
-                        cudaStream_t stream);
+// The start of a decode step's token (begin_token), taken by thread 0 of the step's first
+// kernel (the embedding lookup) rather than by a launch of its own. state null: no step.
+struct TokenStart {
+  SkipRule rule;
+  SkipState* state = nullptr;
+  const int32_t* decode_index = nullptr;  // device: the step's decode index (pass input)
+};
+
+__device__ __forceinline__ void start_token(const TokenStart& s) {
+  if (s.state != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    begin_token(s.rule, *s.state, *s.decode_index);
+  }
+}
 
 }  // namespace ffnskip::cuda

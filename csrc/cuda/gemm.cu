@@ -53,7 +53,7 @@ void gemm_dequantized(cublasHandle_t handle, cudaStream_t stream, const GemmArgs
   for (int r0 = 0; r0 < a.rows; r0 += tile_rows) {
     GemmArgs<T> tile = a;
     tile.rows = std::min(tile_rows, a.rows - r0);
-    launch_dequantize_rows(a.weight, a.weight_type, a.cols, nullptr, r0, tile.rows, a.scratch,
+    launch_dequantize_rows(a.weight, a.weight_type, a.cols, r0, tile.rows, a.scratch,
                            stream);
     tile.weight = a.scratch;
     tile.weight_type = dense_tensor_type<T>();

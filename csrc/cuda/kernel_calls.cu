@@ -222,33 +222,52 @@ void linear_in(const CudaLinearCall& c) {
 template <typename T>
 void dequantize_in(const CudaDequantizeCall& c) {
   check_block_format(c.type, c.cols);
-  if (c.rows <= 0 || (c.ids != nullptr && c.n <= 0)) {
-    throw std::invalid_argument("dequantize: bad shape");
-  }
-  for (int i = 0; c.ids != nullptr && i < c.n; ++i) {
-    if (c.ids[i] < 0 || c.ids[i] >= c.rows) throw std::invalid_argument("row id out of range");
-  }
+  require(c.rows > 0, "dequantize: bad shape");
   const Stream owned_stream = make_stream();
   cudaStream_t stream = owned_stream.get();
   DeviceMemory data = device_buffer(stream, c.rows * row_bytes(c.type, c.cols), c.data);
-  if (c.ids != nullptr) {
-    const int64_t count = static_cast<int64_t>(c.n) * c.cols;
-    DeviceMemory ids = device_buffer(stream, sizeof(int32_t) * c.n, c.ids);
-    DeviceMemory out = device_buffer(stream, sizeof(float) * count);
-    launch_embedding<T>(data.get(), c.type, reinterpret_cast<int32_t*>(ids.get()), c.n, c.cols,
-                        reinterpret_cast<float*>(out.get()), stream);
-    CUDA_CHECK(cudaStreamSynchronize(stream));
-    CUDA_CHECK(cudaMemcpy(c.out, out.get(), sizeof(float) * count, cudaMemcpyDeviceToHost));
-    return;
-  }
   const int64_t count = static_cast<int64_t>(c.rows) * c.cols;
   DeviceMemory out = device_buffer(stream, sizeof(T) * count);
-  launch_dequantize_rows(data.get(), c.type, c.cols, nullptr, 0, c.rows,
-                         reinterpret_cast<T*>(out.get()), stream);
+  launch_dequantize_rows(data.get(), c.type, c.cols, 0, c.rows, as<T>(out), stream);
   CUDA_CHECK(cudaStreamSynchronize(stream));
-  std::vector<T> values(static_cast<size_t>(count));
-  CUDA_CHECK(cudaMemcpy(values.data(), out.get(), sizeof(T) * count, cudaMemcpyDeviceToHost));
-  widen(values, c.out);
+  copy_widened<T>(out, count, c.out);
+}
+
+template <typename T>
+void run_in(const CudaEmbeddingCall& c) {
+  if (c.type != TensorType::F32) check_block_format(c.type, c.cols);
+  require(c.rows > 0 && c.cols > 0 && c.n > 0, "embedding: bad shape");
+  for (int i = 0; i < c.n; ++i) require(c.ids[i] >= 0 && c.ids[i] < c.rows, "row id out of range");
+  const Stream owned_stream = make_stream();
+  cudaStream_t stream = owned_stream.get();
+  DeviceMemory table = device_weight<T>(stream, c.table, c.type, c.rows, c.cols);
+  DeviceMemory ids = device_buffer(stream, sizeof(int32_t) * c.n, c.ids);
+  const int64_t count = static_cast<int64_t>(c.n) * c.cols;
+  DeviceMemory out = device_buffer(stream, sizeof(float) * count);
+  SkipState before;  // none of the values begin_token sets
+  before.dense_token = -1;
+  before.budget = -1;
+  before.in_run = -1;
+  before.prev_score = 2.0f;
+  DeviceMemory state = device_buffer(stream, sizeof(SkipState), &before);
+  DeviceMemory decode_index = device_buffer(stream, sizeof(int32_t), &c.decode_index);
+  TokenStart start;
+  if (c.rule != nullptr) {
+    start.rule = *c.rule;
+    start.state = as<SkipState>(state);
+    start.decode_index = as<int32_t>(decode_index);
+  }
+  launch_embedding<T>(table.get(), c.type == TensorType::F32 ? dense_tensor_type<T>() : c.type,
+                      as<int32_t>(ids), c.n, c.cols, as<float>(out), start, stream);
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  copy_to_host(out, count, c.out);
+  if (c.rule == nullptr) return;
+  SkipState after;
+  CUDA_CHECK(cudaMemcpy(&after, state.get(), sizeof(after), cudaMemcpyDeviceToHost));
+  c.started[0] = static_cast<float>(after.dense_token);
+  c.started[1] = static_cast<float>(after.budget);
+  c.started[2] = static_cast<float>(after.in_run);
+  c.started[3] = after.prev_score;
 }
 
 template <typename T>

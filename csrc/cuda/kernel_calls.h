@@ -41,18 +41,15 @@ struct CudaLinearCall {
   float* y = nullptr;
 };
 
-// Rows of a native block format dequantised on the device.
+// Every row of a native block format dequantised on the device into `out_type` (F32, F16 or
+// BF16), as the prefill's weight tiles.
 struct CudaDequantizeCall {
   const void* data = nullptr;  // [rows, cols] in `type`
   TensorType type = TensorType::Q8_0;
   int rows = 0;
   int cols = 0;
-  // Non-null: the embedding lookup of these n rows into fp32; null: every row into `out_type`
-  // (F32, F16 or BF16), as the prefill's weight tiles.
-  const int32_t* ids = nullptr;
-  int n = 0;
   DType out_type = DType::F32;
-  float* out = nullptr;  // [n or rows, cols], widened to fp32
+  float* out = nullptr;  // [rows, cols], widened to fp32
 };
 
 // The kernels of a layer and of the head, one call each. Host buffers throughout: inputs the
@@ -182,8 +179,29 @@ struct CudaLogitsCall {
   float* logits = nullptr;  // [vocab]
 };
 
+// The embedding lookup of n tokens into the fp32 residual stream (embedding.cuh); with a rule,
+// as a decode step's first kernel: it also starts the rule's token at decode_index (the skip
+// state's begin_token, skip_rule.h).
+struct CudaEmbeddingCall {
+  // [rows, cols]: F32 values rounded to the activation type, or a native block format.
+  const void* table = nullptr;
+  TensorType type = TensorType::F32;
+  int rows = 0;
+  int cols = 0;
+  const int32_t* ids = nullptr;  // [n]
+  int n = 0;
+  const SkipRule* rule = nullptr;
+  int32_t decode_index = 0;
+  DType activation = DType::F16;
+  float* out = nullptr;  // [n, cols]
+  // Out, with a rule: the state the token starts from (dense_token, budget, in_run as floats,
+  // then prev_score), from a state of other values.
+  float* started = nullptr;  // [4]
+};
+
 using CudaKernelCall =
     std::variant<CudaRmsNormCall, CudaRopeCall, CudaSwigluCall, CudaDecodeAttentionCall,
-                 CudaPrefillAttentionCall, CudaRouteCall, CudaScoreCall, CudaLogitsCall>;
+                 CudaPrefillAttentionCall, CudaRouteCall, CudaScoreCall, CudaLogitsCall,
+                 CudaEmbeddingCall>;
 
 }  // namespace ffnskip

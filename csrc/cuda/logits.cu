@@ -10,14 +10,20 @@ template <typename T>
 void launch_logits_head(const float* x_row, int hidden, const float* final_norm, float eps,
                         const void* lm_head, TensorType lm_head_type, int vocab, T* normed,
                         float* logits, cudaStream_t stream) {
-  launch_rmsnorm(x_row, 1, hidden, final_norm, eps, normed, stream);
   GemvArgs<T> head;
   head.weight = lm_head;
   head.weight_type = lm_head_type;
   head.rows = vocab;
   head.cols = hidden;
-  head.x = normed;
   head.y = logits;
+  if (gemv_folds_norm<T>(hidden)) {  // the norm in the GEMV's prologue: one launch fewer
+    head.norm_weight = final_norm;
+    head.norm_x = x_row;
+    head.norm_eps = eps;
+  } else {
+    launch_rmsnorm(x_row, 1, hidden, final_norm, eps, normed, stream);
+    head.x = normed;
+  }
   launch_gemv(head, GemvOutput::Store, stream);
 }
 
