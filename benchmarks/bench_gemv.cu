@@ -150,7 +150,14 @@ double bench_shape(const Shape& s, const char* dtype, cublasHandle_t handle, cud
   fill_random(weights.data, weight_count * copies, 1, scale);
   fill_random(x.data, s.cols, 2, 1.0f);
 
-  auto custom = [&](int copy) {
+  // The GEMV's input: x, or RMSNorm(residual) in its prologue (the decode step's fused form),
+  // or the norm kernel first, into normed_x.
+  enum class Input { Plain, Folded, NormFirst };
+  DeviceArray<float> residual(s.cols), norm_weight(s.cols);
+  DeviceArray<T> normed_x(s.cols);
+  fill_random(residual.data, s.cols, 4, 3.0f);
+  fill_random(norm_weight.data, s.cols, 5, 1.0f);
+  auto custom = [&](int copy, Input input) {
     GemvArgs<T> g;
     g.weight = weights.data + weight_count * copy;
     g.rows = s.rows;
@@ -158,6 +165,14 @@ double bench_shape(const Shape& s, const char* dtype, cublasHandle_t handle, cud
     g.x = x.data;
     g.y = y_custom.data;
     g.act = act_custom.data;
+    if (input == Input::Folded) {
+      g.norm_weight = norm_weight.data;
+      g.norm_x = residual.data;
+      g.norm_eps = 1e-5f;
+    } else if (input == Input::NormFirst) {
+      launch_rmsnorm(residual.data, 1, s.cols, norm_weight.data, 1e-5f, normed_x.data, stream);
+      g.x = normed_x.data;
+    }
     launch_gemv(g, s.swiglu ? GemvOutput::SwiGLU : GemvOutput::Store, stream);
   };
   auto cublas = [&](int copy) {
@@ -172,39 +187,16 @@ double bench_shape(const Shape& s, const char* dtype, cublasHandle_t handle, cud
     gemm(handle, stream, g);
     if (s.swiglu) launch_swiglu(gate_up.data, 1, s.rows / 2, act_cublas.data, nullptr, stream);
   };
-  const double custom_us = time_us(stream, copies, iterations, custom);
-  const double cublas_us = time_us(stream, copies, iterations, cublas);
-
-  // The normed input: folded into the GEMV, or the norm kernel first (into x).
-  DeviceArray<float> residual(s.cols), norm_weight(s.cols);
-  fill_random(residual.data, s.cols, 4, 3.0f);
-  fill_random(norm_weight.data, s.cols, 5, 1.0f);
-  auto normed = [&](int copy, bool fold) {
-    GemvArgs<T> g;
-    g.weight = weights.data + weight_count * copy;
-    g.rows = s.rows;
-    g.cols = s.cols;
-    g.y = y_custom.data;
-    g.act = act_custom.data;
-    if (fold) {
-      g.norm_weight = norm_weight.data;
-      g.norm_x = residual.data;
-      g.norm_eps = 1e-5f;
-    } else {
-      launch_rmsnorm(residual.data, 1, s.cols, norm_weight.data, 1e-5f, x.data, stream);
-      g.x = x.data;
-    }
-    launch_gemv(g, s.swiglu ? GemvOutput::SwiGLU : GemvOutput::Store, stream);
+  auto timed = [&](Input input) {
+    return time_us(stream, copies, iterations, [&](int copy) { custom(copy, input); });
   };
-  double fold_us = NAN, norm_gemv_us = NAN;
-  if (s.normed) {
-    fold_us = time_us(stream, copies, iterations, [&](int copy) { normed(copy, true); });
-    norm_gemv_us = time_us(stream, copies, iterations, [&](int copy) { normed(copy, false); });
-    fill_random(x.data, s.cols, 2, 1.0f);  // the agreement below reads the plain input
-  }
+  const double custom_us = timed(Input::Plain);
+  const double cublas_us = time_us(stream, copies, iterations, cublas);
+  const double fold_us = s.normed ? timed(Input::Folded) : NAN;
+  const double norm_gemv_us = s.normed ? timed(Input::NormFirst) : NAN;
 
   // Agreement of the two on copy 0.
-  custom(0);
+  custom(0, Input::Plain);
   const std::vector<float> a = read_output(s, stream, y_custom.data, act_custom.data);
   cublas(0);
   const std::vector<float> b = read_output(s, stream, y_cublas.data, act_cublas.data);
