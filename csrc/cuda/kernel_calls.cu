@@ -72,6 +72,12 @@ DeviceMemory device_floats(cudaStream_t stream, const float* values, int64_t cou
   return device_buffer(stream, sizeof(float) * count, values);
 }
 
+// The type a call's weight is held in on the device: its block format, or T for F32 values.
+template <typename T>
+TensorType held_weight_type(TensorType type) {
+  return type != TensorType::F32 ? type : dense_tensor_type<T>();
+}
+
 // The weight of a linear call on the device: its blocks, or its F32 values rounded to T.
 template <typename T>
 DeviceMemory device_weight(cudaStream_t stream, const void* weight, TensorType type, int rows,
@@ -158,7 +164,7 @@ void linear_in(const CudaLinearCall& c) {
              : device_buffer(stream, sizeof(float) * out_count, c.y);
   const int32_t flag = c.skip ? 1 : 0;
   DeviceMemory skip_flag = device_buffer(stream, sizeof(flag), &flag);
-  const TensorType weight_type = blocks ? c.weight_type : dense_tensor_type<T>();
+  const TensorType weight_type = held_weight_type<T>(c.weight_type);
   const float* bias_data = c.bias != nullptr ? reinterpret_cast<float*>(bias.get()) : nullptr;
 
   if (c.gemv) {
@@ -257,8 +263,8 @@ void run_in(const CudaEmbeddingCall& c) {
     start.state = as<SkipState>(state);
     start.decode_index = as<int32_t>(decode_index);
   }
-  launch_embedding<T>(table.get(), c.type == TensorType::F32 ? dense_tensor_type<T>() : c.type,
-                      as<int32_t>(ids), c.n, c.cols, as<float>(out), start, stream);
+  launch_embedding<T>(table.get(), held_weight_type<T>(c.type), as<int32_t>(ids), c.n, c.cols,
+                      as<float>(out), start, stream);
   CUDA_CHECK(cudaStreamSynchronize(stream));
   copy_to_host(out, count, c.out);
   if (c.rule == nullptr) return;
@@ -314,8 +320,7 @@ void run_in(const CudaRopeCall& c) {
     DeviceMemory weight = device_weight<T>(stream, c.weight, c.weight_type, rows, c.cols);
     DeviceMemory bias = device_floats(stream, c.bias, c.bias != nullptr ? rows : 0);
     DeviceMemory x = device_rounded<T>(stream, c.x, c.cols);
-    const TensorType held = c.weight_type != TensorType::F32 ? c.weight_type
-                                                             : dense_tensor_type<T>();
+    const TensorType held = held_weight_type<T>(c.weight_type);
     const int64_t row_size = row_bytes(held, c.cols);
     const int splits[3] = {0, c.split_row > 0 ? c.split_row : rows, rows};
     for (int part = 0; part < 2 && splits[part] < rows; ++part) {
@@ -443,21 +448,17 @@ void run_in(const CudaPrefillAttentionCall& c) {
 
 template <typename T>
 void run_in(const CudaLogitsCall& c) {
-  const bool blocks = c.lm_head_type != TensorType::F32;
-  if (blocks) check_block_format(c.lm_head_type, c.hidden);
+  if (c.lm_head_type != TensorType::F32) check_block_format(c.lm_head_type, c.hidden);
   require(c.hidden > 0 && c.vocab > 0, "logits: bad shape");
   const Stream owned_stream = make_stream();
   cudaStream_t stream = owned_stream.get();
-  const int64_t weights = static_cast<int64_t>(c.vocab) * c.hidden;
-  DeviceMemory lm_head =
-      blocks ? device_buffer(stream, c.vocab * row_bytes(c.lm_head_type, c.hidden), c.lm_head)
-             : device_rounded<T>(stream, static_cast<const float*>(c.lm_head), weights);
+  DeviceMemory lm_head = device_weight<T>(stream, c.lm_head, c.lm_head_type, c.vocab, c.hidden);
   DeviceMemory x = device_floats(stream, c.x, c.hidden);
   DeviceMemory final_norm = device_floats(stream, c.final_norm, c.hidden);
   DeviceMemory normed = device_buffer(stream, sizeof(T) * c.hidden);
   DeviceMemory logits = device_buffer(stream, sizeof(float) * c.vocab);
   launch_logits_head(as<float>(x), c.hidden, as<float>(final_norm), c.eps, lm_head.get(),
-                     blocks ? c.lm_head_type : dense_tensor_type<T>(), c.vocab, as<T>(normed),
+                     held_weight_type<T>(c.lm_head_type), c.vocab, as<T>(normed),
                      as<float>(logits), stream);
   CUDA_CHECK(cudaStreamSynchronize(stream));
   copy_to_host(logits, c.vocab, c.logits);
