@@ -115,6 +115,12 @@ def start_values(y0: np.ndarray, outputs: int, output: str) -> np.ndarray:
 # ---- without a GPU ----
 
 
+def test_embedding_rule_without_decode_index_is_a_value_error() -> None:
+    data = quantized("Q8_0", 2, 32, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="give decode_index"):
+        cuda.embedding(data, "Q8_0", np.zeros(1, np.int32), threshold=0.5)
+
+
 @pytest.mark.skipif(ffnskip_ext.cuda_available(), reason="a CUDA device is usable here")
 def test_cuda_kernels_without_device_raise_clear_value_error() -> None:
     data = quantized("Q8_0", 2, 32, np.random.default_rng(0))

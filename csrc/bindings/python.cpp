@@ -573,6 +573,10 @@ void bind_cuda_kernels(py::module_ k) {
         call.ids = tokens.data();
         call.n = static_cast<int>(tokens.shape(0));
         call.activation = parse_dtype(activation);
+        if (decode_index.is_none() && !rule_args.empty()) {
+          throw std::invalid_argument(
+              "the rule's keywords start a decode step: give decode_index");
+        }
         const SkipRule rule = to_skip_policy(rule_args, 0).rule;
         if (!decode_index.is_none()) {
           call.rule = &rule;
