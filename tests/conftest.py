@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,19 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def sigint_reaches_children() -> Iterator[None]:
+    """For tests that press Ctrl-C in a child. A shell starts background jobs with SIGINT
+    ignored and a child inherits that (Python then keeps ignoring it), so such a test would fail
+    for the wrong reason; while it runs, this process catches SIGINT instead, and exec resets a
+    caught signal to the default in the child."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 # Variants the engine must reproduce. Larger-than-default init makes logits spread out, so a
 # greedy comparison is not decided by float rounding between near-equal candidates.

@@ -128,6 +128,7 @@ def test_first_routers_ship_for_the_default_model(tiny_model_dir) -> None:
         ffnskip_ext.FiRSTPolicy.for_model(path)
 
 
+@pytest.mark.usefixtures("sigint_reaches_children")
 def test_ctrl_c_ends_generate_with_partial_stats_and_no_traceback() -> None:
     smollm2_path()
     process = subprocess.Popen([*CLI, "generate", COUNT, "--max-new-tokens", "2000"],
@@ -152,6 +153,7 @@ def test_a_pipe_closed_early_ends_generate_quietly() -> None:
     assert "BrokenPipeError" not in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.usefixtures("sigint_reaches_children")
 def test_ctrl_c_in_chat_stops_the_answer_and_the_chat_goes_on() -> None:
     smollm2_path()
     process = subprocess.Popen([*CLI, "chat", "--max-new-tokens", "2000"],

@@ -430,6 +430,7 @@ print(f"full prefill {full:.2f} s")
 """
 
 
+@pytest.mark.usefixtures("sigint_reaches_children")
 def test_ctrl_c_stops_a_long_prefill_and_keeps_the_cache() -> None:
     done = run_script(INTERRUPT_SCRIPT, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
