@@ -603,39 +603,33 @@ class CudaBackend final : public Backend {
   // token in the GEMVs' epilogue (a launch fewer, the same values), else the RoPE kernel after.
   void project_qkv(const DeviceLinear& qkv, const LinearInput& input, int n, bool kv_only,
                    const int32_t* layer_off, T* k_cache, T* v_cache) {
-    const int q_dim = config_.q_dim();
-    const int first_row = kv_only ? q_dim : 0;
+    RopeKvLayout layout;
+    layout.q_dim = config_.q_dim();
+    layout.kv_dim = config_.kv_dim();
+    layout.head_dim = config_.head_dim;
+    layout.pos = pass_pos();
+    layout.inv_freq = model_.inv_freq;
+    layout.interleaved = config_.rope_interleaved;
+    const int first_row = kv_only ? layout.q_dim : 0;
     if (runs_on_gemvs(qkv, n, layer_off)) {
       for (int i = 0; i < qkv.num_segments; ++i) {
         const WeightSegment& segment = qkv.segments[i];
         GemvArgs<T> g = gemv_args(qkv, segment, input, layer_off);
         g.y = qkv_ + first_row + segment.first_row;
         g.first_row = first_row + segment.first_row;
-        g.q_dim = q_dim;
-        g.kv_dim = config_.kv_dim();
-        g.head_dim = config_.head_dim;
-        g.pos = pass_pos();
-        g.inv_freq = model_.inv_freq;
-        g.interleaved = config_.rope_interleaved;
+        g.rope = layout;
         g.k_cache = k_cache;
         g.v_cache = v_cache;
         launch_gemv(g, GemvOutput::RopeKv, stream_.get());
       }
       return;
     }
-    const int qkv_dim = q_dim + 2 * config_.kv_dim();
-    linear(qkv, input, n, qkv_ + first_row, qkv_dim, /*accumulate=*/false, layer_off);
+    linear(qkv, input, n, qkv_ + first_row, layout.stack(), /*accumulate=*/false, layer_off);
     RopeKvArgs rope;
     rope.qkv = qkv_;
-    rope.qkv_stride = qkv_dim;
     rope.n = n;
-    rope.pos = pass_pos();
     rope.q_heads = kv_only ? 0 : config_.num_heads;
-    rope.kv_heads = config_.num_kv_heads;
-    rope.head_dim = config_.head_dim;
-    rope.q_dim = q_dim;
-    rope.inv_freq = model_.inv_freq;
-    rope.interleaved = config_.rope_interleaved;
+    rope.layout = layout;
     rope.skip_flag = layer_off;
     launch_rope_kv_write(rope, k_cache, v_cache, stream_.get());
   }

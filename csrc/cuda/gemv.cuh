@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "rope.cuh"
 
 namespace ffnskip::cuda {
 
@@ -37,16 +38,10 @@ struct GemvArgs {
   float norm_eps = 0.0f;
   float* y = nullptr;    // Store, Accumulate: [rows]
   T* act = nullptr;      // SwiGLU: [rows / 2]
-  // RopeKv: W holds rows first_row.. of the [q; k; v] stack of q_dim + 2 kv_dim rows (both ends
-  // on head boundaries), y the q rows from first_row on; the caches [max_seq_len, kv_dim] get
-  // row *pos.
+  // RopeKv: W holds rows first_row.. of the rope.stack() rows of [q; k; v] (both ends on head
+  // boundaries), y the q rows from first_row on; the caches [max_seq_len, kv_dim] get row *pos.
   int first_row = 0;
-  int q_dim = 0;
-  int kv_dim = 0;
-  int head_dim = 0;
-  const int32_t* pos = nullptr;      // device
-  const float* inv_freq = nullptr;   // [head_dim / 2]
-  bool interleaved = false;
+  RopeKvLayout rope;
   T* k_cache = nullptr;
   T* v_cache = nullptr;
   // Non-null: the kernel returns before reading anything else when *skip_flag != 0

@@ -38,10 +38,10 @@ struct GemvLaunch {
 template <typename T>
 GemvLaunch gemv_launch(const GemvArgs<T>& a, GemvOutput output) {
   if (output == GemvOutput::RopeKv) {
-    const int stack = a.q_dim + 2 * a.kv_dim;
-    if (a.head_dim <= 0 || a.head_dim % 2 != 0 || a.first_row % a.head_dim != 0 ||
-        a.rows % a.head_dim != 0 || a.first_row + a.rows > stack || a.pos == nullptr ||
-        a.inv_freq == nullptr) {
+    const RopeKvLayout& l = a.rope;
+    if (l.head_dim <= 0 || l.head_dim % 2 != 0 || a.first_row % l.head_dim != 0 ||
+        a.rows % l.head_dim != 0 || a.first_row + a.rows > l.stack() || l.pos == nullptr ||
+        l.inv_freq == nullptr) {
       throw std::invalid_argument("GEMV: RoPE rows must be whole heads of the q/k/v stack");
     }
   }
@@ -70,10 +70,10 @@ __device__ __forceinline__ int gemv_weight_row(const GemvArgs<T>& a, int output,
   if constexpr (kOutput == GemvOutput::SwiGLU) {
     return output + r * (a.rows / 2);
   } else if constexpr (kOutput == GemvOutput::RopeKv) {  // pair output % half of head output / half
-    const int half = a.head_dim / 2;
+    const int half = a.rope.head_dim / 2;
     int i0, i1;
-    rope_pair(output % half, a.head_dim, a.interleaved, i0, i1);
-    return output / half * a.head_dim + (r == 0 ? i0 : i1);
+    rope_pair(output % half, a.rope.head_dim, a.rope.interleaved, i0, i1);
+    return output / half * a.rope.head_dim + (r == 0 ? i0 : i1);
   } else {
     return output;
   }
@@ -113,23 +113,24 @@ __device__ __forceinline__ void finish_gemv_output(const GemvArgs<T>& a, int out
   } else if constexpr (kOutput == GemvOutput::SwiGLU) {
     a.act[output] = from_float<T>(silu_mul(acc[0], acc[1]));
   } else {  // RopeKv: q, k or v by the rows' place in the stack
+    const RopeKvLayout& l = a.rope;
     const int stack_row = a.first_row + rows[0];  // rows[1] is in the same head
-    const int position = *a.pos;
-    T* const cache_row = (stack_row < a.q_dim + a.kv_dim ? a.k_cache : a.v_cache) +
-                         static_cast<int64_t>(position) * a.kv_dim;
-    if (stack_row >= a.q_dim + a.kv_dim) {  // v, as is
-      const int v0 = a.first_row - a.q_dim - a.kv_dim;  // the segment's first v column
+    const int position = *l.pos;
+    T* const cache_row = (stack_row < l.q_dim + l.kv_dim ? a.k_cache : a.v_cache) +
+                         static_cast<int64_t>(position) * l.kv_dim;
+    if (stack_row >= l.q_dim + l.kv_dim) {  // v, as is
+      const int v0 = a.first_row - l.q_dim - l.kv_dim;  // the segment's first v column
       cache_row[v0 + rows[0]] = from_float<T>(acc[0]);
       cache_row[v0 + rows[1]] = from_float<T>(acc[1]);
       return;
     }
     float y0, y1;
-    rope_rotate(acc[0], acc[1], a.inv_freq[output % (a.head_dim / 2)], position, y0, y1);
-    if (stack_row < a.q_dim) {
+    rope_rotate(acc[0], acc[1], l.inv_freq[output % (l.head_dim / 2)], position, y0, y1);
+    if (stack_row < l.q_dim) {
       a.y[rows[0]] = y0;
       a.y[rows[1]] = y1;
     } else {
-      const int k0 = a.first_row - a.q_dim;  // the segment's first k column
+      const int k0 = a.first_row - l.q_dim;  // the segment's first k column
       cache_row[k0 + rows[0]] = from_float<T>(y0);
       cache_row[k0 + rows[1]] = from_float<T>(y1);
     }

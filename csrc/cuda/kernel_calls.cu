@@ -313,6 +313,13 @@ void run_in(const CudaRopeCall& c) {
   DeviceMemory k = device_rounded<T>(stream, c.k_cache, cache_count);
   DeviceMemory v = device_rounded<T>(stream, c.v_cache, cache_count);
   DeviceMemory flag = skip_flag(stream, c.skip);
+  RopeKvLayout layout;
+  layout.q_dim = q_dim;
+  layout.kv_dim = kv_dim;
+  layout.head_dim = c.head_dim;
+  layout.pos = as<int32_t>(pos);
+  layout.inv_freq = as<float>(inv_freq);
+  layout.interleaved = c.interleaved;
   if (fused) {
     const int first_row = c.rotate_q ? 0 : q_dim;
     const int rows = stride - first_row;
@@ -335,12 +342,7 @@ void run_in(const CudaRopeCall& c) {
       g.y = as<float>(qkv) + first_row + begin;
       g.skip_flag = as<int32_t>(flag);
       g.first_row = first_row + begin;
-      g.q_dim = q_dim;
-      g.kv_dim = kv_dim;
-      g.head_dim = c.head_dim;
-      g.pos = as<int32_t>(pos);
-      g.inv_freq = as<float>(inv_freq);
-      g.interleaved = c.interleaved;
+      g.rope = layout;
       g.k_cache = as<T>(k);
       g.v_cache = as<T>(v);
       launch_gemv(g, GemvOutput::RopeKv, stream);
@@ -348,15 +350,9 @@ void run_in(const CudaRopeCall& c) {
   } else {
     RopeKvArgs a;
     a.qkv = as<float>(qkv);
-    a.qkv_stride = stride;
     a.n = c.n;
-    a.pos = as<int32_t>(pos);
     a.q_heads = c.rotate_q ? c.num_heads : 0;
-    a.kv_heads = c.kv_heads;
-    a.head_dim = c.head_dim;
-    a.q_dim = q_dim;
-    a.inv_freq = as<float>(inv_freq);
-    a.interleaved = c.interleaved;
+    a.layout = layout;
     a.skip_flag = as<int32_t>(flag);
     launch_rope_kv_write(a, as<T>(k), as<T>(v), stream);
   }

@@ -10,17 +10,25 @@
 
 namespace ffnskip::cuda {
 
-struct RopeKvArgs {
-  float* qkv = nullptr;  // [n, qkv_stride]: q at column 0, k at q_dim, v at q_dim + kv_dim
-  int qkv_stride = 0;
-  int n = 0;
-  const int32_t* pos = nullptr;  // device: position of token 0
-  int q_heads = 0;               // q heads to rotate; 0 writes K/V only
-  int kv_heads = 0;
-  int head_dim = 0;
+// A pass's [q; k; v] rows (q at column 0, k at q_dim, v at q_dim + kv_dim) and how they turn:
+// what the RoPE kernel and the QKV GEMV's epilogue (gemv.cuh RopeKv) both take, set up once.
+struct RopeKvLayout {
   int q_dim = 0;
+  int kv_dim = 0;
+  int head_dim = 0;
+  const int32_t* pos = nullptr;     // device: position of the pass's first token
   const float* inv_freq = nullptr;  // [head_dim / 2]; angle = inv_freq[i] * float(position)
   bool interleaved = false;  // rows in llama.cpp's order: pairs (2i, 2i + 1) turn together
+
+  __host__ __device__ int stack() const { return q_dim + 2 * kv_dim; }
+  __host__ __device__ int kv_heads() const { return kv_dim / head_dim; }
+};
+
+struct RopeKvArgs {
+  float* qkv = nullptr;  // [n, layout.stack()]
+  int n = 0;
+  int q_heads = 0;  // q heads to rotate; 0 writes K/V only
+  RopeKvLayout layout;
   const int32_t* skip_flag = nullptr;  // device, optional: when set, the kernel does nothing
 };
 
