@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,6 +289,7 @@ def test_sweep_end_to_end(sweep_dir) -> None:
         part in command for part in ("--sweep", "--targets 0.2", "--limit 1,qa=3,perplexity=2",
                                      f"--out {sweep_dir}", "--no-plots"))
     assert "## At ~20% skip" in report and "early_exit@20" in report
+    assert "Partial run" not in report
     lossless_table = report.split("## Lossless speculative decoding")[1]
     assert "| speculative_auto | yes |" in lossless_table
     first = [r for r in rows if r["method"] in ("first", "first_w")]
@@ -309,6 +312,19 @@ def test_resume_finishes_an_interrupted_run(sweep_dir, sweep_args) -> None:
                                                            for r in before]
     assert [r["metrics"] for r in resumed] == [r["metrics"] for r in before]  # deterministic
     assert main([*args, "--resume", "--seed", "1"]) == 2  # other settings: refused
+
+
+def test_report_of_an_unfinished_run_names_the_rows_not_in_yet(sweep_dir, tmp_path) -> None:
+    partial = tmp_path / "partial"
+    shutil.copytree(sweep_dir, partial)
+    lines = (partial / "rows.jsonl").read_text().splitlines(keepends=True)
+    # the last four rows: speculative_self's chat and speculative_auto's three generation tasks
+    (partial / "rows.jsonl").write_text("".join(lines[:-4]))
+    report = Path(write_report(str(partial), plots=False)).read_text()
+    assert ("**Partial run: 4 rows are not in yet** (speculative_self (chat), speculative_auto "
+            "(qa, summarization, chat))") in report
+    (partial / "rows.jsonl").write_text("".join(lines))
+    assert "Partial run" not in Path(write_report(str(partial), plots=False)).read_text()
 
 
 def test_report_plots(sweep_dir) -> None:

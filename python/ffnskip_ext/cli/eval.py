@@ -14,7 +14,6 @@ from typing import Any
 from ..eval.tasks import TASKS
 from .options import add_model_options, load_model, model_path
 
-SPECS_FILE = "policies.json"
 # Calibration and Block Influence use the train split; these many windows feed Block Influence.
 INFLUENCE_WINDOWS = 2
 # Train-split questions and chats (each) on which FiRST thresholds are calibrated.
@@ -93,7 +92,7 @@ def _eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         previous_rows,
         with_dense,
     )
-    from ..eval.report import RUN_FILE, SPEED_FILE, write_report
+    from ..eval.report import RUN_FILE, SPECS_FILE, SPEED_FILE, write_report
     from ..eval.sweep import weight_counts
 
     started = time.perf_counter()

@@ -94,8 +94,13 @@ class PolicySpec:
                    None if speculative is None else Speculative.from_dict(speculative))
 
     def runs(self, task: str) -> bool:
-        """Speculation changes nothing teacher-forced: lossless rows skip perplexity."""
-        return self.speculative is None or task in GENERATION_TASKS
+        return runs_task(self.speculative is not None, task)
+
+
+def runs_task(speculative: bool, task: str) -> bool:
+    """Whether a policy evaluates ``task``: speculation changes nothing teacher-forced, so
+    lossless rows skip perplexity."""
+    return not speculative or task in GENERATION_TASKS
 
 
 DENSE_SPEC = PolicySpec(DENSE, DensePolicy(), DENSE, 0.0)
