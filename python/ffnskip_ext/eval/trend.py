@@ -63,6 +63,11 @@ class ModelSweep:
         base = dense.values.get(key, math.nan) if dense is not None else math.nan
         return value / base if base and not math.isnan(base) else math.nan
 
+    def skip(self, metric: TrendMetric, method: str, target: float) -> float:
+        """The FFN skip ratio the policy measured on the metric's task (NaN: no such row)."""
+        policy = self.at(method, target)
+        return math.nan if policy is None else policy.task_skip.get(metric.task, math.nan)
+
 
 def load_sweep(directory: str) -> ModelSweep:
     with open(os.path.join(directory, RUN_FILE), encoding="utf-8") as f:
@@ -116,7 +121,9 @@ def write_trend(directories: Sequence[str], out_dir: str, targets: Sequence[floa
         "Each model's own sweep (its directory below); a relative metric is the policy's value "
         "over the same model's dense value, so 1.0 = as good as dense. Methods are matched to "
         "each target as in the sweeps; the subsets differ between models (sizes below), so "
-        "a small gap between sizes can be noise.", "",
+        "a small gap between sizes can be noise. In parentheses: the FFN skip ratio the policy "
+        "measured on that task, which for the adaptive rule and FiRST can be far from the "
+        "target on some tasks.", "",
         "| model | weights read per dense step | sweep | subset sizes |", "|---|---|---|---|",
     ]
     lines += [f"| {s.name} | {s.weights / 1e6:.0f}M | `{s.directory}` | "
@@ -128,16 +135,21 @@ def write_trend(directories: Sequence[str], out_dir: str, targets: Sequence[floa
                   "|---|---|" + "---|" * len(sweeps)]
         for method in methods:
             for t in targets:
-                cells = [s.value(metric, method, t) for s in sweeps]
-                lines.append(f"| {method} | {t:.0%} | "
-                             + " | ".join("n/a" if math.isnan(v) else f"{v:.3f}" for v in cells)
-                             + " |")
+                cells = [_cell(s.value(metric, method, t), s.skip(metric, method, t))
+                         for s in sweeps]
+                lines.append(f"| {method} | {t:.0%} | " + " | ".join(cells) + " |")
     if made:
         lines += ["", f"![{made}]({made})"]
     path = os.path.join(out_dir, TREND_FILE)
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def _cell(value: float, skip: float) -> str:
+    if math.isnan(value):
+        return "n/a"
+    return f"{value:.3f}" if math.isnan(skip) else f"{value:.3f} ({skip:.1%})"
 
 
 def _plot(out_dir: str, sweeps: Sequence[ModelSweep], methods: Sequence[str],
