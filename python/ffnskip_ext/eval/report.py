@@ -209,31 +209,30 @@ def _ranks(summaries: Sequence[PolicySummary], columns: Sequence[Column]) -> lis
     return lines
 
 
-def _missing_rows(out_dir: str, run: dict[str, Any],
-                  rows: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
-    """The tasks without a row yet, per policy of the run's policies file (dense first, as
-    the harness runs it); empty when the run is complete or has no policies file."""
+def _partial_banner(out_dir: str, run: dict[str, Any],
+                    rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Lines naming the rows that the run's policies file (dense first, as the harness runs
+    it) plans but rows.jsonl lacks yet; none when the run is complete or has no such file."""
     path = os.path.join(out_dir, SPECS_FILE)
     if not os.path.exists(path):
-        return {}
+        return []
     with open(path, encoding="utf-8") as f:
         planned = [(p["name"], p.get("speculative") is not None) for p in json.load(f)]
     planned = [(DENSE, False)] + [p for p in planned if p[0] != DENSE]
     tasks = EvalSettings(**run["settings"]).tasks
     done = {(r["policy"], r["task"]) for r in rows}
-    missing = {name: [t for t in tasks if runs_task(speculative, t) and (name, t) not in done]
-               for name, speculative in planned}
-    return {name: left for name, left in missing.items() if left}
-
-
-def _partial_banner(missing: dict[str, list[str]]) -> list[str]:
-    if not missing:
+    count, names = 0, []
+    for name, speculative in planned:
+        runs = [t for t in tasks if runs_task(speculative, t)]
+        missing = [t for t in runs if (name, t) not in done]
+        count += len(missing)
+        if missing:  # a policy with no row yet by its name alone
+            names.append(name if len(missing) == len(runs) else f"{name} ({', '.join(missing)})")
+    if not count:
         return []
-    count = sum(len(tasks) for tasks in missing.values())
-    policies = ", ".join(f"{name} ({', '.join(tasks)})" for name, tasks in missing.items())
-    return [f"**Partial run: {count} rows are not in yet** ({policies}). The same command with "
-            "`--resume` goes on from there; until then the tables below have gaps (n/a) and "
-            "the ranks compare only the policies that have the row.", ""]
+    return [f"**Partial run: {count} rows are not in yet** ({', '.join(names)}). The same "
+            "command with `--resume` goes on from there; until then the tables below have gaps "
+            "(n/a) and the ranks compare only the policies that have the row.", ""]
 
 
 def write_report(out_dir: str, plots: bool = True) -> str:
@@ -254,7 +253,6 @@ def write_report(out_dir: str, plots: bool = True) -> str:
     made = _plots(out_dir, summaries, columns) if plots else []
     sizes = {r["task"]: r["n"] for r in rows if r["policy"] == DENSE}
     wall = run.get("setup_seconds", 0.0) + sum(r["wall_seconds"] for r in rows)
-    missing = _missing_rows(out_dir, run, rows)
     lines = [
         f"# Quality against skip ratio: {run['model_name']}", "",
         "Made by:", "", "```bash", run["command"], "```", "",
@@ -271,7 +269,7 @@ def write_report(out_dir: str, plots: bool = True) -> str:
         f"{run['settings']['chat_max_new_tokens']}, code "
         f"{run['settings'].get('code_max_new_tokens', 'n/a')} tokens. Compute time of the rows and "
         f"setup (calibration, Block Influence): {wall / 60:.1f} min.", "",
-        *_partial_banner(missing),
+        *_partial_banner(out_dir, run, rows),
         "Columns: FFN skip = skipped FFN blocks / (decode tokens x layers) over every task "
         "(warm-up included); layer skip = share of layers not run in full; weights not read = "
         "share of the weights a dense decode step reads (layers and LM head) that the "
