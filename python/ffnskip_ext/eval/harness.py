@@ -93,14 +93,20 @@ class PolicySpec:
                    data.get("target"),
                    None if speculative is None else Speculative.from_dict(speculative))
 
-    def runs(self, task: str) -> bool:
-        return runs_task(self.speculative is not None, task)
-
 
 def runs_task(speculative: bool, task: str) -> bool:
     """Whether a policy evaluates ``task``: speculation changes nothing teacher-forced, so
     lossless rows skip perplexity."""
     return not speculative or task in GENERATION_TASKS
+
+
+def pending_rows(policies: Sequence[tuple[str, bool]], tasks: Sequence[str],
+                 rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The (policy, task) rows, in run order, that ``rows`` lacks: each policy, given as its
+    name and whether it speculates, on each of ``tasks`` that it runs."""
+    done = {(r["policy"], r["task"]) for r in rows}
+    return [(name, task) for name, speculative in policies for task in tasks
+            if (name, task) not in done and runs_task(speculative, task)]
 
 
 DENSE_SPEC = PolicySpec(DENSE, DensePolicy(), DENSE, 0.0)
@@ -412,11 +418,11 @@ def evaluate(
     earlier runs when resuming). The dense policy is added first when missing."""
     specs = with_dense(specs)
     rows = previous_rows(out_dir, resume, specs) if out_dir is not None else []
-    done = {(r["policy"], r["task"]) for r in rows}
     items = load_items(settings, tokenizer)
     previous_policy = decoder.policy
-    todo = [(spec, task) for spec in specs for task in settings.tasks
-            if (spec.name, task) not in done and spec.runs(task)]
+    by_name = {spec.name: spec for spec in specs}
+    todo = [(by_name[name], task) for name, task in pending_rows(
+        [(spec.name, spec.speculative is not None) for spec in specs], settings.tasks, rows)]
     try:
         for spec, task in tqdm(todo, desc="eval rows", disable=not progress):
             dense = next((r["samples"] for r in rows

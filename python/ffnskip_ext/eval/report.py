@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .harness import DENSE, GENERATION_TASKS, EvalSettings, read_rows, runs_task
+from .harness import DENSE, GENERATION_TASKS, EvalSettings, pending_rows, read_rows
 from .sweep import MATCHING
 
 RUN_FILE = "run.json"
@@ -220,17 +220,16 @@ def _partial_banner(out_dir: str, run: dict[str, Any],
         planned = [(p["name"], p.get("speculative") is not None) for p in json.load(f)]
     planned = [(DENSE, False)] + [p for p in planned if p[0] != DENSE]
     tasks = EvalSettings(**run["settings"]).tasks
-    done = {(r["policy"], r["task"]) for r in rows}
-    count, names = 0, []
-    for name, speculative in planned:
-        runs = [t for t in tasks if runs_task(speculative, t)]
-        missing = [t for t in runs if (name, t) not in done]
-        count += len(missing)
-        if missing:  # a policy with no row yet by its name alone
-            names.append(name if len(missing) == len(runs) else f"{name} ({', '.join(missing)})")
-    if not count:
+    pending = pending_rows(planned, tasks, rows)
+    if not pending:
         return []
-    return [f"**Partial run: {count} rows are not in yet** ({', '.join(names)}). The same "
+    names = []
+    for name, speculative in planned:
+        missing = [t for p, t in pending if p == name]
+        if missing:  # a policy with no row yet by its name alone
+            runs = pending_rows([(name, speculative)], tasks, [])
+            names.append(name if len(missing) == len(runs) else f"{name} ({', '.join(missing)})")
+    return [f"**Partial run: {len(pending)} rows are not in yet** ({', '.join(names)}). The same "
             "command with `--resume` goes on from there; until then the tables below have gaps "
             "(n/a) and the ranks compare only the policies that have the row.", ""]
 
