@@ -80,8 +80,21 @@ def test_cli_checks_arguments_before_loading_the_model(tmp_path) -> None:
     assert done.returncode == 2 and "warmup_tokens 8 >= max_new_tokens 8" in done.stderr
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--max-skips", "0"], "--max-skips must be >= 1, got 0"),
+    (["--for", "speculation", "--max-skips", "2"], "--max-skips is for --for skip-ratio"),
+])
+def test_cli_checks_the_skip_budget_before_loading_the_model(tmp_path, extra, message) -> None:
+    target = [] if "speculation" in extra else ["--target", "0.2"]
+    done = run_cli("calibrate", "--model", str(tmp_path / "absent"), *target,
+                   "--out", str(tmp_path / "p.json"), *extra)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_new_tokens=8, warmup_tokens=8), "warmup_tokens 8 >= max_new_tokens 8"),
+    (dict(max_new_tokens=40, warmup_tokens=4, budgets=(0,)), "budgets must be integers"),
+    (dict(max_new_tokens=40, warmup_tokens=4, budgets=()), "budgets must be integers"),
     (dict(max_new_tokens=0, warmup_tokens=0), "max_new_tokens must be an integer >= 1"),
     (dict(max_new_tokens=40, warmup_tokens=4, tolerance=0.0), "tolerance must be > 0"),
 ])
@@ -119,9 +132,10 @@ def test_cli_calibrate_then_generate_with_the_policy(tiny_chat_model_dir, tmp_pa
     out = tmp_path / "policy.json"
     done = run_cli("calibrate", "--model", str(tiny_chat_model_dir), "--target", "0.15",
                    "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "40",
-                   "--warmup-tokens", "4")
+                   "--warmup-tokens", "4", "--max-skips", "2")
     assert done.returncode == 0, done.stderr
-    assert json.loads(out.read_text())["kind"] == "ffn_skip"
+    written = json.loads(out.read_text())
+    assert written["kind"] == "ffn_skip" and written["max_skips_per_token"] == 2
     done = run_cli("generate", "hi", "--model", str(tiny_chat_model_dir), "--policy", str(out),
                    "--max-new-tokens", "30")
     assert done.returncode == 0, done.stderr

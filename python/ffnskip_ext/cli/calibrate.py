@@ -34,6 +34,9 @@ def add_parser(subparsers: Any) -> None:
                      help="skip-ratio: first generated tokens that always run dense")
     cal.add_argument("--tolerance", type=float, default=0.02,
                      help="skip-ratio: how far the measured skip ratio may be from --target")
+    cal.add_argument("--max-skips", type=int, default=None,
+                     help="skip-ratio: consider only policies that skip at most this many FFNs "
+                          "per token (default: try 1, 2, 4, 8 and no limit, keep the best)")
     cal.add_argument("--strict", action="store_true",
                      help="skip-ratio: fail (exit 2) when no policy comes within --tolerance, "
                           "instead of writing the closest one with a warning")
@@ -68,6 +71,8 @@ def _check_skip_ratio_arguments(args: argparse.Namespace) -> None:
 
     if args.target is None:
         raise ValueError("--target is required (or use --for speculation)")
+    if args.max_skips is not None and args.max_skips < 1:
+        raise ValueError(f"--max-skips must be >= 1, got {args.max_skips}")
     if args.max_new_tokens is None:
         args.max_new_tokens = 64
     check_calibration_arguments(args.target, args.max_new_tokens, args.warmup_tokens,
@@ -80,6 +85,8 @@ def _check_speculation_arguments(args: argparse.Namespace) -> None:
     if args.target is not None:
         raise ValueError("--target is for --for skip-ratio; a speculative draft is tuned for "
                          "speed, not to a skip ratio")
+    if args.max_skips is not None:
+        raise ValueError("--max-skips is for --for skip-ratio")
     if args.max_new_tokens is None:
         args.max_new_tokens = DEFAULT_TOKENS
     check_draft_arguments(args.max_new_tokens, args.draft_max)
@@ -87,13 +94,15 @@ def _check_speculation_arguments(args: argparse.Namespace) -> None:
 
 def _calibrate_skip_ratio(args: argparse.Namespace, decoder: Any, tokenizer: Any,
                           prompts: list[Any]) -> Any:
-    from ..tuning.calibration import CalibrationWarning, calibrate
+    from ..tuning.calibration import DEFAULT_BUDGETS, CalibrationWarning, calibrate
 
+    budgets = DEFAULT_BUDGETS if args.max_skips is None else (args.max_skips,)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CalibrationWarning)
         policy = calibrate(
             decoder, tokenizer, prompts, args.target, max_new_tokens=args.max_new_tokens,
-            warmup_tokens=args.warmup_tokens, tolerance=args.tolerance, strict=args.strict,
+            warmup_tokens=args.warmup_tokens, budgets=budgets, tolerance=args.tolerance,
+            strict=args.strict,
         )
     for warning in caught:
         if issubclass(warning.category, CalibrationWarning):

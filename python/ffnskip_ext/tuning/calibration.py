@@ -183,6 +183,9 @@ def calibrate(
     decoding. When no candidate reaches the target, returns the closest one with a
     CalibrationWarning, or raises ValueError if ``strict``."""
     check_calibration_arguments(target_skip_ratio, max_new_tokens, warmup_tokens, tolerance)
+    if not budgets or any(k is not None and (isinstance(k, bool) or not isinstance(k, int)
+                                             or k < 1) for k in budgets):
+        raise ValueError(f"budgets must be integers >= 1 or None (no limit), got {budgets!r}")
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
     previous = decoder.policy
