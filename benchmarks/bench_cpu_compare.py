@@ -429,11 +429,13 @@ def machine_description(threads: int) -> list[str]:
                 flags = set(value.split())
     with open("/proc/meminfo", encoding="utf-8") as f:
         mem_kib = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16") if f in flags]
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16")
+           if f in flags]
     lines = [
         f"machine: {cpu}, {os.cpu_count()} cpus, {mem_kib / 2**20:.1f} GiB, ISA "
         f"{' '.join(isa) or 'none of avx2/avx512'}; threads={threads}",
-        f"ffnskip_ext CPU kernels: {ffnskip_ext.build_info()['cpu_isa']} "
+        f"ffnskip_ext CPU kernels: {ffnskip_ext.build_info()['cpu_isa']}, quantised dot "
+        f"products {ffnskip_ext.build_info()['cpu_quant_kernels']} "
         f"(FFNSKIP_CPU_ISA={os.environ.get('FFNSKIP_CPU_ISA', 'unset')})",
         f"versions: {versions()}; commit {commit()}",
     ]

@@ -66,7 +66,7 @@ def test_build_info_says_cuda_was_compiled() -> None:
 def test_build_info_fields_are_consistent() -> None:
     info = ffnskip_ext.build_info()
     assert set(info) == {"cuda_compiled", "cuda_runtime", "cuda_driver", "cublas", "gpu",
-                         "cuda_error", "cpu_isa"}
+                         "cuda_error", "cpu_isa", "cpu_quant_kernels"}
     if ffnskip_ext.cuda_available():
         assert info["gpu"] and info["cuda_error"] is None
     else:

@@ -258,6 +258,22 @@ def test_quantized_kernels_agree_across_instruction_sets(pool) -> None:
             np.testing.assert_allclose(other, results[0], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.skipif("avx512" not in ISAS, reason="needs an AVX-512 CPU")
+@pytest.mark.parametrize("type_name", QUANTIZABLE + K_QUANTS)
+@pytest.mark.parametrize("out_features, n", [(1, 1), (9, 1), (7, 5), (13, 17), (11, 70)])
+def test_avx512_quantized_kernels_equal_avx2_bit_for_bit(pool, type_name, out_features,
+                                                         n) -> None:
+    """AVX-512 VNNI's fused dot products (vpdpbusd, vpdpwssd) give the integer sums of AVX2's
+    vpmaddubsw/vpmaddwd and each output's fp32 sums run in the same order whatever the tile,
+    so the outputs are identical; rows and tokens leave tails of the wider AVX-512 tiles."""
+    rng = np.random.default_rng(out_features * 7 + n)
+    data = quantized(type_name, out_features, 512, rng)
+    x = (rng.standard_normal((n, 512)) * 2.0).astype(np.float32)
+    bias = rng.standard_normal(out_features).astype(np.float32)
+    np.testing.assert_array_equal(kernels.linear(pool, data, type_name, bias, x, None, "avx512"),
+                                  kernels.linear(pool, data, type_name, bias, x, None, "avx2"))
+
+
 # Passes of up to kStepExactTokens (16) tokens give each token exactly what a one-token step
 # gives: speculative verification relies on it for output identical to dense decoding.
 STEP_EXACT_TOKENS = 16

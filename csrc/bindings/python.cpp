@@ -18,6 +18,7 @@
 #include "../cpu/isa.h"
 #include "../cpu/linear.h"
 #include "../cpu/norm.h"
+#include "../cpu/quant.h"
 #include "../cpu/rope.h"
 #include "../core/mapped_file.h"
 #include "../core/skip_rule.h"
@@ -927,9 +928,11 @@ PYBIND11_MODULE(_core, m) {
                     py::arg("cuda_driver") = text(i.driver_version),
                     py::arg("cublas") = text(i.cublas_version),
                     py::arg("gpu") = text(i.device_name), py::arg("cuda_error") = text(i.error),
-                    py::arg("cpu_isa") = cpu::isa_name(cpu::kernel_isa()));
+                    py::arg("cpu_isa") = cpu::isa_name(cpu::kernel_isa()),
+                    py::arg("cpu_quant_kernels") = cpu::quant_kernels_name(cpu::kernel_isa()));
   }, "CUDA build and machine: compiled or not, CUDA runtime, driver and cuBLAS versions, GPU; "
-     "the instruction set of the CPU kernels (avx512, avx2 or default).");
+     "the instruction set of the CPU kernels (avx512, avx2 or default) and the integer "
+     "dot products of its quantised linears (avx512-vnni, avx2 or scalar).");
 
   m.def(
       "measure_read_bandwidth",

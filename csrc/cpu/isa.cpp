@@ -15,6 +15,18 @@ Isa best_isa() {
   return Isa::Default;
 }
 
+bool has_avx512_vnni() {
+#ifdef FFNSKIP_X86_DISPATCH
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 Isa isa_from_environment() {

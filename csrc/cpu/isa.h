@@ -16,6 +16,9 @@ Isa kernel_isa();
 const char* isa_name(Isa isa);
 // The best this CPU supports, whatever the environment says.
 Isa best_isa();
+// Whether the CPU has AVX-512 VNNI (vpdpbusd, vpdpwssd): Ice Lake, Zen 4 and later, not
+// Skylake-X. The quantised kernels of Isa::Avx512 use it where it is there.
+bool has_avx512_vnni();
 
 }  // namespace ffnskip::cpu
 

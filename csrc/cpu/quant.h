@@ -1,8 +1,9 @@
 // Linears over quantised weights (GGUF block formats, as stored). The activations are quantised
 // to int8 and each block of weights is multiplied with them in integer arithmetic (AVX2:
-// vpmaddubsw/vpmaddwd), fp32 across blocks: per block of 32 with an fp32 scale for the 32-element
-// formats, per super-block of 256 with one scale for the K-quants, whose sub-block scales are
-// integers (as llama.cpp's Q8_K), so a whole super-block is summed in int32.
+// vpmaddubsw/vpmaddwd; AVX-512 VNNI: vpdpbusd/vpdpwssd), fp32 across blocks: per block of 32
+// with an fp32 scale for the 32-element formats, per super-block of 256 with one scale for the
+// K-quants, whose sub-block scales are integers (as llama.cpp's Q8_K), so a whole super-block
+// is summed in int32.
 #pragma once
 
 #include <cstdint>
@@ -28,6 +29,10 @@ struct BlockQ8K {
   int16_t sums16[16];
   int8_t q[256];
 };
+
+// The integer dot-product kernels the quantised linears run for `isa`: "avx512-vnni" (an
+// AVX-512 CPU with VNNI), "avx2" (also AVX-512 without VNNI) or "scalar".
+const char* quant_kernels_name(Isa isa);
 
 // Whether a format reads BlockQ8K activations (else BlockQ8).
 bool uses_k_activations(TensorType type);
