@@ -275,7 +275,7 @@ void rows_of_type(const QuantMatrix& w, const QuantInput& x, float* y, int64_t y
   }
 }
 
-// A block of `size` activations as the SIMD path quantises them.
+// A block of kSize activations to int8: returns its scale, writes the sums of q per 16.
 template <int kSize>
 float quantize_block_scalar(const float* v, int8_t* q, int32_t* sums16) {
   float amax = 0.0f;
@@ -292,6 +292,36 @@ float quantize_block_scalar(const float* v, int8_t* q, int32_t* sums16) {
   return amax / 127.0f;
 }
 
+// The rest of a block from its scale and its sums per 16.
+void finish_block(float d, const int32_t* sums16, BlockQ8& out) {
+  out.d = d;
+  for (int h = 0; h < 2; ++h) out.s[h] = d * static_cast<float>(sums16[h]);
+}
+void finish_block(float d, const int32_t* sums16, BlockQ8K& out) {
+  out.d = d;
+  for (int g = 0; g < 8; ++g) out.sums[g] = static_cast<int16_t>(sums16[2 * g] + sums16[2 * g + 1]);
+  for (int j = 0; j < 16; ++j) out.sums16[j] = static_cast<int16_t>(sums16[j]);
+}
+
+template <typename Block>
+void quantize_blocks(const float* x, int64_t n, int64_t in, Block* out, Isa isa) {
+  constexpr int kSize = sizeof(Block::q);
+  float (*quantize_block)(const float*, int8_t*, int32_t*) = quantize_block_scalar<kSize>;
+#ifdef FFNSKIP_X86_DISPATCH
+  switch (quant_kernels(isa)) {
+    case QuantKernels::Avx512Vnni: quantize_block = avx512_vnni::quantize_block_simd<kSize>; break;
+    case QuantKernels::Avx2: quantize_block = avx2::quantize_block_simd<kSize>; break;
+    default: break;
+  }
+#endif
+  const int64_t blocks = n * in / kSize;
+  for (int64_t b = 0; b < blocks; ++b, x += kSize, ++out) {
+    int32_t sums16[kSize / 16];
+    const float d = quantize_block(x, out->q, sums16);
+    finish_block(d, sums16, *out);
+  }
+}
+
 }  // namespace
 
 bool uses_k_activations(TensorType type) { return is_k_quant(type); }
@@ -305,37 +335,11 @@ const char* quant_kernels_name(Isa isa) {
 }
 
 void quantize_activations(const float* x, int64_t n, int64_t in, BlockQ8* out, Isa isa) {
-  const int64_t blocks = n * in / 32;
-#ifdef FFNSKIP_X86_DISPATCH
-  switch (quant_kernels(isa)) {
-    case QuantKernels::Avx512Vnni: return avx512_vnni::quantize_simd(x, blocks, out);
-    case QuantKernels::Avx2: return avx2::quantize_simd(x, blocks, out);
-    default: break;
-  }
-#endif
-  for (int64_t b = 0; b < blocks; ++b, x += 32, ++out) {
-    int32_t sums[2];
-    out->d = quantize_block_scalar<32>(x, out->q, sums);
-    out->s[0] = out->d * static_cast<float>(sums[0]);
-    out->s[1] = out->d * static_cast<float>(sums[1]);
-  }
+  quantize_blocks(x, n, in, out, isa);
 }
 
 void quantize_activations(const float* x, int64_t n, int64_t in, BlockQ8K* out, Isa isa) {
-  const int64_t blocks = n * in / 256;
-#ifdef FFNSKIP_X86_DISPATCH
-  switch (quant_kernels(isa)) {
-    case QuantKernels::Avx512Vnni: return avx512_vnni::quantize_simd(x, blocks, out);
-    case QuantKernels::Avx2: return avx2::quantize_simd(x, blocks, out);
-    default: break;
-  }
-#endif
-  for (int64_t b = 0; b < blocks; ++b, x += 256, ++out) {
-    int32_t sums[16];
-    out->d = quantize_block_scalar<256>(x, out->q, sums);
-    for (int g = 0; g < 8; ++g) out->sums[g] = static_cast<int16_t>(sums[2 * g] + sums[2 * g + 1]);
-    for (int j = 0; j < 16; ++j) out->sums16[j] = static_cast<int16_t>(sums[j]);
-  }
+  quantize_blocks(x, n, in, out, isa);
 }
 
 void quant_rows(const QuantMatrix& w, const QuantInput& x, float* y, int64_t y_stride,
