@@ -26,6 +26,9 @@ constexpr int kTileTokens = 4;
 constexpr int kDecodeRows = 8;
 // Threads take whole chunks of rows, a multiple of every instruction set's panel (below).
 constexpr int kChunkRows = 32;
+// Pieces of a linear's chunks per thread: enough for the threads to even out their finishing
+// times, few enough that taking one (an atomic add) costs nothing next to it.
+constexpr int64_t kPiecesPerThread = 8;
 
 template <Isa I>
 using vu16 = typename VectorOf<uint16_t, kLanes<I>>::type;
@@ -508,9 +511,11 @@ void linear(ThreadPool& pool, const LinearWeights& w, const float* x, int64_t n,
   }
   if (w.any_of(is_quantized)) input.xq = quantized_activations(w, x, n, isa);
   // Threads take whole chunks of panels, so which kernel computes a row (and hence its
-  // rounding) does not depend on the thread count.
+  // rounding) does not depend on the thread count; they take them a few at a time as they
+  // finish, since one decode step's threads stream their rows at different speeds.
   const int64_t chunks = (w.out + kChunkRows - 1) / kChunkRows;
-  pool.parallel_for(chunks, [&](int64_t begin, int64_t end, int) {
+  pool.parallel_for_dynamic(chunks, chunks / (kPiecesPerThread * pool.size()),
+                            [&](int64_t begin, int64_t end) {
     linear_rows(w, input, y, begin * kChunkRows, std::min(w.out, end * kChunkRows), accumulate,
                 isa);
   });

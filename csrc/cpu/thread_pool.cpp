@@ -152,4 +152,12 @@ void ThreadPool::parallel_for(int64_t n, const Task& fn) {
   while (w.pending.load() != 0) FFNSKIP_CPU_RELAX();
 }
 
+void ThreadPool::parallel_for_dynamic(int64_t n, int64_t grain, const RangeTask& fn) {
+  grain = std::max<int64_t>(grain, 1);
+  std::atomic<int64_t> next{0};
+  parallel_for(std::min<int64_t>(size(), (n + grain - 1) / grain), [&](int64_t, int64_t, int) {
+    for (int64_t begin; (begin = next.fetch_add(grain)) < n;) fn(begin, std::min(n, begin + grain));
+  });
+}
+
 }  // namespace ffnskip::cpu

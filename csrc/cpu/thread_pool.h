@@ -31,6 +31,12 @@ class ThreadPool {
   using Task = std::function<void(int64_t, int64_t, int)>;
   void parallel_for(int64_t n, const Task& fn);
 
+  // Runs fn(begin, end) on pieces [begin, begin + grain) of [0, n) that the threads take in
+  // turn as they finish the last: for loops whose speed differs between threads (streams from
+  // memory on cores that share its bandwidth), so that none waits long for the others.
+  using RangeTask = std::function<void(int64_t, int64_t)>;
+  void parallel_for_dynamic(int64_t n, int64_t grain, const RangeTask& fn);
+
  private:
   struct Workers;  // the threads and what they share with the caller
 
