@@ -72,13 +72,20 @@ def test_linear(pool, isa, dtype, out_features, in_features, n) -> None:
                       np.abs(y0) + abs_products + np.abs(bias), in_features + 2)
 
 
-def test_linear_rows_do_not_depend_on_the_thread_count() -> None:
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((97, 130)).astype(np.float32)
-    x = rng.standard_normal((13, 130)).astype(np.float32)
-    one = kernels.linear(kernels.ThreadPool(1), w, "F32", None, x, None, ISAS[-1])
-    two = kernels.linear(kernels.ThreadPool(2), w, "F32", None, x, None, ISAS[-1])
-    np.testing.assert_array_equal(one, two)
+@pytest.mark.parametrize("rows", [97, 1000])
+@pytest.mark.parametrize("tokens", [1, 13])
+def test_linear_rows_do_not_depend_on_the_thread_count(rows: int, tokens: int) -> None:
+    """Threads take the chunks of rows in pieces as they finish (1000 rows: 32 chunks, pieces
+    of 1-2 for 2-3 threads): every row is computed once, by the same kernel whatever thread."""
+    rng = np.random.default_rng(rows + tokens)
+    w = rng.standard_normal((rows, 130)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    x = rng.standard_normal((tokens, 130)).astype(np.float32)
+    y0 = rng.standard_normal((tokens, rows)).astype(np.float32)
+    one = kernels.linear(kernels.ThreadPool(1), w, "F32", bias, x, y0, ISAS[-1])
+    for threads in (2, 3):
+        many = kernels.linear(kernels.ThreadPool(threads), w, "F32", bias, x, y0, ISAS[-1])
+        np.testing.assert_array_equal(one, many)
 
 
 def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int, heads: int,
