@@ -527,10 +527,12 @@ def attention_cache(rng: np.random.Generator, rows: int, used: int, kv_dim: int,
 # (num_heads, kv_heads, head_dim, pos, splits): one position; more than 8 q heads per KV head
 # (12, 10: a second, partial block of heads); head_dim 80 and 256; more splits than the
 # positions fill (splits hold at least 64 positions: empty splits); splits of several rounds,
-# the last one partial (701 positions in 3); MHA.
+# the last one partial (701 positions in 3); MHA. V is read 4 values per lane where head_dim
+# is a multiple of 4, in key slots of 128 / (head_dim / 4) lanes (80: 6 slots and 8 idle
+# lanes; 256: 2 slots); head_dim 66 reads one value of every key per lane.
 DECODE_ATTENTION_SHAPES = [(4, 4, 64, 0, 1), (12, 1, 128, 100, 3), (24, 2, 80, 70, 5),
                            (16, 16, 256, 40, 2), (8, 2, 64, 4, 8), (9, 3, 64, 37, 2),
-                           (40, 4, 96, 300, 16), (8, 2, 128, 700, 3)]
+                           (40, 4, 96, 300, 16), (8, 2, 128, 700, 3), (6, 2, 66, 90, 2)]
 
 
 @needs_gpu

@@ -18,6 +18,15 @@ constexpr int kDimsPerThread = kMaxHeadDim / kThreads;
 // A split scores whole rounds, at least this many positions: fewer would cost more in blocks
 // and partials than it gains in parallelism.
 constexpr int kMinKeysPerSplit = 2 * kKeysPerRound;
+// V rows read as 4 values per lane (16 bytes of fp32, 8 of fp16/bf16) when head_dim is a
+// multiple of 4: lanes v_pack of `slot` take the keys slot, slot + slots, ... of a round, and the
+// slots' sums are added in slot order at the end. Not 8 values of 16 bits: 64 accumulators for
+// 8 heads, besides the scoring's q registers, would not fit the 128 registers per thread of
+// kBlocksPerMultiprocessor blocks (ptxas reports spills).
+constexpr int kVValues = 4;
+
+bool vector_v(int head_dim) { return head_dim % kVValues == 0; }
+
 // Blocks per multiprocessor the splits aim at when the cache is full (four warps each, at up
 // to 128 registers per thread: one wave of the 64K-register file), so that more loads are in
 // flight to stream K/V than with fewer, longer splits. An estimate, to be measured on a GPU.
@@ -38,11 +47,29 @@ __device__ __forceinline__ int packs_per_key(int head_dim) {
   return head_dim % kPack == 0 && packs <= kWarpSize && kWarpSize % packs == 0 ? packs : 0;
 }
 
+// kVValues values of V from p (aligned to their size).
+template <typename T>
+__device__ __forceinline__ void load_v_values(const T* p, float (&out)[kVValues]) {
+  if constexpr (sizeof(T) == 4) {
+    const uint4 raw = load_raw(p);
+    out[0] = __uint_as_float(raw.x);
+    out[1] = __uint_as_float(raw.y);
+    out[2] = __uint_as_float(raw.z);
+    out[3] = __uint_as_float(raw.w);
+  } else {
+    const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
+    const T* values = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < kVValues; ++i) out[i] = to_float(values[i]);
+  }
+}
+
 // Block (split, y): KV head y / head_blocks, q heads [first_head, first_head + heads) of its
 // group. Rounds of kKeysPerRound positions: (1) each warp scores some positions for all the
 // heads, (2) one warp per head updates its running max and sum (a lane per position), (3)
-// each thread updates its output dimensions with the round's probabilities and V rows.
-template <typename T>
+// each thread updates its output values with the round's probabilities and V rows: kVValues
+// of a subset of the round's keys (kVectorV), or one dimension of every key.
+template <typename T, bool kVectorV>
 __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
     decode_attention_split_kernel(const DecodeAttentionArgs a, const T* __restrict__ k_cache,
                                   const T* __restrict__ v_cache) {
@@ -91,22 +118,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
   const float scale = 1.0f / sqrtf(static_cast<float>(hd));
   const T* k_base = k_cache + kv_head * hd;
   const T* v_base = v_cache + kv_head * hd;
-  // Packed scoring: lane l reads pack l % packs of key l / packs, its q values in registers.
+  // Packed scoring: lane l reads pack l % packs of key l / packs (its q values from shared
+  // memory: with the V accumulators, registers for them too would spill).
   constexpr int kPack = Pack<T>::kCount;
   const int packs = packs_per_key<T>(hd);
   const int keys_per_load = packs > 0 ? kWarpSize / packs : 1;
   const int pack = packs > 0 ? lane % packs : 0;
-  float q_pack[kMaxHeadsPerBlock][kPack] = {};
-  if (packs > 0) {
-#pragma unroll
-    for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-#pragma unroll
-      for (int i = 0; i < kPack; ++i) {
-        if (g < heads) q_pack[g][i] = q_s[g][pack * kPack + i];
-      }
-    }
-  }
-  float acc[kMaxHeadsPerBlock][kDimsPerThread] = {};
+  constexpr int kAccValues = kVectorV ? kVValues : kDimsPerThread;
+  float acc[kMaxHeadsPerBlock][kAccValues] = {};
+  const int v_packs = kVectorV ? hd / kVValues : 1;
+  const int slots = kThreads / v_packs;  // at least 2: head_dim <= kMaxHeadDim
+  const int v_pack = tid % v_packs;
+  const int slot = tid / v_packs;  // slots and above: no V work
   for (int k0 = begin; k0 < end; k0 += kKeysPerRound) {
     const int keys = min(kKeysPerRound, end - k0);
     for (int j0 = warp * keys_per_load; j0 < keys; j0 += kWarps * keys_per_load) {
@@ -120,7 +143,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
 #pragma unroll
           for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
 #pragma unroll
-            for (int i = 0; i < kPack; ++i) dot[g] += q_pack[g][i] * kv[i];
+            for (int i = 0; i < kPack; ++i) dot[g] += q_s[g][pack * kPack + i] * kv[i];
           }
         }
       } else {
@@ -162,31 +185,70 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerMultiprocessor)
     }
     __syncthreads();
 #pragma unroll
-    for (int e = 0; e < kDimsPerThread; ++e) {
-      const int d = tid + e * kThreads;
-      if (d >= hd) continue;
+    for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
 #pragma unroll
-      for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+      for (int e = 0; e < kAccValues; ++e) {
         if (g < heads) acc[g][e] *= corr_s[g];
       }
-      for (int j = 0; j < keys; ++j) {
-        const float vd = to_float(v_base[static_cast<int64_t>(k0 + j) * kv_dim + d]);
+    }
+    if constexpr (kVectorV) {
+      for (int j = slot; j < keys && slot < slots; j += slots) {
+        float vv[kVValues];
+        load_v_values(v_base + static_cast<int64_t>(k0 + j) * kv_dim + v_pack * kVValues, vv);
 #pragma unroll
         for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-          if (g < heads) acc[g][e] += p_s[g][j] * vd;
+          if (g < heads) {
+            const float p = p_s[g][j];
+#pragma unroll
+            for (int e = 0; e < kVValues; ++e) acc[g][e] += p * vv[e];
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < kDimsPerThread; ++e) {
+        const int d = tid + e * kThreads;
+        if (d >= hd) continue;
+        for (int j = 0; j < keys; ++j) {
+          const float vd = to_float(v_base[static_cast<int64_t>(k0 + j) * kv_dim + d]);
+#pragma unroll
+          for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+            if (g < heads) acc[g][e] += p_s[g][j] * vd;
+          }
         }
       }
     }
     __syncthreads();  // p_s and corr_s are rewritten by the next round
   }
 
-#pragma unroll
-  for (int e = 0; e < kDimsPerThread; ++e) {
-    const int d = tid + e * kThreads;
-    if (d >= hd) continue;
+  if constexpr (kVectorV) {
+    // [head * kVValues + value][thread]: conflict-free stores; then output (g, d) adds its
+    // slots' sums in slot order.
+    __shared__ float slot_sums[kMaxHeadsPerBlock * kVValues][kThreads];
 #pragma unroll
     for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
-      if (g < heads) partial_of(g)[d] = acc[g][e];
+#pragma unroll
+      for (int e = 0; e < kVValues; ++e) {
+        if (g < heads) slot_sums[g * kVValues + e][tid] = acc[g][e];
+      }
+    }
+    __syncthreads();
+    for (int i = tid; i < heads * hd; i += kThreads) {
+      const int g = i / hd, d = i % hd;
+      const float* sums = slot_sums[g * kVValues + d % kVValues] + d / kVValues;
+      float o = 0.0f;
+      for (int s = 0; s < slots; ++s) o += sums[s * v_packs];
+      partial_of(g)[d] = o;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < kDimsPerThread; ++e) {
+      const int d = tid + e * kThreads;
+      if (d >= hd) continue;
+#pragma unroll
+      for (int g = 0; g < kMaxHeadsPerBlock; ++g) {
+        if (g < heads) partial_of(g)[d] = acc[g][e];
+      }
     }
   }
   if (tid < heads) {
@@ -238,7 +300,11 @@ void launch_decode_attention(const DecodeAttentionArgs& args, const T* k_cache, 
                              T* out, cudaStream_t stream) {
   const int head_blocks = heads_blocks(args.num_heads / args.num_kv_heads);
   const dim3 grid(args.num_splits, args.num_kv_heads * head_blocks);
-  decode_attention_split_kernel<T><<<grid, kThreads, 0, stream>>>(args, k_cache, v_cache);
+  if (vector_v(args.head_dim)) {
+    decode_attention_split_kernel<T, true><<<grid, kThreads, 0, stream>>>(args, k_cache, v_cache);
+  } else {
+    decode_attention_split_kernel<T, false><<<grid, kThreads, 0, stream>>>(args, k_cache, v_cache);
+  }
   CUDA_CHECK_LAUNCH();
   decode_attention_combine_kernel<T><<<args.num_heads, kThreads, 0, stream>>>(args, out);
   CUDA_CHECK_LAUNCH();
