@@ -81,7 +81,7 @@ def test_cli_checks_arguments_before_loading_the_model(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--max-skips", "0"], "--max-skips must be >= 1, got 0"),
+    (["--max-skips", "0"], "budgets (--max-skips) must be integers >= 1"),
     (["--for", "speculation", "--max-skips", "2"], "--max-skips is for --for skip-ratio"),
 ])
 def test_cli_checks_the_skip_budget_before_loading_the_model(tmp_path, extra, message) -> None:
@@ -93,8 +93,8 @@ def test_cli_checks_the_skip_budget_before_loading_the_model(tmp_path, extra, me
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_new_tokens=8, warmup_tokens=8), "warmup_tokens 8 >= max_new_tokens 8"),
-    (dict(max_new_tokens=40, warmup_tokens=4, budgets=(0,)), "budgets must be integers"),
-    (dict(max_new_tokens=40, warmup_tokens=4, budgets=()), "budgets must be integers"),
+    (dict(max_new_tokens=40, warmup_tokens=4, budgets=(0,)), "must be integers >= 1 or None"),
+    (dict(max_new_tokens=40, warmup_tokens=4, budgets=()), "must be integers >= 1 or None"),
     (dict(max_new_tokens=0, warmup_tokens=0), "max_new_tokens must be an integer >= 1"),
     (dict(max_new_tokens=40, warmup_tokens=4, tolerance=0.0), "tolerance must be > 0"),
 ])

@@ -71,12 +71,16 @@ def _check_skip_ratio_arguments(args: argparse.Namespace) -> None:
 
     if args.target is None:
         raise ValueError("--target is required (or use --for speculation)")
-    if args.max_skips is not None and args.max_skips < 1:
-        raise ValueError(f"--max-skips must be >= 1, got {args.max_skips}")
     if args.max_new_tokens is None:
         args.max_new_tokens = 64
     check_calibration_arguments(args.target, args.max_new_tokens, args.warmup_tokens,
-                                args.tolerance)
+                                args.tolerance, _budgets(args))
+
+
+def _budgets(args: argparse.Namespace) -> tuple[int | None, ...]:
+    from ..tuning.calibration import DEFAULT_BUDGETS
+
+    return DEFAULT_BUDGETS if args.max_skips is None else (args.max_skips,)
 
 
 def _check_speculation_arguments(args: argparse.Namespace) -> None:
@@ -94,14 +98,13 @@ def _check_speculation_arguments(args: argparse.Namespace) -> None:
 
 def _calibrate_skip_ratio(args: argparse.Namespace, decoder: Any, tokenizer: Any,
                           prompts: list[Any]) -> Any:
-    from ..tuning.calibration import DEFAULT_BUDGETS, CalibrationWarning, calibrate
+    from ..tuning.calibration import CalibrationWarning, calibrate
 
-    budgets = DEFAULT_BUDGETS if args.max_skips is None else (args.max_skips,)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CalibrationWarning)
         policy = calibrate(
             decoder, tokenizer, prompts, args.target, max_new_tokens=args.max_new_tokens,
-            warmup_tokens=args.warmup_tokens, budgets=budgets, tolerance=args.tolerance,
+            warmup_tokens=args.warmup_tokens, budgets=_budgets(args), tolerance=args.tolerance,
             strict=args.strict,
         )
     for warning in caught:

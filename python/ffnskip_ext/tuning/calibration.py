@@ -182,10 +182,8 @@ def calibrate(
     ``target_skip_ratio`` and that, among the candidates tried, agrees best with dense greedy
     decoding. When no candidate reaches the target, returns the closest one with a
     CalibrationWarning, or raises ValueError if ``strict``."""
-    check_calibration_arguments(target_skip_ratio, max_new_tokens, warmup_tokens, tolerance)
-    if not budgets or any(k is not None and (isinstance(k, bool) or not isinstance(k, int)
-                                             or k < 1) for k in budgets):
-        raise ValueError(f"budgets must be integers >= 1 or None (no limit), got {budgets!r}")
+    check_calibration_arguments(target_skip_ratio, max_new_tokens, warmup_tokens, tolerance,
+                                budgets)
     if not prompts:
         raise ValueError("calibration needs at least one prompt")
     previous = decoder.policy
@@ -233,9 +231,14 @@ def calibrate(
 
 
 def check_calibration_arguments(target_skip_ratio: float, max_new_tokens: int,
-                                warmup_tokens: int, tolerance: float) -> None:
+                                warmup_tokens: int, tolerance: float,
+                                budgets: Sequence[int | None]) -> None:
     """The checks calibrate() makes before its dense references, which take minutes on a real
     model (the CLI makes them before loading the model)."""
+    if not budgets or any(k is not None and (isinstance(k, bool) or not isinstance(k, int)
+                                             or k < 1) for k in budgets):
+        raise ValueError("budgets (--max-skips) must be integers >= 1 or None (no limit), got "
+                         f"{tuple(budgets)!r}")
     if isinstance(target_skip_ratio, bool) or not isinstance(target_skip_ratio, (int, float)) \
             or not 0 < target_skip_ratio < 1:
         raise ValueError(f"target_skip_ratio must be in (0, 1), got {target_skip_ratio!r}")
