@@ -5,10 +5,14 @@ kernel, shape, weight type and instruction set (the timing mode of tests/test_ke
                                        [--shapes smollm2-135m,qwen2.5-1.5b,llama2-7b]
 
 Decode linears (one token) stream their weights once, so their GB/s is comparable with the
-machine's read bandwidth (``ffnskip_ext.measure_read_bandwidth``, printed first); prefill
-linears (many tokens) report GFLOP/s as well. A linear's time is the median of ``--repeats``
-back-to-back calls in C++ after a warm-up call (``_core.kernels.time_linear``: the thread pool
-stays awake between calls, as in a decode step); attention's is timed through its binding.
+machine's read bandwidth (``ffnskip_ext.measure_read_bandwidth``, printed first). A decode step
+reads each layer's weights from memory, not from the cache where back-to-back calls on one
+small matrix would find them: a decode linear is timed on a matrix of the same width with
+rows for at least ``--decode-bytes`` (default 256 MB, past any L3), its time scaled back to
+the shape's rows. Prefill linears (many tokens) report GFLOP/s as well. A linear's time is the
+median of ``--repeats`` back-to-back calls in C++ after a warm-up call
+(``_core.kernels.time_linear``: the thread pool stays awake between calls, as in a decode
+step); attention's is timed through its binding.
 """
 
 from __future__ import annotations
@@ -83,6 +87,8 @@ def main() -> None:
     parser.add_argument("--types", default="F32,BF16,F16,Q8_0,Q4_0,Q4_1,Q5_0,Q4_K,Q6_K",
                         help="weight types, comma-separated")
     parser.add_argument("--prefill-tokens", type=int, default=64)
+    parser.add_argument("--decode-bytes", type=float, default=256e6,
+                        help="weight bytes a decode linear is timed over (0: the shape's own)")
     args = parser.parse_args()
 
     pool = kernels.ThreadPool(args.threads)
@@ -100,13 +106,21 @@ def main() -> None:
                 if cols % _core.TENSOR_TYPES[dtype][0]:
                     continue  # rows of this width are not whole blocks of the type
                 weight = stored(rows, cols, dtype, rng)
+                row_bytes = weight.nbytes / rows
+                streamed_rows = max(rows, int(np.ceil(args.decode_bytes / row_bytes)))
+                streamed = weight if streamed_rows == rows else stored(streamed_rows, cols,
+                                                                        dtype, rng)
                 for isa in args.isa.split(","):
                     for tokens in (1, args.prefill_tokens):
                         if name == "lm_head" and tokens > 1:
                             continue  # prefill needs the logits of the last token only
                         x = rng.standard_normal((tokens, cols), dtype=np.float32)
-                        seconds = kernels.time_linear(pool, weight, dtype, x, isa,
-                                                      args.repeats)
+                        if tokens == 1:
+                            seconds = kernels.time_linear(pool, streamed, dtype, x, isa,
+                                                          args.repeats) * rows / streamed_rows
+                        else:
+                            seconds = kernels.time_linear(pool, weight, dtype, x, isa,
+                                                          args.repeats)
                         read = weight.nbytes + x.nbytes
                         flops = 2.0 * rows * cols * tokens
                         print(f"| {model} | {name} | {rows}x{cols} | {dtype} | {isa} | {tokens} "
