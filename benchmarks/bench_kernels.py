@@ -115,12 +115,10 @@ def main() -> None:
                         if name == "lm_head" and tokens > 1:
                             continue  # prefill needs the logits of the last token only
                         x = rng.standard_normal((tokens, cols), dtype=np.float32)
-                        if tokens == 1:
-                            seconds = kernels.time_linear(pool, streamed, dtype, x, isa,
-                                                          args.repeats) * rows / streamed_rows
-                        else:
-                            seconds = kernels.time_linear(pool, weight, dtype, x, isa,
-                                                          args.repeats)
+                        timed, timed_rows = (streamed, streamed_rows) if tokens == 1 \
+                            else (weight, rows)
+                        seconds = kernels.time_linear(pool, timed, dtype, x, isa,
+                                                      args.repeats) * rows / timed_rows
                         read = weight.nbytes + x.nbytes
                         flops = 2.0 * rows * cols * tokens
                         print(f"| {model} | {name} | {rows}x{cols} | {dtype} | {isa} | {tokens} "

@@ -51,11 +51,8 @@ __device__ __forceinline__ int packs_per_key(int head_dim) {
 template <typename T>
 __device__ __forceinline__ void load_v_values(const T* p, float (&out)[kVValues]) {
   if constexpr (sizeof(T) == 4) {
-    const uint4 raw = load_raw(p);
-    out[0] = __uint_as_float(raw.x);
-    out[1] = __uint_as_float(raw.y);
-    out[2] = __uint_as_float(raw.z);
-    out[3] = __uint_as_float(raw.w);
+    static_assert(Pack<float>::kCount == kVValues, "fp32: one 16-byte pack");
+    Pack<float>::widen(load_raw(p), out);
   } else {
     const uint2 raw = __ldg(reinterpret_cast<const uint2*>(p));
     const T* values = reinterpret_cast<const T*>(&raw);
