@@ -129,10 +129,10 @@ def main() -> None:
             for tokens, context in ((1, 1024), (args.prefill_tokens, args.prefill_tokens)):
                 pos = context - tokens
                 q = rng.standard_normal((tokens, heads * d), dtype=np.float32)
-                k = rng.standard_normal((context, kv_heads * d), dtype=np.float32)
-                v = rng.standard_normal((context, kv_heads * d), dtype=np.float32)
+                k = rng.standard_normal((kv_heads, context, d), dtype=np.float32)
+                v = rng.standard_normal((kv_heads, context, d), dtype=np.float32)
                 seconds = median_seconds(functools.partial(
-                    kernels.attention, pool, q, k, v, pos, heads, kv_heads, d, isa), args.repeats)
+                    kernels.attention, pool, q, k, v, pos, heads, isa), args.repeats)
                 read = k.nbytes + v.nbytes + q.nbytes
                 print(f"| {model} | attention | ctx {context} | F32 | {isa} | {tokens} "
                       f"| {seconds * 1e6:.1f} | {read / seconds / 1e9:.1f} "

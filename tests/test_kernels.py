@@ -88,6 +88,11 @@ def test_linear_rows_do_not_depend_on_the_thread_count(rows: int, tokens: int) -
         np.testing.assert_array_equal(one, many)
 
 
+def heads_major(cache: np.ndarray, kv_heads: int) -> np.ndarray:
+    """[positions, kv_heads * head_dim] as the backend stores it: [kv_heads, positions, head_dim]."""
+    return np.ascontiguousarray(cache.reshape(cache.shape[0], kv_heads, -1).transpose(1, 0, 2))
+
+
 def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int, heads: int,
                         kv_heads: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(softmax(q k^T / sqrt(d)) v per query and head, causally; the sum of |p v| per output)."""
@@ -113,10 +118,13 @@ def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: int, h
 
 # (n, pos, heads, kv_heads, head_dim): decode over a cache, small prefills (per-query path),
 # 16+ queries (the GEMM path) past one 64-query block, > 8 query heads per KV head, MHA,
-# head_dim 256.
+# head_dim 256; keys in several chunks of 256 (one chunk ending at the query, the next of one
+# key), group sizes that leave 1-3 heads after tiles of 4 or 2, head_dims that end in part of
+# a vector.
 ATTENTION_SHAPES = [(1, 0, 4, 4, 64), (1, 37, 9, 3, 64), (1, 20, 12, 1, 128),
                     (5, 3, 6, 2, 32), (16, 0, 4, 2, 64), (70, 5, 12, 1, 64),
-                    (20, 0, 2, 2, 256), (1, 50, 16, 16, 256)]
+                    (20, 0, 2, 2, 256), (1, 50, 16, 16, 256), (1, 700, 9, 3, 64),
+                    (2, 255, 6, 6, 40), (4, 300, 14, 2, 72), (3, 520, 5, 1, 2)]
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -126,7 +134,10 @@ def test_attention(pool, isa, n, pos, heads, kv_heads, head_dim) -> None:
     q = rng.standard_normal((n, heads * head_dim)).astype(np.float32)
     k = rng.standard_normal((pos + n, kv_heads * head_dim)).astype(np.float32)
     v = rng.standard_normal((pos + n, kv_heads * head_dim)).astype(np.float32)
-    got = kernels.attention(pool, q, k, v, pos, heads, kv_heads, head_dim, isa)
+    # The cache holds 3 positions more, NaN: attention reads only the first pos + n.
+    spare = np.full((3, kv_heads * head_dim), np.nan, np.float32)
+    got = kernels.attention(pool, q, heads_major(np.concatenate([k, spare]), kv_heads),
+                            heads_major(np.concatenate([v, spare]), kv_heads), pos, heads, isa)
     exact, magnitude = attention_reference(q, k, v, pos, heads, kv_heads, head_dim)
     # Scores carry head_dim-term sums (amplified by at most |score| through exp), the output
     # a (pos + n)-term weighted sum: a relative bound of a few hundred eps on the magnitudes.
@@ -306,17 +317,18 @@ def test_passes_of_up_to_16_tokens_equal_one_token_steps(pool, isa, type_name) -
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("n, heads, kv_heads, head_dim", [(5, 4, 2, 64), (16, 12, 2, 128)])
-def test_attention_of_up_to_16_queries_equals_one_query_steps(pool, isa, n, heads, kv_heads,
+@pytest.mark.parametrize("n, pos, heads, kv_heads, head_dim",
+                         [(5, 9, 4, 2, 64), (16, 9, 12, 2, 128), (16, 250, 9, 3, 64)])
+def test_attention_of_up_to_16_queries_equals_one_query_steps(pool, isa, n, pos, heads, kv_heads,
                                                               head_dim) -> None:
     rng = np.random.default_rng(n)
-    pos = 9
     q = rng.standard_normal((n, heads * head_dim)).astype(np.float32)
     k = rng.standard_normal((pos + n, kv_heads * head_dim)).astype(np.float32)
     v = rng.standard_normal((pos + n, kv_heads * head_dim)).astype(np.float32)
-    got = kernels.attention(pool, q, k, v, pos, heads, kv_heads, head_dim, isa)
+    k, v = heads_major(k, kv_heads), heads_major(v, kv_heads)
+    got = kernels.attention(pool, q, k, v, pos, heads, isa)
     for t in range(n):
         visible = pos + t + 1
-        step = kernels.attention(pool, q[t:t + 1], k[:visible], v[:visible], pos + t, heads,
-                                 kv_heads, head_dim, isa)
+        step = kernels.attention(pool, q[t:t + 1], k[:, :visible], v[:, :visible], pos + t, heads,
+                                 isa)
         np.testing.assert_array_equal(got[t:t + 1], step, err_msg=f"query {t}")

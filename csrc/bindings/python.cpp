@@ -351,33 +351,33 @@ void bind_kernels(py::module_ k) {
   k.def(
       "attention",
       [](cpu::ThreadPool& pool, const py::handle& q, const py::handle& k_cache,
-         const py::handle& v_cache, int pos, int num_heads, int num_kv_heads, int head_dim,
-         const std::string& isa) {
+         const py::handle& v_cache, int pos, int num_heads, const std::string& isa) {
         const auto qs = need_array<float>(q, 2, "q");
-        const auto ks = need_array<float>(k_cache, 2, "k_cache");
-        const auto vs = need_array<float>(v_cache, 2, "v_cache");
+        const auto ks = need_array<float>(k_cache, 3, "k_cache");
+        const auto vs = need_array<float>(v_cache, 3, "v_cache");
         const int n = static_cast<int>(qs.shape(0));
-        const int64_t kv_dim = static_cast<int64_t>(num_kv_heads) * head_dim;
-        if (qs.shape(1) != static_cast<int64_t>(num_heads) * head_dim || ks.shape(1) != kv_dim ||
-            vs.shape(1) != kv_dim || ks.shape(0) < pos + n || vs.shape(0) != ks.shape(0) ||
-            num_heads % num_kv_heads != 0) {
+        const int num_kv_heads = static_cast<int>(ks.shape(0));
+        const int head_dim = static_cast<int>(ks.shape(2));
+        if (num_heads < 1 || num_kv_heads < 1 || num_heads % num_kv_heads != 0 ||
+            qs.shape(1) != static_cast<int64_t>(num_heads) * head_dim ||
+            ks.shape(1) < pos + n || !std::equal(ks.shape(), ks.shape() + 3, vs.shape())) {
           throw std::invalid_argument("attention shapes do not fit");
         }
-        const cpu::AttentionShape shape{num_heads, num_kv_heads, head_dim, qs.shape(1), kv_dim};
-        std::vector<float> scratch(static_cast<size_t>(pool.size()) * (pos + n));
+        const cpu::AttentionShape shape{num_heads, num_kv_heads, head_dim, qs.shape(1),
+                                        ks.shape(1) * head_dim};
         py::array_t<float> out({static_cast<int64_t>(n), qs.shape(1)});
         float* dst = out.mutable_data();
         const cpu::Isa chosen = to_isa(isa);
         {
           py::gil_scoped_release release;
-          cpu::attention(pool, shape, qs.data(), n, pos, ks.data(), vs.data(), scratch.data(),
-                         dst, chosen);
+          cpu::attention(pool, shape, qs.data(), n, pos, ks.data(), vs.data(), dst, chosen);
         }
         return out;
       },
       py::arg("pool"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"),
-      py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("isa"),
-      "Causal attention of q [n, heads * head_dim] at positions pos.. over the cache rows.");
+      py::arg("num_heads"), py::arg("isa"),
+      "Causal attention of q [n, heads * head_dim] at positions pos.. over caches [kv_heads, "
+      "positions, head_dim].");
 
   k.def(
       "rope",

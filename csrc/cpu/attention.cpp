@@ -12,39 +12,282 @@ namespace ffnskip::cpu {
 
 namespace {
 
-struct HeadQuery {
-  const float* q;        // [head_dim]
-  const float* k;        // the head's first cached key; positions kv_stride floats apart
-  const float* v;        // likewise for values
-  int64_t kv_stride;
-  int64_t len;           // cached positions attended to
+// Decode and verification passes (up to kStepExactTokens queries) cut each query's keys into
+// chunks of kKeysPerChunk positions. A task is one query, one KV head and one chunk: it computes
+// every query head of the group from one read of the chunk's keys and values (the heads of a
+// group used to read them once each), and the tasks of a long context keep every thread busy.
+// Chunks are cut by position alone, so a query's result depends neither on the other queries of
+// the pass nor on the number of threads: a verification equals the steps bit for bit.
+constexpr int64_t kKeysPerChunk = 256;
+
+struct GroupChunk {
+  const float* q;    // the group's first query head; its heads head_dim floats apart
+  const float* k;    // the key at the chunk's first position; positions head_dim floats apart
+  const float* v;    // likewise for values
+  int64_t len;       // positions in the chunk
+  int heads;         // query heads of the group
   int head_dim;
   float scale;
-  float* scores;         // [len] scratch
-  float* out;            // [head_dim]
+  float* scores;     // [heads, kKeysPerChunk] scratch
+  float* out;        // [heads, head_dim]: sum over the chunk of p v, p = e^(score - max)
+  float* max;        // [heads]: the chunk's largest score per head
+  float* sum;        // [heads]: sum of p
 };
 
-// softmax(q K^T * scale) V for one query of one head.
-template <Isa I>
-__attribute__((always_inline)) inline void attend_head(const HeadQuery& a) {
-  float max_score = -INFINITY;
-  for (int64_t j = 0; j < a.len; ++j) {
-    a.scores[j] = dot_kernel<I>(a.q, a.k + j * a.kv_stride, a.head_dim) * a.scale;
-    max_score = std::max(max_score, a.scores[j]);
+// The kernels below take head_dim as kHeadDim where it is a common size (then the block of keys
+// is one pointer and constant offsets: sixteen row pointers took registers the sums need), or
+// from the chunk where kHeadDim is 0.
+template <int kHeadDim>
+__attribute__((always_inline)) inline int head_dim_of(const GroupChunk& a) {
+  return kHeadDim ? kHeadDim : a.head_dim;
+}
+
+// q.k for a block of as many keys as lanes from first_key; past the `keys` the chunk has left
+// (kWholeBlock false), the last key again, its sums to be discarded.
+template <Isa I, int kHeadDim, bool kWholeBlock>
+__attribute__((always_inline)) inline vfloat<I> key_block_dots(const GroupChunk& a,
+                                                               const float* q,
+                                                               const float* first_key, int keys) {
+  using V = vfloat<I>;
+  constexpr int L = kLanes<I>;
+  const int d = head_dim_of<kHeadDim>(a);
+  const int full = d / L * L;
+  const int rest = d - full;
+  auto row = [&](int j) { return first_key + (kWholeBlock ? j : std::min(j, keys - 1)) * d; };
+  V acc[L] = {};
+  for (int e = 0; e < full; e += L) {
+    const V qe = load<V>(q + e);
+    for (int j = 0; j < L; ++j) acc[j] += qe * load<V>(row(j) + e);
   }
-  float sum = 0.0f;
-  for (int64_t j = 0; j < a.len; ++j) {
-    a.scores[j] = std::exp(a.scores[j] - max_score);
-    sum += a.scores[j];
+  if (rest) {
+    const V qe = load_partial<V>(q + full, rest);
+    for (int j = 0; j < L; ++j) acc[j] += qe * load_partial<V>(row(j) + full, rest);
   }
-  const float inv_sum = 1.0f / sum;
-  std::memset(a.out, 0, sizeof(float) * a.head_dim);
-  for (int64_t j = 0; j < a.len; ++j) {
-    axpy_kernel<I>(a.scores[j] * inv_sum, a.v + j * a.kv_stride, a.out, a.head_dim);
+  return transpose_sum(acc);
+}
+
+// Scores q.k * scale of every head over the chunk; a block's lanes past the chunk's end score
+// -inf (p = 0 in the softmax).
+template <Isa I, int kHeadDim>
+__attribute__((always_inline)) inline void chunk_scores(const GroupChunk& a) {
+  using V = vfloat<I>;
+  constexpr int L = kLanes<I>;
+  const int d = head_dim_of<kHeadDim>(a);
+  for (int h = 0; h < a.heads; ++h) {
+    const float* q = a.q + static_cast<int64_t>(h) * d;
+    float* scores = a.scores + h * kKeysPerChunk;
+    V max = splat<V>(-INFINITY);
+    for (int64_t j0 = 0; j0 < a.len; j0 += L) {
+      const int keys = static_cast<int>(std::min<int64_t>(L, a.len - j0));
+      const float* first_key = a.k + j0 * d;
+      V block = keys == L ? key_block_dots<I, kHeadDim, true>(a, q, first_key, keys)
+                          : key_block_dots<I, kHeadDim, false>(a, q, first_key, keys);
+      block *= a.scale;
+      for (int j = keys; j < L; ++j) block[j] = -INFINITY;
+      max = max < block ? block : max;
+      store(scores + j0, block);
+    }
+    float m = max[0];
+    for (int j = 1; j < L; ++j) m = std::max(m, max[j]);
+    a.max[h] = m;
+    V sum{};
+    for (int64_t j0 = 0; j0 < a.len; j0 += L) {
+      const V p = exp_nonpositive(load<V>(scores + j0) - m);
+      store(scores + j0, p);
+      sum += p;
+    }
+    a.sum[h] = reduce_add(sum);
   }
 }
 
-FFNSKIP_ISA_VARIANTS(void, attend_head, (const HeadQuery& a), (a))
+// out[h, e0 .. e0 + width) = sum_j p[h, j] v[j, e0 ..] for kHeads heads from h0 and up to
+// kVectors vectors of values (width floats; fewer than kVectors * lanes only at head_dim's end).
+template <Isa I, int kHeadDim, int kHeads, int kVectors>
+__attribute__((always_inline)) inline void chunk_values(const GroupChunk& a, int h0, int e0,
+                                                        int width) {
+  using V = vfloat<I>;
+  constexpr int L = kLanes<I>;
+  const int d = head_dim_of<kHeadDim>(a);
+  const bool whole = width == kVectors * L;
+  V acc[kHeads][kVectors] = {};
+  for (int64_t j0 = 0; j0 < a.len; j0 += L) {  // p of a block of keys from the (padded) scores
+    V p[kHeads];
+    for (int h = 0; h < kHeads; ++h) p[h] = load<V>(a.scores + (h0 + h) * kKeysPerChunk + j0);
+    const int keys = static_cast<int>(std::min<int64_t>(L, a.len - j0));
+    for (int j = 0; j < keys; ++j) {
+      const float* row = a.v + (j0 + j) * d + e0;
+      V values[kVectors];
+      for (int u = 0; u < kVectors; ++u) {
+        values[u] = whole ? load<V>(row + u * L) : load_partial<V>(row + u * L, width - u * L);
+      }
+      for (int h = 0; h < kHeads; ++h) {
+        const V pj = broadcast_lane(p[h], j);
+        for (int u = 0; u < kVectors; ++u) acc[h][u] += pj * values[u];
+      }
+    }
+  }
+  for (int h = 0; h < kHeads; ++h) {
+    float* out = a.out + static_cast<int64_t>(h0 + h) * d + e0;
+    for (int u = 0; u < kVectors; ++u) {
+      if (whole) {
+        store(out + u * L, acc[h][u]);
+      } else {
+        store_partial(out + u * L, acc[h][u], width - u * L);
+      }
+    }
+  }
+}
+
+// Heads [h0, h0 + kHeads) over every value of head_dim: four vectors at a time, then one.
+template <Isa I, int kHeadDim, int kHeads>
+__attribute__((always_inline)) inline void chunk_values_of_heads(const GroupChunk& a, int h0) {
+  constexpr int L = kLanes<I>;
+  constexpr int kVectors = 4;
+  const int d = head_dim_of<kHeadDim>(a);
+  int e0 = 0;
+  for (; e0 + kVectors * L <= d; e0 += kVectors * L) {
+    chunk_values<I, kHeadDim, kHeads, kVectors>(a, h0, e0, kVectors * L);
+  }
+  for (; e0 < d; e0 += L) chunk_values<I, kHeadDim, kHeads, 1>(a, h0, e0, std::min(L, d - e0));
+}
+
+template <Isa I, int kHeadDim>
+__attribute__((always_inline)) inline void attend_chunk_of(const GroupChunk& a) {
+  chunk_scores<I, kHeadDim>(a);
+  // Accumulators: heads x 4 vectors, 16 of AVX-512's 32 registers, 8 of AVX2's 16.
+  constexpr int kMostHeads = I == Isa::Avx512 ? 4 : 2;
+  int h0 = 0;
+  for (; h0 + kMostHeads <= a.heads; h0 += kMostHeads) {
+    chunk_values_of_heads<I, kHeadDim, kMostHeads>(a, h0);
+  }
+  switch (a.heads - h0) {
+    case 3: chunk_values_of_heads<I, kHeadDim, 3>(a, h0); break;
+    case 2: chunk_values_of_heads<I, kHeadDim, 2>(a, h0); break;
+    case 1: chunk_values_of_heads<I, kHeadDim, 1>(a, h0); break;
+    default: break;
+  }
+}
+
+template <Isa I>
+__attribute__((always_inline)) inline void attend_chunk(const GroupChunk& a) {
+  switch (a.head_dim) {
+    case 64: attend_chunk_of<I, 64>(a); break;
+    case 128: attend_chunk_of<I, 128>(a); break;
+    default: attend_chunk_of<I, 0>(a); break;
+  }
+}
+
+FFNSKIP_ISA_VARIANTS(void, attend_chunk, (const GroupChunk& a), (a))
+
+struct ChunkTask {
+  int query;      // within the pass
+  int kv_head;
+  int64_t begin;  // key positions [begin, end)
+  int64_t end;
+  int64_t slot;   // its first head's partial results, or -1 for a query's only chunk
+};
+
+int64_t chunks_of(int64_t len) { return (len + kKeysPerChunk - 1) / kKeysPerChunk; }
+
+void attention_by_chunks(ThreadPool& pool, const AttentionShape& shape, const float* q, int n,
+                         int pos, const float* k_cache, const float* v_cache, float* out,
+                         Isa isa) {
+  const auto attend = attend_chunk_for_isa(isa);
+  const int group = shape.num_heads / shape.num_kv_heads;
+  const int head_dim = shape.head_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const int64_t out_stride = static_cast<int64_t>(shape.num_heads) * head_dim;
+  // Per calling thread; they grow to the largest pass, then never allocate. The partial results
+  // of a query of several chunks are slots [first_slot, ...) ordered by KV head, chunk, head.
+  thread_local std::vector<ChunkTask> task_list;
+  thread_local std::vector<int64_t> first_slots;
+  thread_local std::vector<float> partial_out, partial_max, partial_sum;
+  task_list.clear();
+  first_slots.resize(n);
+  int64_t slots = 0;
+  for (int t = 0; t < n; ++t) {
+    const int64_t len = pos + t + 1;
+    const bool split = chunks_of(len) > 1;
+    first_slots[t] = slots;
+    for (int g = 0; g < shape.num_kv_heads; ++g) {
+      for (int64_t begin = 0; begin < len; begin += kKeysPerChunk) {
+        const int64_t end = std::min(len, begin + kKeysPerChunk);
+        task_list.push_back({t, g, begin, end, split ? slots : -1});
+        if (split) slots += group;
+      }
+    }
+  }
+  partial_out.resize(static_cast<size_t>(slots * head_dim));
+  partial_max.resize(slots);
+  partial_sum.resize(slots);
+  // Workers must not name the thread_locals (they would see their own).
+  const ChunkTask* tasks = task_list.data();
+  const int64_t* first_slot = first_slots.data();
+  float* const outs = partial_out.data();
+  float* const maxes = partial_max.data();
+  float* const sums = partial_sum.data();
+  pool.parallel_for_dynamic(static_cast<int64_t>(task_list.size()), 1,
+                            [&](int64_t first, int64_t last) {
+    thread_local std::vector<float> scores, own_max, own_sum;  // the worker's own
+    scores.resize(static_cast<size_t>(group) * kKeysPerChunk);
+    own_max.resize(group);
+    own_sum.resize(group);
+    for (int64_t i = first; i < last; ++i) {
+      const ChunkTask& task = tasks[i];
+      const int64_t group_offset = static_cast<int64_t>(task.kv_head) * group * head_dim;
+      const int64_t cache_offset = task.kv_head * shape.kv_head_stride + task.begin * head_dim;
+      float* group_out = out + task.query * out_stride + group_offset;
+      const bool split = task.slot >= 0;
+      GroupChunk a;
+      a.q = q + task.query * shape.q_stride + group_offset;
+      a.k = k_cache + cache_offset;
+      a.v = v_cache + cache_offset;
+      a.len = task.end - task.begin;
+      a.heads = group;
+      a.head_dim = head_dim;
+      a.scale = scale;
+      a.scores = scores.data();
+      a.out = split ? outs + task.slot * head_dim : group_out;
+      a.max = split ? maxes + task.slot : own_max.data();
+      a.sum = split ? sums + task.slot : own_sum.data();
+      attend(a);
+      if (!split) {  // the query's only chunk: normalise in place
+        for (int h = 0; h < group; ++h) {
+          const float inv_sum = 1.0f / a.sum[h];
+          for (int e = 0; e < head_dim; ++e) group_out[h * head_dim + e] *= inv_sum;
+        }
+      }
+    }
+  });
+  if (slots == 0) return;
+  // A query of several chunks: out = sum_c w_c out_c / sum_c w_c sum_c, w_c = e^(max_c - max),
+  // over its chunks in position order.
+  pool.parallel_for(static_cast<int64_t>(n) * shape.num_kv_heads,
+                    [&](int64_t first, int64_t last, int) {
+    for (int64_t i = first; i < last; ++i) {
+      const int t = static_cast<int>(i / shape.num_kv_heads);
+      const int g = static_cast<int>(i % shape.num_kv_heads);
+      const int64_t chunks = chunks_of(pos + t + 1);
+      if (chunks == 1) continue;
+      const int64_t base = first_slot[t] + g * chunks * group;
+      for (int h = 0; h < group; ++h) {
+        float m = -INFINITY;
+        for (int64_t c = 0; c < chunks; ++c) m = std::max(m, maxes[base + c * group + h]);
+        float* dst = out + t * out_stride + (static_cast<int64_t>(g) * group + h) * head_dim;
+        std::fill(dst, dst + head_dim, 0.0f);
+        float total = 0.0f;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t slot = base + c * group + h;
+          const float w = std::exp(maxes[slot] - m);
+          total += w * sums[slot];
+          axpy(w, outs + slot * head_dim, dst, head_dim, isa);
+        }
+        const float inv_total = 1.0f / total;
+        for (int e = 0; e < head_dim; ++e) dst[e] *= inv_total;
+      }
+    }
+  });
+}
 
 // Above kStepExactTokens new tokens (prefill), attention runs as two GEMMs per KV head and block
 // of kQueryBlock tokens: scores = Q K^T over the keys the block can see, a causal softmax, then
@@ -52,21 +295,52 @@ FFNSKIP_ISA_VARIANTS(void, attend_head, (const HeadQuery& a), (a))
 // one dot product per (query, key) spends most of its time on horizontal sums.
 constexpr int kQueryBlock = 64;
 
+// p[0 .. visible) = softmax(p * scale), p[visible .. len) = 0: one row of scores.
+template <Isa I>
+__attribute__((always_inline)) inline void causal_softmax(float* p, int64_t visible, int64_t len,
+                                                          float scale) {
+  using V = vfloat<I>;
+  constexpr int L = kLanes<I>;
+  const int64_t full = visible / L * L;
+  const int rest = static_cast<int>(visible - full);
+  V tail = load_partial<V>(p + full, rest) * scale;  // its lanes from `rest` on score -inf
+  for (int j = rest; j < L; ++j) tail[j] = -INFINITY;
+  V max = tail;
+  for (int64_t j = 0; j < full; j += L) {
+    const V x = load<V>(p + j) * scale;
+    store(p + j, x);
+    max = max < x ? x : max;
+  }
+  float m = max[0];
+  for (int j = 1; j < L; ++j) m = std::max(m, max[j]);
+  tail = exp_nonpositive(tail - m);
+  V sum = tail;
+  for (int64_t j = 0; j < full; j += L) {
+    const V e = exp_nonpositive(load<V>(p + j) - m);
+    store(p + j, e);
+    sum += e;
+  }
+  const float inv_sum = 1.0f / reduce_add(sum);
+  for (int64_t j = 0; j < full; j += L) store(p + j, load<V>(p + j) * inv_sum);
+  store_partial(p + full, tail * inv_sum, rest);
+  std::fill(p + visible, p + len, 0.0f);
+}
+
+FFNSKIP_ISA_VARIANTS(void, causal_softmax, (float* p, int64_t visible, int64_t len, float scale),
+                     (p, visible, len, scale))
+
 void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const float* q, int n,
                         int pos, const float* k_cache, const float* v_cache, float* out,
                         Isa isa) {
   const int group = shape.num_heads / shape.num_kv_heads;
   const int64_t d = shape.head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const auto softmax = causal_softmax_for_isa(isa);
   // Per calling thread; they grow to the largest pass, then never allocate.
-  thread_local std::vector<float> keys, values_t, queries, scores, heads_out;
-  keys.resize(static_cast<size_t>((pos + n) * d));
+  thread_local std::vector<float> values_t, queries, scores, heads_out;
   for (int g = 0; g < shape.num_kv_heads; ++g) {
-    const int64_t kv_offset = g * d;
-    for (int64_t j = 0; j < pos + n; ++j) {  // this head's keys, contiguous: GEMM weight rows
-      std::memcpy(keys.data() + j * d, k_cache + j * shape.kv_stride + kv_offset,
-                  sizeof(float) * d);
-    }
+    const float* keys = k_cache + g * shape.kv_head_stride;  // GEMM weight rows
+    const float* values = v_cache + g * shape.kv_head_stride;
     for (int t0 = 0; t0 < n; t0 += kQueryBlock) {
       const int tokens = std::min(kQueryBlock, n - t0);
       const int64_t len = pos + t0 + tokens;  // keys the block's last query sees
@@ -79,32 +353,17 @@ void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const flo
         }
       }
       scores.resize(static_cast<size_t>(rows * len));
-      linear(pool, LinearWeights({{keys.data(), TensorType::F32, len}}, d), queries.data(), rows,
+      linear(pool, LinearWeights({{keys, TensorType::F32, len}}, d), queries.data(), rows,
              scores.data(), Output::Overwrite, isa);
       float* const probabilities = scores.data();  // workers must not name the thread_local
       pool.parallel_for(rows, [&](int64_t begin, int64_t end, int) {
         for (int64_t row = begin; row < end; ++row) {
-          float* p = probabilities + row * len;
-          const int64_t visible = pos + t0 + row / group + 1;
-          float max_score = -INFINITY;
-          for (int64_t j = 0; j < visible; ++j) {
-            p[j] *= scale;
-            max_score = std::max(max_score, p[j]);
-          }
-          float sum = 0.0f;
-          for (int64_t j = 0; j < visible; ++j) {
-            p[j] = std::exp(p[j] - max_score);
-            sum += p[j];
-          }
-          const float inv_sum = 1.0f / sum;
-          for (int64_t j = 0; j < visible; ++j) p[j] *= inv_sum;
-          std::fill(p + visible, p + len, 0.0f);
+          softmax(probabilities + row * len, pos + t0 + row / group + 1, len, scale);
         }
       });
       values_t.resize(static_cast<size_t>(d * len));  // V^T: GEMM weight rows of length len
       for (int64_t j = 0; j < len; ++j) {
-        const float* v = v_cache + j * shape.kv_stride + kv_offset;
-        for (int64_t e = 0; e < d; ++e) values_t[e * len + j] = v[e];
+        for (int64_t e = 0; e < d; ++e) values_t[e * len + j] = values[j * d + e];
       }
       heads_out.resize(static_cast<size_t>(rows * d));
       linear(pool, LinearWeights({{values_t.data(), TensorType::F32, d}}, len), scores.data(),
@@ -123,40 +382,12 @@ void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const flo
 }  // namespace
 
 void attention(ThreadPool& pool, const AttentionShape& shape, const float* q, int n, int pos,
-               const float* k_cache, const float* v_cache, float* scratch, float* out,
-               Isa isa) {
+               const float* k_cache, const float* v_cache, float* out, Isa isa) {
   if (n > kStepExactTokens) {
     attention_as_gemms(pool, shape, q, n, pos, k_cache, v_cache, out, isa);
-    return;
+  } else {
+    attention_by_chunks(pool, shape, q, n, pos, k_cache, v_cache, out, isa);
   }
-  const auto attend = attend_head_for_isa(isa);
-  const int group = shape.num_heads / shape.num_kv_heads;
-  const int head_dim = shape.head_dim;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  const int64_t scratch_len = static_cast<int64_t>(pos) + n;
-  const int64_t tasks = static_cast<int64_t>(n) * shape.num_heads;
-  const int64_t threads = pool.size();
-  // Causal work grows with the query's position, so each thread takes every threads-th task
-  // (query, head) rather than a contiguous range: the threads finish together.
-  pool.parallel_for(std::min(tasks, threads), [&](int64_t first, int64_t, int chunk) {
-    HeadQuery a;
-    a.kv_stride = shape.kv_stride;
-    a.head_dim = head_dim;
-    a.scale = scale;
-    a.scores = scratch + chunk * scratch_len;
-    for (int64_t task = first; task < tasks; task += threads) {
-      const int64_t t = task / shape.num_heads;
-      const int h = static_cast<int>(task % shape.num_heads);
-      const int64_t kv_offset = static_cast<int64_t>(h / group) * head_dim;
-      a.q = q + t * shape.q_stride + static_cast<int64_t>(h) * head_dim;
-      a.k = k_cache + kv_offset;
-      a.v = v_cache + kv_offset;
-      a.len = pos + t + 1;
-      a.out = out + t * static_cast<int64_t>(shape.num_heads) * head_dim +
-              static_cast<int64_t>(h) * head_dim;
-      attend(a);
-    }
-  });
 }
 
 }  // namespace ffnskip::cpu

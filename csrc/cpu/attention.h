@@ -8,18 +8,20 @@
 
 namespace ffnskip::cpu {
 
+// The cache of a layer holds each KV head's positions contiguously: [num_kv_heads, positions,
+// head_dim], heads kv_head_stride floats apart, so that attention streams each head's keys and
+// values as one run of memory.
 struct AttentionShape {
   int num_heads;
   int num_kv_heads;
   int head_dim;
-  int64_t q_stride;   // floats between consecutive query rows
-  int64_t kv_stride;  // floats between consecutive cache positions
+  int64_t q_stride;        // floats between consecutive query rows
+  int64_t kv_head_stride;  // floats between the caches of consecutive KV heads
 };
 
 // Query t (absolute position pos + t) attends to cache positions 0 .. pos + t.
-// `scratch` holds pool.size() * (pos + n) floats. out is [n, num_heads * head_dim].
+// out is [n, num_heads * head_dim].
 void attention(ThreadPool& pool, const AttentionShape& shape, const float* q, int n, int pos,
-               const float* k_cache, const float* v_cache, float* scratch, float* out,
-               Isa isa = kernel_isa());
+               const float* k_cache, const float* v_cache, float* out, Isa isa = kernel_isa());
 
 }  // namespace ffnskip::cpu

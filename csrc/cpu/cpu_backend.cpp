@@ -150,7 +150,6 @@ class CpuBackend final : public Backend {
     router_gate_.resize(config.num_layers);
     router_mean_.resize(config.hidden_size);
     reset_routing();
-    scratch_.resize(static_cast<size_t>(pool_.size()) * max_seq_len);
     before_ffn_.resize(config.hidden_size);
     layer_input_.resize(config.hidden_size);
     reserve_tokens(1);
@@ -272,17 +271,20 @@ class CpuBackend final : public Backend {
 
     float* k_cache = kv_[layer].k.get();
     float* v_cache = kv_[layer].v.get();
+    const int head_dim = config_.head_dim;
+    const int64_t head_stride = kv_layer_stride_ / config_.num_kv_heads;
     for (int t = 0; t < n; ++t) {
       const float* row = qkv_.data() + t * qkv_dim;
-      std::memcpy(k_cache + static_cast<int64_t>(pos + t) * kv_dim, row + q_dim,
-                  sizeof(float) * kv_dim);
-      std::memcpy(v_cache + static_cast<int64_t>(pos + t) * kv_dim, row + q_dim + kv_dim,
-                  sizeof(float) * kv_dim);
+      for (int g = 0; g < config_.num_kv_heads; ++g) {
+        const int64_t at = g * head_stride + static_cast<int64_t>(pos + t) * head_dim;
+        std::memcpy(k_cache + at, row + q_dim + g * head_dim, sizeof(float) * head_dim);
+        std::memcpy(v_cache + at, row + q_dim + kv_dim + g * head_dim, sizeof(float) * head_dim);
+      }
     }
     if (plan.attention == AttentionMode::KVOnly) return;
-    const cpu::AttentionShape shape{config_.num_heads, config_.num_kv_heads, config_.head_dim,
-                                    qkv_dim, kv_dim};
-    cpu::attention(pool_, shape, q, n, pos, k_cache, v_cache, scratch_.data(), attn_.data());
+    const cpu::AttentionShape shape{config_.num_heads, config_.num_kv_heads, head_dim, qkv_dim,
+                                    head_stride};
+    cpu::attention(pool_, shape, q, n, pos, k_cache, v_cache, attn_.data());
     cpu::linear(pool_, w.o.view, attn_.data(), n, x_.data(), cpu::Output::Accumulate);
   }
 
@@ -401,9 +403,8 @@ class CpuBackend final : public Backend {
   struct LayerCache {
     std::unique_ptr<float[]> k, v;
   };
-  int64_t kv_layer_stride_ = 0;
+  int64_t kv_layer_stride_ = 0;  // floats of a layer's K (or V): [kv heads, max_seq_len, head_dim]
   std::vector<LayerCache> kv_;  // per layer; empty for a layer FiRST skips
-  std::vector<float> scratch_;
   int capacity_ = 0;
   std::vector<float> before_ffn_;   // a_l of a decode step, for the saturation score
   std::vector<float> layer_input_;  // x_l of a decode step, for the layer score

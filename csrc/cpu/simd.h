@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "isa.h"
 
@@ -41,6 +42,27 @@ __attribute__((always_inline)) inline void store(float* p, V v) {
 template <typename V>
 __attribute__((always_inline)) inline V splat(float x) {
   return V{} + x;
+}
+
+// Lane i of v in every lane: one in-register permute. (GCC 12 builds a splat of a float loaded
+// in a loop from one masked broadcast per lane.)
+template <typename V>
+__attribute__((always_inline)) inline V broadcast_lane(V v, int i) {
+  using Mask = typename VectorOf<int32_t, lanes_of<V>>::type;
+  return __builtin_shuffle(v, Mask{} + i);
+}
+
+// The first `count` (< lanes) floats at p, the other lanes zero; and the converse store.
+template <typename V>
+__attribute__((always_inline)) inline V load_partial(const float* p, int count) {
+  V v{};
+  std::memcpy(&v, p, sizeof(float) * count);
+  return v;
+}
+
+template <typename V>
+__attribute__((always_inline)) inline void store_partial(float* p, V v, int count) {
+  std::memcpy(p, &v, sizeof(float) * count);
 }
 
 // Pairwise: the halves are added until one lane is left (log2(lanes) dependent adds).
@@ -85,6 +107,66 @@ __attribute__((always_inline)) inline void axpy_kernel(float a, const float* x, 
   int64_t i = 0;
   for (; i + L <= len; i += L) store(y + i, load<V>(y + i) + av * load<V>(x + i));
   for (; i < len; ++i) y[i] += a * x[i];
+}
+
+// Lane i of the result is the sum of the lanes of acc[i], for as many vectors as lanes (acc is
+// overwritten): log2(lanes) passes in which pairs of vectors, each holding its keys' partial
+// sums in equal segments, become one vector with twice the keys and half the partials each.
+// One two-source shuffle per half (vpermt2ps on AVX-512) instead of a full reduction per sum.
+constexpr int combined_lane(int lanes, int segment, bool upper, int lane) {
+  const int half = segment / 2, per_input = lanes / segment;
+  const int out_segment = lane / half;
+  return (out_segment < per_input ? 0 : lanes) + (out_segment % per_input) * segment +
+         (upper ? half : 0) + lane % half;
+}
+
+template <typename Mask, int kSegment, bool kUpper, int... kLane>
+constexpr Mask combine_mask(std::integer_sequence<int, kLane...>) {
+  return Mask{combined_lane(static_cast<int>(sizeof...(kLane)), kSegment, kUpper, kLane)...};
+}
+
+template <typename V, int kSegment = lanes_of<V>>
+__attribute__((always_inline)) inline V transpose_sum(V* acc) {
+  constexpr int L = lanes_of<V>;
+  if constexpr (kSegment == 1) {
+    return acc[0];
+  } else {
+    using Mask = typename VectorOf<int32_t, L>::type;
+    constexpr auto lanes = std::make_integer_sequence<int, L>{};
+    constexpr Mask lower = combine_mask<Mask, kSegment, false>(lanes);
+    constexpr Mask upper = combine_mask<Mask, kSegment, true>(lanes);
+    constexpr int pairs = kSegment / 2;  // as many vectors are left as partials per key
+    for (int i = 0; i < pairs; ++i) {
+      acc[i] = __builtin_shuffle(acc[2 * i], acc[2 * i + 1], lower) +
+               __builtin_shuffle(acc[2 * i], acc[2 * i + 1], upper);
+    }
+    return transpose_sum<V, kSegment / 2>(acc);
+  }
+}
+
+// e^x for x <= 0, exactly 0 below -87.3 (where floats stop being normal): Cephes' expf, a
+// degree-6 polynomial on x - n ln 2 (about 1 ulp), scaled by 2^n through the exponent bits.
+template <typename V>
+__attribute__((always_inline)) inline V exp_nonpositive(V x) {
+  using Int = typename VectorOf<int32_t, lanes_of<V>>::type;
+  constexpr float kLowest = -87.33f;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const Int underflows = x < kLowest;
+  x = x < kLowest ? splat<V>(kLowest) : x;
+  const V n = (x * 1.44269504088896341f + kRound) - kRound;
+  V r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = splat<V>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const Int bits = (__builtin_convertvector(n, Int) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return underflows ? V{} : p * scale;
 }
 
 }  // namespace ffnskip::cpu
