@@ -89,7 +89,7 @@ def test_linear_rows_do_not_depend_on_the_thread_count(rows: int, tokens: int) -
 
 
 def heads_major(cache: np.ndarray, kv_heads: int) -> np.ndarray:
-    """[positions, kv_heads * head_dim] as the backend stores it: [kv_heads, positions, head_dim]."""
+    """[positions, kv_heads * head_dim] as the backend stores it: [kv_heads, positions, dim]."""
     return np.ascontiguousarray(cache.reshape(cache.shape[0], kv_heads, -1).transpose(1, 0, 2))
 
 
@@ -181,14 +181,31 @@ def test_rms_norm(n, dim) -> None:
     assert np.all(np.abs(got - exact) <= (dim + 4) * EPS32 * np.abs(exact) + 1e-30)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n, inter", [(1, 1), (3, 160), (2, 1537)])
-def test_swiglu(pool, n, inter) -> None:
+def test_swiglu(pool, isa, n, inter) -> None:
     rng = np.random.default_rng(inter)
     gate_up = (rng.standard_normal((n, 2 * inter)) * 4).astype(np.float32)
-    got = kernels.swiglu(pool, gate_up)
+    got = kernels.swiglu(pool, gate_up, isa)
     g, u = gate_up[:, :inter].astype(np.float64), gate_up[:, inter:].astype(np.float64)
     exact = g / (1.0 + np.exp(-g)) * u
     assert np.all(np.abs(got - exact) <= 8 * EPS32 * np.abs(exact) + 1e-30)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_swiglu_over_the_range_of_its_exponential(pool, isa) -> None:
+    """e^-g (a vector polynomial) across every float exponent it reaches, its clamps (0 below
+    -87.3, inf above 88) and past them, where silu(g) tends to g or to -0."""
+    gate = np.concatenate([np.linspace(-100.0, 100.0, 20001), [-88.0, -87.33, 87.33, 88.0, 0.0,
+                                                              -0.0, 1e-30, -1e-30]])
+    gate_up = np.concatenate([gate, np.ones_like(gate)])[None].astype(np.float32)
+    got = kernels.swiglu(pool, gate_up, isa)[0].astype(np.float64)
+    g = gate_up[0, :gate.size].astype(np.float64)
+    with np.errstate(over="ignore"):
+        exact = g / (1.0 + np.exp(-g))
+    # Below g = -88 silu is below 1e-36 in size, and 0 here.
+    assert np.all(np.abs(got - exact) <= 4 * EPS32 * np.abs(exact) + 1e-35)
+    assert np.all(got[g < -88.0] == 0.0)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -414,15 +414,16 @@ void bind_kernels(py::module_ k) {
 
   k.def(
       "swiglu",
-      [](cpu::ThreadPool& pool, const py::handle& gate_up) {
+      [](cpu::ThreadPool& pool, const py::handle& gate_up, const std::string& isa) {
         const auto g = need_array<float>(gate_up, 2, "gate_up");
         if (g.shape(1) % 2 != 0) throw std::invalid_argument("gate_up must be [n, 2 * inter]");
         const int64_t inter = g.shape(1) / 2;
         py::array_t<float> out({g.shape(0), inter});
-        cpu::swiglu(pool, g.data(), g.shape(0), inter, out.mutable_data());
+        cpu::swiglu(pool, g.data(), g.shape(0), inter, out.mutable_data(), to_isa(isa));
         return out;
       },
-      py::arg("pool"), py::arg("gate_up"), "silu(gate) * up of the stacked [gate | up] rows.");
+      py::arg("pool"), py::arg("gate_up"), py::arg("isa"),
+      "silu(gate) * up of the stacked [gate | up] rows.");
 
   k.def(
       "cosine",

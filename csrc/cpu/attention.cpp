@@ -92,7 +92,7 @@ __attribute__((always_inline)) inline void chunk_scores(const GroupChunk& a) {
     a.max[h] = m;
     V sum{};
     for (int64_t j0 = 0; j0 < a.len; j0 += L) {
-      const V p = exp_nonpositive(load<V>(scores + j0) - m);
+      const V p = exp_kernel(load<V>(scores + j0) - m);
       store(scores + j0, p);
       sum += p;
     }
@@ -313,10 +313,10 @@ __attribute__((always_inline)) inline void causal_softmax(float* p, int64_t visi
   }
   float m = max[0];
   for (int j = 1; j < L; ++j) m = std::max(m, max[j]);
-  tail = exp_nonpositive(tail - m);
+  tail = exp_kernel(tail - m);
   V sum = tail;
   for (int64_t j = 0; j < full; j += L) {
-    const V e = exp_nonpositive(load<V>(p + j) - m);
+    const V e = exp_kernel(load<V>(p + j) - m);
     store(p + j, e);
     sum += e;
   }

@@ -3,6 +3,7 @@
 // kernels are compiled once per instruction set and one is chosen at run time.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <utility>
@@ -144,15 +145,19 @@ __attribute__((always_inline)) inline V transpose_sum(V* acc) {
   }
 }
 
-// e^x for x <= 0, exactly 0 below -87.3 (where floats stop being normal): Cephes' expf, a
-// degree-6 polynomial on x - n ln 2 (about 1 ulp), scaled by 2^n through the exponent bits.
+// e^x: Cephes' expf, a degree-6 polynomial on x - n ln 2 (about 1 ulp), scaled by 2^n through
+// the exponent bits; exactly 0 below -87.3 (where floats stop being normal) and inf above 88
+// (e^88 = 1.7e38, so that 2^n stays a normal float).
 template <typename V>
-__attribute__((always_inline)) inline V exp_nonpositive(V x) {
+__attribute__((always_inline)) inline V exp_kernel(V x) {
   using Int = typename VectorOf<int32_t, lanes_of<V>>::type;
   constexpr float kLowest = -87.33f;
+  constexpr float kHighest = 88.0f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const Int underflows = x < kLowest;
+  const Int overflows = x > kHighest;
   x = x < kLowest ? splat<V>(kLowest) : x;
+  x = x > kHighest ? splat<V>(kHighest) : x;
   const V n = (x * 1.44269504088896341f + kRound) - kRound;
   V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -166,7 +171,8 @@ __attribute__((always_inline)) inline V exp_nonpositive(V x) {
   const Int bits = (__builtin_convertvector(n, Int) + 127) << 23;
   V scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return underflows ? V{} : p * scale;
+  const V y = underflows ? V{} : p * scale;
+  return overflows ? splat<V>(INFINITY) : y;
 }
 
 }  // namespace ffnskip::cpu
