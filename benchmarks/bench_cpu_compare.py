@@ -21,6 +21,8 @@ stored at that precision:
   F16 (llama.cpp's default; ours is fp32): --llamacpp-kv f32 makes fp32 logits agree to ~1e-4.
 
 Decode: greedy, one token at a time after the prompt; the prefill is outside the timed loop.
+--decode-context N puts N tokens of filler text before the chat prompt, so that each decode
+step also reads a KV cache of that many positions (its bytes are not in the MB/token column).
 Prefill: one pass over --prefill-tokens tokens from an empty cache. Rounds alternate between
 the engines so that machine noise hits all of them; medians are reported.
 Bytes per decode token: every weight matrix (q, k, v, o, gate, up, down of every layer and the
@@ -31,7 +33,7 @@ round of the run; the table divides by the best probe (this machine's bandwidth 
 +-20% within minutes, so one probe can read below what a decode round then reaches).
 
     python benchmarks/bench_cpu_compare.py [--dtype auto|float32|bfloat16|float16] [--threads N]
-        [--tokens 64] [--rounds 3] [--prefill-tokens 512] [--model PATH|NAME]
+        [--tokens 64] [--rounds 3] [--prefill-tokens 512] [--decode-context 0] [--model PATH|NAME]
         [--engines ffnskip,hf,llamacpp] [--llamacpp-kv f16|f32|bf16] [--out FILE.md]
 """
 
@@ -495,6 +497,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=64, help="decode tokens per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--decode-context", type=int, default=0,
+                        help="tokens of filler before the prompt of the decode rounds")
     parser.add_argument("--engines", default=",".join(ENGINES),
                         help=f"comma-separated subset of {','.join(ENGINES)}")
     parser.add_argument("--llamacpp-kv", default="f16", choices=["f16", "f32", "bf16"],
@@ -637,7 +641,8 @@ def main() -> None:
     tokenizer = ffnskip_ext.load_tokenizer(path)
     prompt = ffnskip_ext.encode_prompt(tokenizer, PROMPT)
     long_prompt = prefill_ids(tokenizer, args.prefill_tokens)
-    n_ctx = max(args.prefill_tokens, len(prompt) + max(args.tokens, AGREEMENT_TOKENS)) + 16
+    decode_prompt = prefill_ids(tokenizer, args.decode_context) + prompt
+    n_ctx = max(args.prefill_tokens, len(decode_prompt) + max(args.tokens, AGREEMENT_TOKENS)) + 16
     if args.dtype == "auto":
         config, weights = open_checkpoint(path)[0], None
     else:
@@ -657,24 +662,24 @@ def main() -> None:
 
     agreement(report, engines, prompt, tokenizer)
     for e in engines:  # warm-up: page in weights, wake threads, pick kernels
-        decode_rate(e, prompt, WARMUP_TOKENS)
+        decode_rate(e, decode_prompt, WARMUP_TOKENS)
         prefill_rate(e, long_prompt)
     probes: list[float] = []
 
     def probe() -> None:
         probes.append(ffnskip_ext.measure_read_bandwidth(1 << 30, args.threads, 5))
 
-    decode = interleaved(engines, args.rounds, lambda e: decode_rate(e, prompt, args.tokens),
-                         probe)
+    decode = interleaved(engines, args.rounds,
+                         lambda e: decode_rate(e, decode_prompt, args.tokens), probe)
     prefill = interleaved(engines, args.rounds, lambda e: prefill_rate(e, long_prompt), probe)
     bandwidth = max(probes)
     loads = probe_loads(args, path, n_ctx, engines)
 
     for line in machine_description(args.threads):
         report(line)
-    report(f"model: {os.path.basename(path)} ({args.dtype} weights), prompt {len(prompt)} tokens, "
-           f"{args.tokens} decode tokens x {args.rounds} rounds, prefill {len(long_prompt)} "
-           f"tokens x {args.rounds} rounds")
+    report(f"model: {os.path.basename(path)} ({args.dtype} weights), prompt {len(prompt)} tokens "
+           f"after {args.decode_context} tokens of context, {args.tokens} decode tokens x "
+           f"{args.rounds} rounds, prefill {len(long_prompt)} tokens x {args.rounds} rounds")
     report(f"read bandwidth ({args.threads} threads, vector sum over 1 GiB, best of 5 passes, "
            f"probed before each round): best {bandwidth / 1e9:.1f} GB/s, probes "
            f"{[round(b / 1e9, 1) for b in probes]}")
