@@ -333,6 +333,19 @@ def test_passes_of_up_to_16_tokens_equal_one_token_steps(pool, isa, type_name) -
             err_msg=f"{n} tokens")
 
 
+def test_attention_does_not_depend_on_the_number_of_threads() -> None:
+    """Chunks of keys are cut by position, and combined in position order, whatever thread
+    computed them."""
+    rng = np.random.default_rng(7)
+    n, pos, heads, kv_heads, head_dim = 3, 700, 9, 3, 64
+    q = rng.standard_normal((n, heads * head_dim)).astype(np.float32)
+    k, v = (rng.standard_normal((kv_heads, pos + n, head_dim)).astype(np.float32) for _ in "kv")
+    one = kernels.attention(kernels.ThreadPool(1), q, k, v, pos, heads, ISAS[-1])
+    for threads in (2, 3):
+        many = kernels.attention(kernels.ThreadPool(threads), q, k, v, pos, heads, ISAS[-1])
+        np.testing.assert_array_equal(one, many)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n, pos, heads, kv_heads, head_dim",
                          [(5, 9, 4, 2, 64), (16, 9, 12, 2, 128), (16, 250, 9, 3, 64)])
