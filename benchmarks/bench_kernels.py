@@ -12,7 +12,9 @@ rows for at least ``--decode-bytes`` (default 256 MB, past any L3), its time sca
 the shape's rows. Prefill linears (many tokens) report GFLOP/s as well. A linear's time is the
 median of ``--repeats`` back-to-back calls in C++ after a warm-up call
 (``_core.kernels.time_linear``: the thread pool stays awake between calls, as in a decode
-step); attention's is timed through its binding.
+step); attention's is timed through its binding, back to back on one cache (decode at 1024
+and 4096 positions): where the cache fits in L3 that is the kernel's compute, not a decode
+step's reads of every layer's cache from memory.
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ def main() -> None:
                               f"| {read / seconds / bandwidth:.0%} | {flops / seconds / 1e9:.1f} |")
         for isa in args.isa.split(","):
             heads, kv_heads, d = m["heads"], m["kv_heads"], m["head_dim"]
-            for tokens, context in ((1, 1024), (args.prefill_tokens, args.prefill_tokens)):
+            prefill = args.prefill_tokens
+            for tokens, context in ((1, 1024), (1, 4096), (prefill, prefill)):
                 pos = context - tokens
                 q = rng.standard_normal((tokens, heads * d), dtype=np.float32)
                 k = rng.standard_normal((kv_heads, context, d), dtype=np.float32)
