@@ -87,8 +87,7 @@ __attribute__((always_inline)) inline void chunk_scores(const GroupChunk& a) {
       max = max < block ? block : max;
       store(scores + j0, block);
     }
-    float m = max[0];
-    for (int j = 1; j < L; ++j) m = std::max(m, max[j]);
+    const float m = reduce_max(max);
     a.max[h] = m;
     V sum{};
     for (int64_t j0 = 0; j0 < a.len; j0 += L) {
@@ -311,8 +310,7 @@ __attribute__((always_inline)) inline void causal_softmax(float* p, int64_t visi
     store(p + j, x);
     max = max < x ? x : max;
   }
-  float m = max[0];
-  for (int j = 1; j < L; ++j) m = std::max(m, max[j]);
+  const float m = reduce_max(max);
   tail = exp_kernel(tail - m);
   V sum = tail;
   for (int64_t j = 0; j < full; j += L) {

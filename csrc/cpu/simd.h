@@ -81,6 +81,14 @@ __attribute__((always_inline)) inline float reduce_add(V v) {
   }
 }
 
+// The largest lane (scalar compares: once per row of scores, not in an inner loop).
+template <typename V>
+__attribute__((always_inline)) inline float reduce_max(V v) {
+  float m = v[0];
+  for (int i = 1; i < lanes_of<V>; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
 // Dot product and y += a * x over float arrays of any length.
 template <Isa I>
 __attribute__((always_inline)) inline float dot_kernel(const float* a, const float* b,
