@@ -229,6 +229,14 @@ def test_bad_kernel_arguments_are_value_errors(pool) -> None:
         kernels.linear(pool, w, "F32", None, np.zeros((2, 8), np.float32), None, "sse9")
     with pytest.raises(ValueError, match="unsupported tensor type"):
         kernels.linear(pool, w, "int4", None, np.zeros((2, 8), np.float32), None, ISAS[0])
+    q, cache = np.zeros((1, 4 * 8), np.float32), np.zeros((2, 5, 8), np.float32)
+    for bad in ((q, cache, cache, -1, 4),  # a position before the cache
+                (q, cache, cache, 5, 4),  # the query's position past the cache's end
+                (q, cache, cache[:, :4], 0, 4),  # K and V caches of different shapes
+                (q, cache, cache, 0, 3)):  # 3 query heads over 2 KV heads
+        with pytest.raises(ValueError, match="attention shapes do not fit"):
+            kernels.attention(pool, *bad, ISAS[0])
+    assert kernels.attention(pool, q, cache, cache, 4, 4, ISAS[0]).shape == (1, 32)
 
 
 # ---- quantised weights -------------------------------------------------------------------

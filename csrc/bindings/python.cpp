@@ -358,7 +358,7 @@ void bind_kernels(py::module_ k) {
         const int n = static_cast<int>(qs.shape(0));
         const int num_kv_heads = static_cast<int>(ks.shape(0));
         const int head_dim = static_cast<int>(ks.shape(2));
-        if (num_heads < 1 || num_kv_heads < 1 || num_heads % num_kv_heads != 0 ||
+        if (pos < 0 || num_heads < 1 || num_kv_heads < 1 || num_heads % num_kv_heads != 0 ||
             qs.shape(1) != static_cast<int64_t>(num_heads) * head_dim ||
             ks.shape(1) < pos + n || !std::equal(ks.shape(), ks.shape() + 3, vs.shape())) {
           throw std::invalid_argument("attention shapes do not fit");
