@@ -293,12 +293,13 @@ def test_policies_round_trip_through_json(tmp_path) -> None:
 @pytest.mark.parametrize(
     "make, field",
     [
-        (lambda: FFNSkipPolicy(threshold=1.5), "threshold"),
-        (lambda: FFNSkipPolicy(threshold=float("nan")), "threshold"),
-        (lambda: FFNSkipPolicy(warmup_tokens=-1), "warmup_tokens"),
+        # The engine's messages print the value as given (shortest float text, no locale).
+        (lambda: FFNSkipPolicy(threshold=1.01), r"threshold must be in \[-1, 1\], got 1\.01$"),
+        (lambda: FFNSkipPolicy(threshold=float("nan")), "threshold .*, got nan$"),
+        (lambda: FFNSkipPolicy(warmup_tokens=-1), "warmup_tokens must be >= 0, got -1$"),
         (lambda: FFNSkipPolicy(max_skips_per_token=-2), "max_skips_per_token"),
         (lambda: FFNSkipPolicy(cold_start=-1), "cold_start"),
-        (lambda: RandomFFNSkip(k=-1), "k"),
+        (lambda: RandomFFNSkip(k=-1), "k must be >= 0, got -1$"),
         (lambda: StaticFFNSkip([1, 1]), "duplicates"),
         (lambda: LayerDrop([-1]), "layers"),
         (lambda: SubBlockSkip(attention=[2, 2]), "attention_layers has duplicates"),

@@ -592,7 +592,7 @@ void bind_cuda_kernels(py::module_ k) {
           py::gil_scoped_release release;
           cuda_kernel(call);
         }
-        if (call.rule == nullptr) return std::move(out);
+        if (call.rule == nullptr) return py::object(std::move(out));
         py::dict state;
         state["dense_token"] = static_cast<int>(started[0]);
         state["budget"] = static_cast<int>(started[1]);

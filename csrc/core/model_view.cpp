@@ -4,8 +4,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
-#include <sstream>
 #include <stdexcept>
+#include <string>
 
 #include "tensor_types.h"
 
@@ -24,12 +24,11 @@ int64_t TensorView::bytes() const {
 
 namespace {
 
+// Without iostreams, as policy.cpp's messages.
 std::string shape_str(const std::vector<int64_t>& shape) {
-  std::ostringstream s;
-  s << "[";
-  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
-  s << "]";
-  return s.str();
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
 }
 
 // The first element (float types) or block (quantised: its scales) that is NaN or infinite,

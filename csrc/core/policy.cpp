@@ -1,10 +1,11 @@
 #include "ffnskip/policy.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
-#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "skip_rule.h"
 
@@ -21,11 +22,19 @@ void require(bool ok, const std::string& field, const std::string& why) {
   if (!ok) throw std::invalid_argument("invalid policy: " + field + " " + why);
 }
 
+// Numbers formatted without iostreams: to_chars ignores the locale (a message never reads
+// "0,5") and stays out of std::locale, which the H200 check of 2026-12-04 points at: pytest
+// processes that had imported a PyTorch CUDA wheel crashed (SIGSEGV) in the first policy check
+// that formatted a number with an ostringstream.
 template <typename T>
 std::string got(T value) {
-  std::ostringstream s;
-  s << ", got " << value;
-  return s.str();
+  if constexpr (std::is_floating_point_v<T>) {
+    char text[32];
+    const auto end = std::to_chars(text, text + sizeof(text), value).ptr;
+    return ", got " + std::string(text, end);
+  } else {
+    return ", got " + std::to_string(value);
+  }
 }
 
 void require_at_least(int value, int minimum, const std::string& field) {
