@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import datetime
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -362,8 +363,6 @@ def main() -> int:
     check = Check(args.outdir.resolve(), args.dry_run, args.total_s, env)
 
     check.begin_tier(1)
-    machine = check.run("machine", ["bash", "-c", MACHINE_SCRIPT], 30, parse_machine)
-    check.summary["machine"] = machine.result
     if not args.dry_run:
         # The package is assembled in the build directory; the sources stay untouched.
         shutil.rmtree(package, ignore_errors=True)
@@ -373,6 +372,9 @@ def main() -> int:
     if wheels:
         check.run("wheels", [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                              "--no-compile", "--target", str(package), *map(str, wheels)], 60)
+    # After the wheels, so that the versions it reads include theirs.
+    machine = check.run("machine", ["bash", "-c", MACHINE_SCRIPT], 30, parse_machine)
+    check.summary["machine"] = machine.result
     generator = ["-G", "Ninja"] if shutil.which("ninja") or args.dry_run else []
     configure = check.run("configure", [
         "cmake", "-S", str(ROOT), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release",
@@ -396,9 +398,14 @@ def main() -> int:
     needs_build("import", [python, "-c", "import ffnskip_ext, gguf, sys; "
                            "print(ffnskip_ext.build_info()); "
                            "sys.exit(not ffnskip_ext.cuda_available())"], 30)
-    needs_build("kernel_tests", [*pytest, KERNEL_TESTS], 90, parse_pytest)
+    # Worker processes (pytest-xdist, in the device's image): a test that crashes its process
+    # fails alone instead of ending the file's run (the SIGSEGV of 2026-12-04 hid every later
+    # test of both files).
+    workers = ["-n", "4"] if importlib.util.find_spec("xdist") else []
+    needs_build("kernel_tests", [*pytest, *workers, KERNEL_TESTS], 90, parse_pytest)
     # The SmolLM2 tests need its 98 MB package, which does not travel.
-    needs_build("model_tests", [*pytest, MODEL_TESTS, "-k", "not smollm2"], 120, parse_pytest)
+    needs_build("model_tests", [*pytest, *workers, MODEL_TESTS, "-k", "not smollm2"], 120,
+                parse_pytest)
 
     check.begin_tier(2)
     bench_decode = str(build / "bench_decode")
