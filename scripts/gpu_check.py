@@ -16,7 +16,8 @@ Tier 1 (at most 180 s): machine info, the CUDA build with every core, the per-ke
 and the CUDA model tests on tiny random models. Tier 2 (at most 180 s): bench_decode on
 LLaMA-2-7B and LLaMA-3-8B shapes in fp16 and bf16 (dense, static FFN skip of 10-30%, the
 FFNSkipPolicy(threshold=1.0) gating overhead, device-to-device copy bandwidth, kernels per
-token). Tier 3 (what is left of 420 s): bench_decode over quantised blocks, compute-sanitizer's
+token). Tier 3 (what is left of 420 s): where a test crashed its process, the first such test
+again under cuda-gdb for its C++ stacks; bench_decode over quantised blocks, compute-sanitizer's
 memcheck on a subset of the kernel tests, the transformers comparison.
 
 --dry-run replaces every command by an echo of it (no GPU, nvidia-smi or nvcc needed) and
@@ -80,7 +81,29 @@ def parse_pytest(output: str) -> dict[str, Any]:
                       for n, kind in found}
             break
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, flags=re.MULTILINE)
-    return {"counts": counts, "failed_tests": failed[:50]} if counts or failed else {}
+    crashed = crashed_tests(output)
+    result: dict[str, Any] = {"counts": counts, "failed_tests": failed[:50]} if (
+        counts or failed) else {}
+    return {**result, "crashed_tests": crashed} if crashed else result
+
+
+def crashed_tests(output: str) -> list[str]:
+    """The tests whose process died: pytest-xdist names each ("worker 'gw1' crashed while
+    running 'NODE'"); without workers, faulthandler's stack names the test function (the
+    innermost frame in a tests/ file)."""
+    nodes = re.findall(r"worker '\w+' crashed while running '([^']+)'", output)
+    if not nodes and "Fatal Python error" in output:
+        frames = re.findall(r'File "[^"]*?/(tests/test_\w+\.py)", line \d+ in (test_\w+)', output)
+        nodes = [f"{path}::{test}" for path, test in frames[:1]]
+    return list(dict.fromkeys(nodes))
+
+
+def backtrace_command(python: str, tests: str) -> list[str]:
+    """cuda-gdb running tests (a file or one test) to the first crash, then printing every
+    thread's stack."""
+    return ["cuda-gdb", "-batch", "-ex", "set pagination off", "-ex", "run",
+            "-ex", "thread apply all bt 30", "--args", python, "-m", "pytest", "-q", "-x",
+            "-p", "no:cacheprovider", tests]
 
 
 def parse_bench_decode(output: str) -> dict[str, Any]:
@@ -402,10 +425,11 @@ def main() -> int:
     # fails alone instead of ending the file's run (the SIGSEGV of 2026-12-04 hid every later
     # test of both files).
     workers = ["-n", "4"] if importlib.util.find_spec("xdist") else []
-    needs_build("kernel_tests", [*pytest, *workers, KERNEL_TESTS], 90, parse_pytest)
+    kernel_tests = needs_build("kernel_tests", [*pytest, *workers, KERNEL_TESTS], 90,
+                               parse_pytest)
     # The SmolLM2 tests need its 98 MB package, which does not travel.
-    needs_build("model_tests", [*pytest, *workers, MODEL_TESTS, "-k", "not smollm2"], 120,
-                parse_pytest)
+    model_tests = needs_build("model_tests", [*pytest, *workers, MODEL_TESTS, "-k",
+                                              "not smollm2"], 120, parse_pytest)
 
     check.begin_tier(2)
     bench_decode = str(build / "bench_decode")
@@ -415,6 +439,14 @@ def main() -> int:
             "--tokens", "128", "--policy", DECODE_POLICIES], 45, parse_bench_decode)
 
     check.begin_tier(3)
+    # The C++ stacks of the first crashed test under cuda-gdb (it debugs host code too; the
+    # image has no gdb): alone, then after the tests before it in its file (whether it needs
+    # them to crash says whether it is the crash's cause or where earlier damage shows).
+    crashed = [node for step in (kernel_tests, model_tests)
+               for node in step.result.get("crashed_tests", [])]
+    if crashed:
+        check.run("backtrace_alone", backtrace_command(python, crashed[0]), 60)
+        check.run("backtrace_in_file", backtrace_command(python, crashed[0].split("::")[0]), 90)
     for weights in QUANTIZED_WEIGHTS:
         needs_build(f"bench_decode_llama3-8b_{weights}", [
             bench_decode, "--device", "cuda", "--preset", "llama3-8b", "--weights", weights,

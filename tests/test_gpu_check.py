@@ -147,5 +147,18 @@ def test_parsers_read_the_programs_output() -> None:
     assert gpu_check.parse_pytest(pytest_output) == {
         "counts": {"failed": 1, "passed": 40, "skipped": 3},
         "failed_tests": ["tests/test_cuda.py::test_x[float16]"]}
+    # A crash: pytest-xdist names the test; without workers, faulthandler's stack does.
+    xdist = ("[gw1] node down: Not properly terminated\n"
+             "FAILED tests/test_cuda.py::test_y[bf16] - worker 'gw1' crashed while running "
+             "'tests/test_cuda.py::test_y[bf16]'\n1 failed, 9 passed in 3.10s\n")
+    assert gpu_check.parse_pytest(xdist)["crashed_tests"] == ["tests/test_cuda.py::test_y[bf16]"]
+    serial = ('.s..Fatal Python error: Segmentation fault\n\nCurrent thread 0x7f (most recent '
+              'call first):\n  File "/pkg/ffnskip_ext/runtime/policies.py", line 68 in _validate\n'
+              '  File "/work/main/tests/test_cuda.py", line 232 in test_mixed_formats\n'
+              '  File "/venv/_pytest/python.py", line 167 in pytest_pyfunc_call\n')
+    assert gpu_check.parse_pytest(serial) == {
+        "crashed_tests": ["tests/test_cuda.py::test_mixed_formats"]}
+    assert "crashed_tests" not in gpu_check.parse_pytest(pytest_output)
+    assert gpu_check.backtrace_command("py", "tests/t.py::x")[-1] == "tests/t.py::x"
     machine = gpu_check.parse_machine("gpu: NVIDIA H200, 580.1, 143771 MiB, 9.0\ncores: 16\n")
     assert machine == {"gpu": "NVIDIA H200, 580.1, 143771 MiB, 9.0", "cores": "16"}
