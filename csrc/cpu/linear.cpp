@@ -30,11 +30,6 @@ constexpr int kChunkRows = 32;
 // times, few enough that taking one (an atomic add) costs nothing next to it.
 constexpr int64_t kPiecesPerThread = 8;
 
-template <Isa I>
-using vu16 = typename VectorOf<uint16_t, kLanes<I>>::type;
-template <Isa I>
-using vu32 = typename VectorOf<uint32_t, kLanes<I>>::type;
-
 // One float matrix of a linear's part, as the float kernels read it: its rows [row, ...) write
 // y[t * out + row]; `out` is the whole linear's row count (the y stride), `bias` the part's.
 struct Matrix {
@@ -75,21 +70,7 @@ struct BF16Weights {
 };
 
 #ifdef FFNSKIP_X86_DISPATCH
-// F16C conversions and broadcasts. Not always_inline: the intrinsics may only be inlined into
-// code compiled for their target, which the kernel templates are not until they are inlined
-// into a per-instruction-set entry point; `flatten` there inlines these.
-FFNSKIP_TARGET_AVX512 inline vfloat<Isa::Avx512> widen_f16_avx512(const uint16_t* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  // maskz: no -Wmaybe-uninitialized
-  return bits_as<vfloat<Isa::Avx512>>(_mm512_maskz_cvtph_ps(0xFFFF, h));
-}
-
-FFNSKIP_TARGET_AVX2 inline vfloat<Isa::Avx2> widen_f16_avx2(const uint16_t* p) {
-  return bits_as<vfloat<Isa::Avx2>>(
-      _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
-// One float broadcast to every lane straight from memory (a generic-vector splat costs an add
+// Not always_inline, as simd.h's F16C loads. One float broadcast to every lane straight from memory (a generic-vector splat costs an add
 // or a lane-by-lane build in GCC's code for these targets).
 FFNSKIP_TARGET_AVX512 inline vfloat<Isa::Avx512> broadcast_avx512(const float* p) {
   return bits_as<vfloat<Isa::Avx512>>(_mm512_set1_ps(*p));
@@ -105,18 +86,7 @@ struct F16Weights {
   using Stored = uint16_t;
   static constexpr int kParts = 1;
   __attribute__((always_inline)) static void widen(const uint16_t* p, vfloat<I>* out) {
-#ifdef FFNSKIP_X86_DISPATCH
-    if constexpr (I == Isa::Avx512) {
-      out[0] = widen_f16_avx512(p);
-      return;
-    } else if constexpr (I == Isa::Avx2) {
-      out[0] = widen_f16_avx2(p);
-      return;
-    }
-#endif
-    vu16<I> h;
-    std::memcpy(&h, p, sizeof(h));
-    out[0] = widen_f16<vfloat<I>>(__builtin_convertvector(h, vu32<I>));
+    out[0] = load_f16<I>(p);
   }
   static float at(const uint16_t* p) { return f16_to_float(*p); }
 };

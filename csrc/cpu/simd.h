@@ -8,7 +8,12 @@
 #include <cstring>
 #include <utility>
 
+#include "../core/half.h"
 #include "isa.h"
+
+#ifdef FFNSKIP_X86_DISPATCH
+#include <immintrin.h>
+#endif
 
 namespace ffnskip::cpu {
 
@@ -24,6 +29,11 @@ struct VectorOf {
 };
 template <Isa I>
 using vfloat = typename VectorOf<float, kLanes<I>>::type;
+
+template <Isa I>
+using vu16 = typename VectorOf<uint16_t, kLanes<I>>::type;
+template <Isa I>
+using vu32 = typename VectorOf<uint32_t, kLanes<I>>::type;
 
 template <typename V>
 constexpr int lanes_of = static_cast<int>(sizeof(V) / sizeof(float));
@@ -67,6 +77,38 @@ __attribute__((always_inline)) inline void store_partial(float* p, V v, int coun
 }
 
 // Pairwise: the halves are added until one lane is left (log2(lanes) dependent adds).
+#ifdef FFNSKIP_X86_DISPATCH
+// F16C conversions. Not always_inline: the intrinsics may only be inlined into code compiled
+// for their target, which the kernel templates are not until they are inlined into a
+// per-instruction-set entry point; `flatten` there inlines these.
+FFNSKIP_TARGET_AVX512 inline vfloat<Isa::Avx512> widen_f16_avx512(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  // maskz: no -Wmaybe-uninitialized
+  return bits_as<vfloat<Isa::Avx512>>(_mm512_maskz_cvtph_ps(0xFFFF, h));
+}
+
+FFNSKIP_TARGET_AVX2 inline vfloat<Isa::Avx2> widen_f16_avx2(const uint16_t* p) {
+  return bits_as<vfloat<Isa::Avx2>>(
+      _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
+// kLanes<I> fp16 values (their bits) at p, widened: F16C where the instruction set has it,
+// integer operations on the baseline.
+template <Isa I>
+__attribute__((always_inline)) inline vfloat<I> load_f16(const uint16_t* p) {
+#ifdef FFNSKIP_X86_DISPATCH
+  if constexpr (I == Isa::Avx512) {
+    return widen_f16_avx512(p);
+  } else if constexpr (I == Isa::Avx2) {
+    return widen_f16_avx2(p);
+  }
+#endif
+  vu16<I> h;
+  std::memcpy(&h, p, sizeof(h));
+  return widen_f16<vfloat<I>>(__builtin_convertvector(h, vu32<I>));
+}
+
 template <typename V>
 __attribute__((always_inline)) inline float reduce_add(V v) {
   constexpr int L = lanes_of<V>;
