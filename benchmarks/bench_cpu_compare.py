@@ -34,7 +34,8 @@ round of the run; the table divides by the best probe (this machine's bandwidth 
 
     python benchmarks/bench_cpu_compare.py [--dtype auto|float32|bfloat16|float16] [--threads N]
         [--tokens 64] [--rounds 3] [--prefill-tokens 512] [--decode-context 0] [--model PATH|NAME]
-        [--engines ffnskip,hf,llamacpp] [--llamacpp-kv f16|f32|bf16] [--out FILE.md]
+        [--engines ffnskip,hf,llamacpp] [--llamacpp-kv f16|f32|bf16]
+        [--kv-cache-dtype auto|float16] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -107,13 +108,16 @@ class FfnskipEngine:
     def __init__(self, decoder: ffnskip_ext.Decoder) -> None:
         self.decoder = decoder
         types = ", ".join(f"{t} {n / 1e6:.0f} MB" for t, n in sorted(decoder.weight_bytes.items()))
-        self.detail = f"Decoder, {decoder.dtype} weights ({types})"
+        self.detail = (f"Decoder, {decoder.dtype} weights ({types}), KV cache "
+                       f"{decoder.kv_cache_dtype}")
 
     @classmethod
-    def load(cls, path: str, dtype: str, threads: int, n_ctx: int) -> FfnskipEngine:
+    def load(cls, path: str, dtype: str, threads: int, n_ctx: int,
+             kv_cache_dtype: str) -> FfnskipEngine:
         """As a user loads it: the file mapped, tensors in place or converted to ``dtype``."""
         return cls(ffnskip_ext.Decoder.from_pretrained(
-            path, dtype=dtype, max_seq_len=n_ctx, num_threads=threads))
+            path, dtype=dtype, max_seq_len=n_ctx, num_threads=threads,
+            kv_cache_dtype=kv_cache_dtype))
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         self.decoder.reset()
@@ -503,6 +507,8 @@ def parse_args() -> argparse.Namespace:
                         help=f"comma-separated subset of {','.join(ENGINES)}")
     parser.add_argument("--llamacpp-kv", default="f16", choices=["f16", "f32", "bf16"],
                         help="llama.cpp's KV cache type (its default: f16)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float16"],
+                        help="ffnskip_ext's KV cache (auto: float32 on the CPU)")
     parser.add_argument("--out", default=None, help="append the report to this markdown file")
     parser.add_argument("--cache-dir", default=os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ffnskip_ext", "bench"
@@ -526,7 +532,8 @@ def build_engines(
     engines: list[Engine] = []
     if "ffnskip" in args.engines:
         try:
-            engines.append(FfnskipEngine.load(path, args.dtype, args.threads, n_ctx))
+            engines.append(FfnskipEngine.load(path, args.dtype, args.threads, n_ctx,
+                                              args.kv_cache_dtype))
         except ValueError as e:
             report(f"skipping ffnskip_ext: {e}")
     if "hf" in args.engines:
@@ -587,7 +594,8 @@ def load_probe(args: argparse.Namespace, path: str, n_ctx: int) -> dict[str, flo
     base = rss_bytes("VmRSS")
     start = time.perf_counter()
     engine: Engine = (
-        FfnskipEngine.load(path, args.dtype, args.threads, n_ctx) if args.load_probe == "ffnskip"
+        FfnskipEngine.load(path, args.dtype, args.threads, n_ctx, args.kv_cache_dtype)
+        if args.load_probe == "ffnskip"
         else LlamaCppEngine(llama_cpp_path(args, path), args.threads, n_ctx, args.llamacpp_kv))
     load = time.perf_counter() - start
     token = int(np.argmax(engine.prefill(ids)))
@@ -617,7 +625,8 @@ def probe_loads(args: argparse.Namespace, path: str, n_ctx: int,
             continue
         command = [sys.executable, os.path.abspath(__file__), "--load-probe", names[e.name],
                    "--model", path, "--dtype", args.dtype, "--threads", str(args.threads),
-                   "--llamacpp-kv", args.llamacpp_kv, "--cache-dir", args.cache_dir,
+                   "--llamacpp-kv", args.llamacpp_kv, "--kv-cache-dtype", args.kv_cache_dtype,
+                   "--cache-dir", args.cache_dir,
                    "--n-ctx", str(n_ctx)]
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         out[e.name] = json.loads(done.stdout.strip().splitlines()[-1])

@@ -127,18 +127,33 @@ ATTENTION_SHAPES = [(1, 0, 4, 4, 64), (1, 37, 9, 3, 64), (1, 20, 12, 1, 128),
                     (2, 255, 6, 6, 40), (4, 300, 14, 2, 72), (3, 520, 5, 1, 2)]
 
 
+def as_cache(values: np.ndarray, cache_type: str) -> np.ndarray:
+    """A cache as kernels.attention takes it: float32 (F32) or the uint16 bits of F16."""
+    return values if cache_type == "F32" else values.astype(np.float16).view(np.uint16)
+
+
+def cached(values: np.ndarray, cache_type: str) -> np.ndarray:
+    """The values as the cache holds them, in float32: fp16 rounds to nearest even."""
+    return values if cache_type == "F32" else values.astype(np.float16).astype(np.float32)
+
+
+@pytest.mark.parametrize("cache_type", ["F32", "F16"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n, pos, heads, kv_heads, head_dim", ATTENTION_SHAPES)
-def test_attention(pool, isa, n, pos, heads, kv_heads, head_dim) -> None:
+def test_attention(pool, isa, n, pos, heads, kv_heads, head_dim, cache_type) -> None:
+    """Against float64 on the values the cache holds: an fp16 cache rounds K and V once, then
+    the kernel widens them exactly and computes as in fp32."""
     rng = np.random.default_rng(n * 100 + pos + heads)
     q = rng.standard_normal((n, heads * head_dim)).astype(np.float32)
     k = rng.standard_normal((pos + n, kv_heads * head_dim)).astype(np.float32)
     v = rng.standard_normal((pos + n, kv_heads * head_dim)).astype(np.float32)
     # The cache holds 3 positions more, NaN: attention reads only the first pos + n.
     spare = np.full((3, kv_heads * head_dim), np.nan, np.float32)
-    got = kernels.attention(pool, q, heads_major(np.concatenate([k, spare]), kv_heads),
-                            heads_major(np.concatenate([v, spare]), kv_heads), pos, heads, isa)
-    exact, magnitude = attention_reference(q, k, v, pos, heads, kv_heads, head_dim)
+    k_cache, v_cache = (as_cache(heads_major(np.concatenate([a, spare]), kv_heads), cache_type)
+                        for a in (k, v))
+    got = kernels.attention(pool, q, k_cache, v_cache, pos, heads, isa, cache_type)
+    exact, magnitude = attention_reference(q, cached(k, cache_type), cached(v, cache_type), pos,
+                                           heads, kv_heads, head_dim)
     # Scores carry head_dim-term sums (amplified by at most |score| through exp), the output
     # a (pos + n)-term weighted sum: a relative bound of a few hundred eps on the magnitudes.
     scale = np.sqrt(head_dim) * 4.0
@@ -236,6 +251,8 @@ def test_bad_kernel_arguments_are_value_errors(pool) -> None:
                 (q, cache, cache, 0, 3)):  # 3 query heads over 2 KV heads
         with pytest.raises(ValueError, match="attention shapes do not fit"):
             kernels.attention(pool, *bad, ISAS[0])
+    with pytest.raises(ValueError, match="cache_type must be F32 or F16, got BF16"):
+        kernels.attention(pool, q, cache, cache, 4, 4, ISAS[0], "BF16")
     assert kernels.attention(pool, q, cache, cache, 4, 4, ISAS[0]).shape == (1, 32)
 
 
@@ -354,19 +371,20 @@ def test_attention_does_not_depend_on_the_number_of_threads() -> None:
         np.testing.assert_array_equal(one, many)
 
 
+@pytest.mark.parametrize("cache_type", ["F32", "F16"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("n, pos, heads, kv_heads, head_dim",
                          [(5, 9, 4, 2, 64), (16, 9, 12, 2, 128), (16, 250, 9, 3, 64)])
 def test_attention_of_up_to_16_queries_equals_one_query_steps(pool, isa, n, pos, heads, kv_heads,
-                                                              head_dim) -> None:
+                                                              head_dim, cache_type) -> None:
     rng = np.random.default_rng(n)
     q = rng.standard_normal((n, heads * head_dim)).astype(np.float32)
     k = rng.standard_normal((pos + n, kv_heads * head_dim)).astype(np.float32)
     v = rng.standard_normal((pos + n, kv_heads * head_dim)).astype(np.float32)
-    k, v = heads_major(k, kv_heads), heads_major(v, kv_heads)
-    got = kernels.attention(pool, q, k, v, pos, heads, isa)
+    k, v = (as_cache(heads_major(a, kv_heads), cache_type) for a in (k, v))
+    got = kernels.attention(pool, q, k, v, pos, heads, isa, cache_type)
     for t in range(n):
         visible = pos + t + 1
         step = kernels.attention(pool, q[t:t + 1], k[:, :visible], v[:, :visible], pos + t, heads,
-                                 isa)
+                                 isa, cache_type)
         np.testing.assert_array_equal(got[t:t + 1], step, err_msg=f"query {t}")

@@ -61,14 +61,16 @@ def steps(decoder, tokens):
 # ---------------------------------------------------------------------------- verify
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "float16"])
 @pytest.mark.parametrize("model", ["float32", "quantized"])
 @pytest.mark.parametrize("k", [1, 5, 16, 17, 40])
-def test_verify_equals_successive_steps(path, quantized_path, model, k) -> None:
+def test_verify_equals_successive_steps(path, quantized_path, model, k, kv_cache_dtype) -> None:
     """Bit for bit on the CPU (passes of up to 16 tokens compute each token as a step does,
     and longer verifies run as such passes), so the tolerance is zero for float32 and for
-    GGUF blocks alike; 17 and 40 run in chunks."""
+    GGUF blocks alike, with either cache; 17 and 40 run in chunks."""
     file, dtype = (path, "float32") if model == "float32" else (quantized_path, None)
-    decoder = ffnskip_ext.Decoder.from_pretrained(file, dtype=dtype, max_seq_len=64)
+    decoder = ffnskip_ext.Decoder.from_pretrained(file, dtype=dtype, max_seq_len=64,
+                                                  kv_cache_dtype=kv_cache_dtype)
     vocab = decoder.config.vocab_size
     tokens = [t % vocab for t in TOKENS[:k]]
     decoder.prefill(PROMPT)

@@ -149,7 +149,8 @@ TensorView mapped_tensor(const std::shared_ptr<const MappedFile>& file, int64_t 
 
 std::unique_ptr<Decoder> make_decoder(const py::object& config, const py::dict& weights,
                                       const std::string& device, const std::string& dtype,
-                                      int max_seq_len, int num_threads) {
+                                      int max_seq_len, int num_threads,
+                                      const std::string& kv_cache_dtype) {
   std::vector<py::array> keep_alive;  // arrays are borrowed until the decoder is made
   WeightMap views;
   for (const auto& item : weights) {
@@ -176,6 +177,7 @@ std::unique_ptr<Decoder> make_decoder(const py::object& config, const py::dict& 
   options.dtype = parse_dtype(dtype);
   options.max_seq_len = max_seq_len;
   options.num_threads = num_threads;
+  options.kv_cache_dtype = parse_dtype(kv_cache_dtype);
   const ModelConfig model_config = to_model_config(config);
   py::gil_scoped_release release;
   return std::make_unique<Decoder>(model_config, views, options);
@@ -351,10 +353,18 @@ void bind_kernels(py::module_ k) {
   k.def(
       "attention",
       [](cpu::ThreadPool& pool, const py::handle& q, const py::handle& k_cache,
-         const py::handle& v_cache, int pos, int num_heads, const std::string& isa) {
+         const py::handle& v_cache, int pos, int num_heads, const std::string& isa,
+         const std::string& cache_type) {
         const auto qs = need_array<float>(q, 2, "q");
-        const auto ks = need_array<float>(k_cache, 3, "k_cache");
-        const auto vs = need_array<float>(v_cache, 3, "v_cache");
+        const TensorType type = parse_tensor_type(cache_type);
+        if (type != TensorType::F32 && type != TensorType::F16) {
+          throw std::invalid_argument("cache_type must be F32 or F16, got " + cache_type);
+        }
+        const bool f16 = type == TensorType::F16;
+        const py::array ks = f16 ? py::array(need_array<uint16_t>(k_cache, 3, "k_cache"))
+                                 : py::array(need_array<float>(k_cache, 3, "k_cache"));
+        const py::array vs = f16 ? py::array(need_array<uint16_t>(v_cache, 3, "v_cache"))
+                                 : py::array(need_array<float>(v_cache, 3, "v_cache"));
         const int n = static_cast<int>(qs.shape(0));
         const int num_kv_heads = static_cast<int>(ks.shape(0));
         const int head_dim = static_cast<int>(ks.shape(2));
@@ -364,7 +374,7 @@ void bind_kernels(py::module_ k) {
           throw std::invalid_argument("attention shapes do not fit");
         }
         const cpu::AttentionShape shape{num_heads, num_kv_heads, head_dim, qs.shape(1),
-                                        ks.shape(1) * head_dim};
+                                        ks.shape(1) * head_dim, type};
         py::array_t<float> out({static_cast<int64_t>(n), qs.shape(1)});
         float* dst = out.mutable_data();
         const cpu::Isa chosen = to_isa(isa);
@@ -375,9 +385,9 @@ void bind_kernels(py::module_ k) {
         return out;
       },
       py::arg("pool"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("pos"),
-      py::arg("num_heads"), py::arg("isa"),
+      py::arg("num_heads"), py::arg("isa"), py::arg("cache_type") = "F32",
       "Causal attention of q [n, heads * head_dim] at positions pos.. over caches [kv_heads, "
-      "positions, head_dim].");
+      "positions, head_dim]: float32 (cache_type F32) or the uint16 bits of F16.");
 
   k.def(
       "rope",
@@ -1047,7 +1057,7 @@ PYBIND11_MODULE(_core, m) {
   py::class_<Decoder>(m, "Decoder")
       .def(py::init(&make_decoder), py::arg("config"), py::arg("weights"),
            py::arg("device") = "cpu", py::arg("dtype") = "float32", py::arg("max_seq_len") = 0,
-           py::arg("num_threads") = 0)
+           py::arg("num_threads") = 0, py::arg("kv_cache_dtype") = "auto")
       .def_property_readonly("dtype", [](const Decoder& d) { return dtype_name(d.dtype()); })
       .def_property_readonly("position",
                              [](const Decoder& d) {

@@ -21,7 +21,8 @@ std::unique_ptr<Backend> make_backend(const ModelConfig& config, const ModelView
                                       const DecoderOptions& options, int max_seq_len) {
   switch (options.device) {
     case Device::CPU:
-      return make_cpu_backend(config, model, max_seq_len, options.num_threads, options.dtype);
+      return make_cpu_backend(config, model, max_seq_len, options.num_threads, options.dtype,
+                              options.kv_cache_dtype);
     case Device::CUDA:
       return load_cuda_backend(config, model, max_seq_len, options.dtype);
   }
@@ -124,6 +125,17 @@ Decoder::Decoder(const ModelConfig& config, const WeightMap& weights,
   if (options.num_threads < 0) {
     throw std::invalid_argument("num_threads must be >= 0, got " +
                                 std::to_string(options.num_threads));
+  }
+  if (options.kv_cache_dtype != DType::Auto) {
+    const std::string got = std::string(", got ") + dtype_name(options.kv_cache_dtype);
+    if (options.device == Device::CUDA) {
+      throw std::invalid_argument(
+          "kv_cache_dtype: the CUDA backend holds its KV cache in the activation dtype; give "
+          "\"auto\"" + got);
+    }
+    if (options.kv_cache_dtype == DType::BF16) {
+      throw std::invalid_argument("kv_cache_dtype on the CPU: auto, float32 or float16" + got);
+    }
   }
   max_seq_len_ = options.max_seq_len > 0
                      ? options.max_seq_len

@@ -3,8 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 #include <vector>
 
+#include "../core/half.h"
 #include "linear.h"
 #include "simd.h"
 
@@ -22,8 +24,9 @@ constexpr int64_t kKeysPerChunk = 256;
 
 struct GroupChunk {
   const float* q;    // the group's first query head; its heads head_dim floats apart
-  const float* k;    // the key at the chunk's first position; positions head_dim floats apart
-  const float* v;    // likewise for values
+  const void* k;     // the key at the chunk's first position; positions head_dim elements apart
+  const void* v;     // likewise for values
+  bool f16;          // the cache's elements are fp16 bits, else fp32
   int64_t len;       // positions in the chunk
   int heads;         // query heads of the group
   int head_dim;
@@ -33,6 +36,30 @@ struct GroupChunk {
   float* max;        // [heads]: the chunk's largest score per head
   float* sum;        // [heads]: sum of p
 };
+
+// Lanes values of the cache from p (of them the first `count` where partial), widened to fp32.
+template <Isa I>
+__attribute__((always_inline)) inline vfloat<I> load_cached(const float* p) {
+  return load<vfloat<I>>(p);
+}
+template <Isa I>
+__attribute__((always_inline)) inline vfloat<I> load_cached(const uint16_t* p) {
+  return load_f16<I>(p);
+}
+template <Isa I>
+__attribute__((always_inline)) inline vfloat<I> load_cached_partial(const float* p, int count) {
+  return load_partial<vfloat<I>>(p, count);
+}
+template <Isa I>
+__attribute__((always_inline)) inline vfloat<I> load_cached_partial(const uint16_t* p,
+                                                                    int count) {
+  uint16_t bits[kLanes<I>] = {};
+  std::memcpy(bits, p, sizeof(uint16_t) * count);
+  return load_f16<I>(bits);
+}
+
+inline float cached_value(float v) { return v; }
+inline float cached_value(uint16_t bits) { return f16_to_float(bits); }
 
 // The kernels below take head_dim as kHeadDim where it is a common size (then the block of keys
 // is one pointer and constant offsets: sixteen row pointers took registers the sums need), or
@@ -44,10 +71,10 @@ __attribute__((always_inline)) inline int head_dim_of(const GroupChunk& a) {
 
 // q.k for a block of as many keys as lanes from first_key; past the `keys` the chunk has left
 // (kWholeBlock false), the last key again, its sums to be discarded.
-template <Isa I, int kHeadDim, bool kWholeBlock>
+template <Isa I, int kHeadDim, bool kWholeBlock, typename C>
 __attribute__((always_inline)) inline vfloat<I> key_block_dots(const GroupChunk& a,
                                                                const float* q,
-                                                               const float* first_key, int keys) {
+                                                               const C* first_key, int keys) {
   using V = vfloat<I>;
   constexpr int L = kLanes<I>;
   const int d = head_dim_of<kHeadDim>(a);
@@ -57,29 +84,30 @@ __attribute__((always_inline)) inline vfloat<I> key_block_dots(const GroupChunk&
   V acc[L] = {};
   for (int e = 0; e < full; e += L) {
     const V qe = load<V>(q + e);
-    for (int j = 0; j < L; ++j) acc[j] += qe * load<V>(row(j) + e);
+    for (int j = 0; j < L; ++j) acc[j] += qe * load_cached<I>(row(j) + e);
   }
   if (rest) {
     const V qe = load_partial<V>(q + full, rest);
-    for (int j = 0; j < L; ++j) acc[j] += qe * load_partial<V>(row(j) + full, rest);
+    for (int j = 0; j < L; ++j) acc[j] += qe * load_cached_partial<I>(row(j) + full, rest);
   }
   return transpose_sum(acc);
 }
 
 // Scores q.k * scale of every head over the chunk; a block's lanes past the chunk's end score
 // -inf (p = 0 in the softmax).
-template <Isa I, int kHeadDim>
+template <Isa I, int kHeadDim, typename C>
 __attribute__((always_inline)) inline void chunk_scores(const GroupChunk& a) {
   using V = vfloat<I>;
   constexpr int L = kLanes<I>;
   const int d = head_dim_of<kHeadDim>(a);
+  const C* const keys_of_chunk = static_cast<const C*>(a.k);
   for (int h = 0; h < a.heads; ++h) {
     const float* q = a.q + static_cast<int64_t>(h) * d;
     float* scores = a.scores + h * kKeysPerChunk;
     V max = splat<V>(-INFINITY);
     for (int64_t j0 = 0; j0 < a.len; j0 += L) {
       const int keys = static_cast<int>(std::min<int64_t>(L, a.len - j0));
-      const float* first_key = a.k + j0 * d;
+      const C* first_key = keys_of_chunk + j0 * d;
       V block = keys == L ? key_block_dots<I, kHeadDim, true>(a, q, first_key, keys)
                           : key_block_dots<I, kHeadDim, false>(a, q, first_key, keys);
       block *= a.scale;
@@ -101,12 +129,13 @@ __attribute__((always_inline)) inline void chunk_scores(const GroupChunk& a) {
 
 // out[h, e0 .. e0 + width) = sum_j p[h, j] v[j, e0 ..] for kHeads heads from h0 and up to
 // kVectors vectors of values (width floats; fewer than kVectors * lanes only at head_dim's end).
-template <Isa I, int kHeadDim, int kHeads, int kVectors>
+template <Isa I, int kHeadDim, typename C, int kHeads, int kVectors>
 __attribute__((always_inline)) inline void chunk_values(const GroupChunk& a, int h0, int e0,
                                                         int width) {
   using V = vfloat<I>;
   constexpr int L = kLanes<I>;
   const int d = head_dim_of<kHeadDim>(a);
+  const C* const values_of_chunk = static_cast<const C*>(a.v);
   const bool whole = width == kVectors * L;
   V acc[kHeads][kVectors] = {};
   for (int64_t j0 = 0; j0 < a.len; j0 += L) {  // p of a block of keys from the (padded) scores
@@ -114,10 +143,11 @@ __attribute__((always_inline)) inline void chunk_values(const GroupChunk& a, int
     for (int h = 0; h < kHeads; ++h) p[h] = load<V>(a.scores + (h0 + h) * kKeysPerChunk + j0);
     const int keys = static_cast<int>(std::min<int64_t>(L, a.len - j0));
     for (int j = 0; j < keys; ++j) {
-      const float* row = a.v + (j0 + j) * d + e0;
+      const C* row = values_of_chunk + (j0 + j) * d + e0;
       V values[kVectors];
       for (int u = 0; u < kVectors; ++u) {
-        values[u] = whole ? load<V>(row + u * L) : load_partial<V>(row + u * L, width - u * L);
+        values[u] = whole ? load_cached<I>(row + u * L)
+                          : load_cached_partial<I>(row + u * L, width - u * L);
       }
       for (int h = 0; h < kHeads; ++h) {
         const V pj = broadcast_lane(p[h], j);
@@ -138,41 +168,52 @@ __attribute__((always_inline)) inline void chunk_values(const GroupChunk& a, int
 }
 
 // Heads [h0, h0 + kHeads) over every value of head_dim: four vectors at a time, then one.
-template <Isa I, int kHeadDim, int kHeads>
+template <Isa I, int kHeadDim, typename C, int kHeads>
 __attribute__((always_inline)) inline void chunk_values_of_heads(const GroupChunk& a, int h0) {
   constexpr int L = kLanes<I>;
   constexpr int kVectors = 4;
   const int d = head_dim_of<kHeadDim>(a);
   int e0 = 0;
   for (; e0 + kVectors * L <= d; e0 += kVectors * L) {
-    chunk_values<I, kHeadDim, kHeads, kVectors>(a, h0, e0, kVectors * L);
+    chunk_values<I, kHeadDim, C, kHeads, kVectors>(a, h0, e0, kVectors * L);
   }
-  for (; e0 < d; e0 += L) chunk_values<I, kHeadDim, kHeads, 1>(a, h0, e0, std::min(L, d - e0));
+  for (; e0 < d; e0 += L) {
+    chunk_values<I, kHeadDim, C, kHeads, 1>(a, h0, e0, std::min(L, d - e0));
+  }
 }
 
-template <Isa I, int kHeadDim>
+template <Isa I, int kHeadDim, typename C>
 __attribute__((always_inline)) inline void attend_chunk_of(const GroupChunk& a) {
-  chunk_scores<I, kHeadDim>(a);
+  chunk_scores<I, kHeadDim, C>(a);
   // Accumulators: heads x 4 vectors, 16 of AVX-512's 32 registers, 8 of AVX2's 16.
   constexpr int kMostHeads = I == Isa::Avx512 ? 4 : 2;
   int h0 = 0;
   for (; h0 + kMostHeads <= a.heads; h0 += kMostHeads) {
-    chunk_values_of_heads<I, kHeadDim, kMostHeads>(a, h0);
+    chunk_values_of_heads<I, kHeadDim, C, kMostHeads>(a, h0);
   }
   switch (a.heads - h0) {
-    case 3: chunk_values_of_heads<I, kHeadDim, 3>(a, h0); break;
-    case 2: chunk_values_of_heads<I, kHeadDim, 2>(a, h0); break;
-    case 1: chunk_values_of_heads<I, kHeadDim, 1>(a, h0); break;
+    case 3: chunk_values_of_heads<I, kHeadDim, C, 3>(a, h0); break;
+    case 2: chunk_values_of_heads<I, kHeadDim, C, 2>(a, h0); break;
+    case 1: chunk_values_of_heads<I, kHeadDim, C, 1>(a, h0); break;
     default: break;
+  }
+}
+
+template <Isa I, typename C>
+__attribute__((always_inline)) inline void attend_chunk_in(const GroupChunk& a) {
+  switch (a.head_dim) {
+    case 64: attend_chunk_of<I, 64, C>(a); break;
+    case 128: attend_chunk_of<I, 128, C>(a); break;
+    default: attend_chunk_of<I, 0, C>(a); break;
   }
 }
 
 template <Isa I>
 __attribute__((always_inline)) inline void attend_chunk(const GroupChunk& a) {
-  switch (a.head_dim) {
-    case 64: attend_chunk_of<I, 64>(a); break;
-    case 128: attend_chunk_of<I, 128>(a); break;
-    default: attend_chunk_of<I, 0>(a); break;
+  if (a.f16) {
+    attend_chunk_in<I, uint16_t>(a);
+  } else {
+    attend_chunk_in<I, float>(a);
   }
 }
 
@@ -188,8 +229,13 @@ struct ChunkTask {
 
 int64_t chunks_of(int64_t len) { return (len + kKeysPerChunk - 1) / kKeysPerChunk; }
 
+// The cache element `element` elements past `cache`.
+const void* cache_at(const void* cache, int64_t element, TensorType type) {
+  return static_cast<const char*>(cache) + row_bytes(type, element);
+}
+
 void attention_by_chunks(ThreadPool& pool, const AttentionShape& shape, const float* q, int n,
-                         int pos, const float* k_cache, const float* v_cache, float* out,
+                         int pos, const void* k_cache, const void* v_cache, float* out,
                          Isa isa) {
   const auto attend = attend_chunk_for_isa(isa);
   const int group = shape.num_heads / shape.num_kv_heads;
@@ -239,8 +285,9 @@ void attention_by_chunks(ThreadPool& pool, const AttentionShape& shape, const fl
       const bool split = task.slot >= 0;
       GroupChunk a;
       a.q = q + task.query * shape.q_stride + group_offset;
-      a.k = k_cache + cache_offset;
-      a.v = v_cache + cache_offset;
+      a.k = cache_at(k_cache, cache_offset, shape.cache_type);
+      a.v = cache_at(v_cache, cache_offset, shape.cache_type);
+      a.f16 = shape.cache_type == TensorType::F16;
       a.len = task.end - task.begin;
       a.heads = group;
       a.head_dim = head_dim;
@@ -328,7 +375,7 @@ FFNSKIP_ISA_VARIANTS(void, causal_softmax, (float* p, int64_t visible, int64_t l
                      (p, visible, len, scale))
 
 void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const float* q, int n,
-                        int pos, const float* k_cache, const float* v_cache, float* out,
+                        int pos, const void* k_cache, const void* v_cache, float* out,
                         Isa isa) {
   const int group = shape.num_heads / shape.num_kv_heads;
   const int64_t d = shape.head_dim;
@@ -337,8 +384,9 @@ void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const flo
   // Per calling thread; they grow to the largest pass, then never allocate.
   thread_local std::vector<float> values_t, queries, scores, heads_out;
   for (int g = 0; g < shape.num_kv_heads; ++g) {
-    const float* keys = k_cache + g * shape.kv_head_stride;  // GEMM weight rows
-    const float* values = v_cache + g * shape.kv_head_stride;
+    // GEMM weight rows, fp32 or fp16 as the cache holds them.
+    const void* keys = cache_at(k_cache, g * shape.kv_head_stride, shape.cache_type);
+    const void* values = cache_at(v_cache, g * shape.kv_head_stride, shape.cache_type);
     for (int t0 = 0; t0 < n; t0 += kQueryBlock) {
       const int tokens = std::min(kQueryBlock, n - t0);
       const int64_t len = pos + t0 + tokens;  // keys the block's last query sees
@@ -351,7 +399,7 @@ void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const flo
         }
       }
       scores.resize(static_cast<size_t>(rows * len));
-      linear(pool, LinearWeights({{keys, TensorType::F32, len}}, d), queries.data(), rows,
+      linear(pool, LinearWeights({{keys, shape.cache_type, len}}, d), queries.data(), rows,
              scores.data(), Output::Overwrite, isa);
       float* const probabilities = scores.data();  // workers must not name the thread_local
       pool.parallel_for(rows, [&](int64_t begin, int64_t end, int) {
@@ -360,8 +408,15 @@ void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const flo
         }
       });
       values_t.resize(static_cast<size_t>(d * len));  // V^T: GEMM weight rows of length len
-      for (int64_t j = 0; j < len; ++j) {
-        for (int64_t e = 0; e < d; ++e) values_t[e * len + j] = values[j * d + e];
+      auto transpose = [&](const auto* v) {
+        for (int64_t j = 0; j < len; ++j) {
+          for (int64_t e = 0; e < d; ++e) values_t[e * len + j] = cached_value(v[j * d + e]);
+        }
+      };
+      if (shape.cache_type == TensorType::F16) {
+        transpose(static_cast<const uint16_t*>(values));
+      } else {
+        transpose(static_cast<const float*>(values));
       }
       heads_out.resize(static_cast<size_t>(rows * d));
       linear(pool, LinearWeights({{values_t.data(), TensorType::F32, d}}, len), scores.data(),
@@ -380,7 +435,11 @@ void attention_as_gemms(ThreadPool& pool, const AttentionShape& shape, const flo
 }  // namespace
 
 void attention(ThreadPool& pool, const AttentionShape& shape, const float* q, int n, int pos,
-               const float* k_cache, const float* v_cache, float* out, Isa isa) {
+               const void* k_cache, const void* v_cache, float* out, Isa isa) {
+  if (shape.cache_type != TensorType::F32 && shape.cache_type != TensorType::F16) {
+    throw std::invalid_argument(std::string("attention: a KV cache of ") +
+                                tensor_type_name(shape.cache_type) + " (F32 or F16)");
+  }
   if (n > kStepExactTokens) {
     attention_as_gemms(pool, shape, q, n, pos, k_cache, v_cache, out, isa);
   } else {

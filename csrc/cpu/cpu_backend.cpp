@@ -124,14 +124,16 @@ size_t available_memory_bytes() {
 class CpuBackend final : public Backend {
  public:
   CpuBackend(const ModelConfig& config, const ModelView& model, int max_seq_len, int num_threads,
-             DType requested)
+             DType requested, TensorType kv_cache_type)
       : config_(config),
         requested_(requested),
         pool_(num_threads),
         embed_(model.embed, requested),
         final_norm_(to_float(model.final_norm)),
-        inv_freq_(rope_inv_freq(config)) {
-    const size_t kv_bytes = 2ull * config.num_layers * max_seq_len * config.kv_dim() * sizeof(float);
+        inv_freq_(rope_inv_freq(config)),
+        kv_cache_type_(kv_cache_type) {
+    kv_layer_stride_ = static_cast<int64_t>(max_seq_len) * config.kv_dim();
+    const size_t kv_bytes = 2ull * config.num_layers * kv_layer_bytes();
     if (kv_bytes > available_memory_bytes()) {
       throw std::invalid_argument("max_seq_len " + std::to_string(max_seq_len) + " needs " +
                                   std::to_string(kv_bytes >> 20) + " MiB of KV cache, but only " +
@@ -144,7 +146,6 @@ class CpuBackend final : public Backend {
     const StoredMatrix& head = lm_head_ ? *lm_head_ : embed_;
     lm_head_view_ = LinearWeights({head.part()}, config.hidden_size);
 
-    kv_layer_stride_ = static_cast<int64_t>(max_seq_len) * config.kv_dim();
     kv_.resize(config.num_layers);
     layer_active_.resize(config.num_layers);
     router_gate_.resize(config.num_layers);
@@ -213,7 +214,7 @@ class CpuBackend final : public Backend {
   int64_t kv_cache_bytes() const override {
     int64_t layers = 0;
     for (const LayerCache& c : kv_) layers += c.k ? 1 : 0;
-    return layers * 2 * kv_layer_stride_ * static_cast<int64_t>(sizeof(float));
+    return layers * 2 * kv_layer_bytes();
   }
 
   // ---- the sub-blocks of a pass, in the order forward() (plan.h) calls them ----
@@ -269,21 +270,21 @@ class CpuBackend final : public Backend {
     cpu::apply_rope(k, n, qkv_dim, config_.num_kv_heads, config_.head_dim, cos_.data(),
                     sin_.data(), config_.rope_interleaved);
 
-    float* k_cache = kv_[layer].k.get();
-    float* v_cache = kv_[layer].v.get();
+    uint8_t* k_cache = kv_[layer].k.get();
+    uint8_t* v_cache = kv_[layer].v.get();
     const int head_dim = config_.head_dim;
     const int64_t head_stride = kv_layer_stride_ / config_.num_kv_heads;
     for (int t = 0; t < n; ++t) {
       const float* row = qkv_.data() + t * qkv_dim;
       for (int g = 0; g < config_.num_kv_heads; ++g) {
         const int64_t at = g * head_stride + static_cast<int64_t>(pos + t) * head_dim;
-        std::memcpy(k_cache + at, row + q_dim + g * head_dim, sizeof(float) * head_dim);
-        std::memcpy(v_cache + at, row + q_dim + kv_dim + g * head_dim, sizeof(float) * head_dim);
+        store_cached(k_cache, at, row + q_dim + g * head_dim, head_dim);
+        store_cached(v_cache, at, row + q_dim + kv_dim + g * head_dim, head_dim);
       }
     }
     if (plan.attention == AttentionMode::KVOnly) return;
     const cpu::AttentionShape shape{config_.num_heads, config_.num_kv_heads, head_dim, qkv_dim,
-                                    head_stride};
+                                    head_stride, kv_cache_type_};
     cpu::attention(pool_, shape, q, n, pos, k_cache, v_cache, attn_.data());
     cpu::linear(pool_, w.o.view, attn_.data(), n, x_.data(), cpu::Output::Accumulate);
   }
@@ -372,8 +373,21 @@ class CpuBackend final : public Backend {
   void allocate_kv(int layer) {
     LayerCache& c = kv_[layer];
     if (c.k) return;
-    c.k.reset(new float[kv_layer_stride_]);
-    c.v.reset(new float[kv_layer_stride_]);
+    c.k.reset(new uint8_t[kv_layer_bytes()]);
+    c.v.reset(new uint8_t[kv_layer_bytes()]);
+  }
+
+  int64_t kv_layer_bytes() const { return row_bytes(kv_cache_type_, kv_layer_stride_); }
+
+  // count floats into the cache from element `at` on, as its type holds them (fp16: rounded
+  // to nearest even).
+  void store_cached(uint8_t* cache, int64_t at, const float* values, int count) const {
+    if (kv_cache_type_ == TensorType::F16) {
+      auto* dst = reinterpret_cast<uint16_t*>(cache) + at;
+      for (int i = 0; i < count; ++i) dst[i] = float_to_f16(values[i]);
+    } else {
+      std::memcpy(reinterpret_cast<float*>(cache) + at, values, sizeof(float) * count);
+    }
   }
 
   // Activation buffers grow to the largest pass seen; decode steps never allocate.
@@ -401,9 +415,10 @@ class CpuBackend final : public Backend {
   LinearWeights lm_head_view_;
 
   struct LayerCache {
-    std::unique_ptr<float[]> k, v;
+    std::unique_ptr<uint8_t[]> k, v;  // elements of kv_cache_type_
   };
-  int64_t kv_layer_stride_ = 0;  // floats of a layer's K (or V): [kv heads, max_seq_len, head_dim]
+  TensorType kv_cache_type_;     // F32 or F16
+  int64_t kv_layer_stride_ = 0;  // elements of a layer's K (or V): [kv heads, max_seq_len, head_dim]
   std::vector<LayerCache> kv_;  // per layer; empty for a layer FiRST skips
   int capacity_ = 0;
   std::vector<float> before_ffn_;   // a_l of a decode step, for the saturation score
@@ -420,9 +435,13 @@ class CpuBackend final : public Backend {
 }  // namespace
 
 std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& config, const ModelView& model,
-                                          int max_seq_len, int num_threads, DType dtype) {
+                                          int max_seq_len, int num_threads, DType dtype,
+                                          DType kv_cache_dtype) {
   cpu::kernel_isa();  // a bad FFNSKIP_CPU_ISA fails here rather than inside a step
-  return std::make_unique<CpuBackend>(config, model, max_seq_len, num_threads, dtype);
+  const TensorType kv_cache_type =
+      kv_cache_dtype == DType::F16 ? TensorType::F16 : TensorType::F32;
+  return std::make_unique<CpuBackend>(config, model, max_seq_len, num_threads, dtype,
+                                      kv_cache_type);
 }
 
 }  // namespace ffnskip

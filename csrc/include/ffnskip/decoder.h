@@ -57,6 +57,10 @@ struct DecoderOptions {
   DType dtype = DType::Auto;
   int max_seq_len = 0;   // 0: min(max_position_embeddings, 8192)
   int num_threads = 0;   // CPU worker threads including the caller; 0: all hardware threads
+  // The KV cache's elements. Auto: fp32 on the CPU, the activation dtype on CUDA (which takes
+  // nothing else); F16 on the CPU halves the cache's memory and the bytes decode attention
+  // streams, as llama.cpp's default cache.
+  DType kv_cache_dtype = DType::Auto;
 };
 
 // The weights as a backend stores them: bytes per storage type, the matrices held in another

@@ -17,6 +17,7 @@ from .. import _core
 
 # The engine's dtype names and the short forms it accepts too.
 DTYPE_CHOICES = (*_core.DTYPES, "fp32", "fp16", "bf16")
+KV_CACHE_DTYPE_CHOICES = ("auto", "float32", "float16", "fp32", "fp16")
 # "owner/name" with nothing on disk there: what a Hugging Face Hub id looks like.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
@@ -46,6 +47,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "model's, at most 8192)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: all)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPE_CHOICES,
+                        help="the KV cache's elements: auto (float32 on the CPU, the "
+                        "activation dtype on CUDA) or, on the CPU, float16 (half the memory "
+                        "and bytes per step)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="no progress or statistics on stderr")
 
@@ -159,7 +164,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     with progress(f"loading {os.path.basename(path)}", quiet):
         decoder = Decoder.from_pretrained(
             path, device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-            num_threads=args.threads,
+            num_threads=args.threads, kv_cache_dtype=args.kv_cache_dtype,
         )
     with progress("loading the tokenizer", quiet):
         tokenizer = load_tokenizer(path)

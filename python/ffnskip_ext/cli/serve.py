@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     app = create_app(
         model_path(args), workers=args.workers, device=args.device, dtype=args.dtype,
-        max_seq_len=args.max_seq_len, num_threads=args.threads, policy=args.policy,
+        max_seq_len=args.max_seq_len, num_threads=args.threads,
+        kv_cache_dtype=args.kv_cache_dtype, policy=args.policy,
         api_key=args.api_key, queue_size=args.queue_size, speculative=args.speculative,
     )
     server = uvicorn.Server(uvicorn.Config(

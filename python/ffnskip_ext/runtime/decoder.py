@@ -80,10 +80,16 @@ class Decoder:
         dtype: str | None = None,
         max_seq_len: int | None = None,
         num_threads: int | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
+        """``kv_cache_dtype``: the KV cache's elements, ``"auto"`` (float32 on the CPU, the
+        activation dtype on CUDA) or, on the CPU, ``"float16"``: half the cache's memory and
+        of the bytes each decode step's attention reads, for K/V rounded to fp16 (llama.cpp's
+        default cache)."""
         # The engine checks device, dtype and the values; here only what its binding cannot
         # say well: Python types, and 0, which means "default" to the engine.
-        for name, value in (("device", device), ("dtype", dtype)):
+        for name, value in (("device", device), ("dtype", dtype),
+                            ("kv_cache_dtype", kv_cache_dtype)):
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name} must be a string, got {type(value).__name__}")
         for name, value in (("max_seq_len", max_seq_len), ("num_threads", num_threads)):
@@ -93,8 +99,9 @@ class Decoder:
         self.device = device
         self._native = _core.Decoder(
             config, dict(weights), device, dtype or DEFAULT_DTYPE, int(max_seq_len or 0),
-            int(num_threads or 0),
+            int(num_threads or 0), kv_cache_dtype,
         )
+        self.kv_cache_dtype = kv_cache_dtype
         self._policy: Policy = DensePolicy()
         self._draft_policy: Policy = DensePolicy()
         self._owner = threading.RLock()
@@ -114,13 +121,14 @@ class Decoder:
         dtype: str | None = None,
         max_seq_len: int | None = None,
         num_threads: int | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> Decoder:
         """Load a Hugging Face model directory or a ``.gguf`` file, memory-mapped: with the
         default ``dtype`` (``"auto"``) each tensor is read in place, in the type the file
         stores (GGUF block formats included); ``"float32"``, ``"float16"`` or ``"bfloat16"``
         convert the weights."""
         config, weights = open_checkpoint(path)
-        return cls(config, weights, device, dtype, max_seq_len, num_threads)
+        return cls(config, weights, device, dtype, max_seq_len, num_threads, kv_cache_dtype)
 
     @classmethod
     def from_hf_model(
@@ -130,10 +138,11 @@ class Decoder:
         dtype: str | None = None,
         max_seq_len: int | None = None,
         num_threads: int | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> Decoder:
         """Copy the weights of an in-memory ``LlamaForCausalLM`` or ``Qwen2ForCausalLM``."""
         config, weights = weights_from_hf_model(model)
-        return cls(config, weights, device, dtype, max_seq_len, num_threads)
+        return cls(config, weights, device, dtype, max_seq_len, num_threads, kv_cache_dtype)
 
     @property
     def max_seq_len(self) -> int:

@@ -93,6 +93,7 @@ def create_app(
     dtype: str | None = None,
     max_seq_len: int | None = None,
     num_threads: int | None = None,
+    kv_cache_dtype: str = "auto",
     policy: Policy | str | None = None,
     api_key: str | None = None,
     queue_size: int = DEFAULT_QUEUE_SIZE,
@@ -102,7 +103,8 @@ def create_app(
     """An ASGI application serving ``model`` (a path or a name of ``ffnskip models list``;
     default: the bundled SmolLM2) with ``workers`` decoders. ``dtype`` is as in
     ``Decoder.from_pretrained`` (default "auto": the types the file stores). ``num_threads``
-    is per decoder (default: the CPUs shared out among the workers); ``policy`` is the
+    is per decoder (default: the CPUs shared out among the workers), ``kv_cache_dtype`` as in
+    ``Decoder``; ``policy`` is the
     default skip policy (a Policy, "first", or what ``load_policy`` takes); ``queue_size``
     requests may wait when every worker is busy; ``speculative`` ("ngram", "self" or "auto")
     drafts and verifies every request that does not say otherwise (lossless: the tokens are
@@ -119,7 +121,7 @@ def create_app(
     # The checkpoint is opened once for every worker (memory-mapped, read as from_pretrained
     # reads it), and not kept: a rebuild opens it again.
     config, weights = open_checkpoint(path)
-    decoders = [Decoder(config, weights, device, dtype, max_seq_len, threads)
+    decoders = [Decoder(config, weights, device, dtype, max_seq_len, threads, kv_cache_dtype)
                 for _ in range(workers)]
     del weights
     default_policy = server_policy(policy, path)
@@ -129,7 +131,8 @@ def create_app(
     metrics = Metrics()
 
     def make_decoder() -> Decoder:
-        decoder = Decoder.from_pretrained(path, device, dtype, max_seq_len, threads)
+        decoder = Decoder.from_pretrained(path, device, dtype, max_seq_len, threads,
+                                          kv_cache_dtype)
         decoder.set_policy(default_policy)
         return decoder
 
