@@ -12,15 +12,16 @@ rows for at least ``--decode-bytes`` (default 256 MB, past any L3), its time sca
 the shape's rows. Prefill linears (many tokens) report GFLOP/s as well. A linear's time is the
 median of ``--repeats`` back-to-back calls in C++ after a warm-up call
 (``_core.kernels.time_linear``: the thread pool stays awake between calls, as in a decode
-step); attention's is timed through its binding, back to back on one cache (decode at 1024
-and 4096 positions): where the cache fits in L3 that is the kernel's compute, not a decode
-step's reads of every layer's cache from memory.
+step); attention's is timed through its binding, back to back on one cache of fp32 or fp16
+elements (decode at 1024 and 4096 positions): where the cache fits in L3 that is the kernel's
+compute, not a decode step's reads of every layer's cache from memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import platform
 import statistics
 import time
@@ -129,15 +130,18 @@ def main() -> None:
         for isa in args.isa.split(","):
             heads, kv_heads, d = m["heads"], m["kv_heads"], m["head_dim"]
             prefill = args.prefill_tokens
-            for tokens, context in ((1, 1024), (1, 4096), (prefill, prefill)):
+            for (tokens, context), cache in itertools.product(
+                    ((1, 1024), (1, 4096), (prefill, prefill)), ("F32", "F16")):
                 pos = context - tokens
                 q = rng.standard_normal((tokens, heads * d), dtype=np.float32)
-                k = rng.standard_normal((kv_heads, context, d), dtype=np.float32)
-                v = rng.standard_normal((kv_heads, context, d), dtype=np.float32)
+                k, v = (rng.standard_normal((kv_heads, context, d), dtype=np.float32)
+                        for _ in "kv")
+                if cache == "F16":  # the cache as the decoder holds it: fp16 bits
+                    k, v = (a.astype(np.float16).view(np.uint16) for a in (k, v))
                 seconds = median_seconds(functools.partial(
-                    kernels.attention, pool, q, k, v, pos, heads, isa), args.repeats)
+                    kernels.attention, pool, q, k, v, pos, heads, isa, cache), args.repeats)
                 read = k.nbytes + v.nbytes + q.nbytes
-                print(f"| {model} | attention | ctx {context} | F32 | {isa} | {tokens} "
+                print(f"| {model} | attention | ctx {context} | {cache} | {isa} | {tokens} "
                       f"| {seconds * 1e6:.1f} | {read / seconds / 1e9:.1f} "
                       f"| {read / seconds / bandwidth:.0%} | |")
 
