@@ -17,8 +17,9 @@ and the CUDA model tests on tiny random models. Tier 2 (at most 180 s): bench_de
 LLaMA-2-7B and LLaMA-3-8B shapes in fp16 and bf16 (dense, static FFN skip of 10-30%, the
 FFNSkipPolicy(threshold=1.0) gating overhead, device-to-device copy bandwidth, kernels per
 token). Tier 3 (what is left of 420 s): where a test crashed its process, the first such test
-again under cuda-gdb for its C++ stacks; bench_decode over quantised blocks, compute-sanitizer's
-memcheck on a subset of the kernel tests, the transformers comparison.
+again under cuda-gdb for its C++ stacks; bench_decode over quantised blocks, bench_gemv (the
+GEMV kernels alone), compute-sanitizer's memcheck on a subset of the kernel tests, the
+transformers comparison.
 
 --dry-run replaces every command by an echo of it (no GPU, nvidia-smi or nvcc needed) and
 goes through the same tiers, time limits, log and summary: CI runs it (tests/test_gpu_check.py).
@@ -404,7 +405,7 @@ def main() -> int:
         "-DFFNSKIP_CUDA=ON", "-DFFNSKIP_BUILD_BENCHMARKS=ON", f"-DPython_EXECUTABLE={python}",
         f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={package / 'ffnskip_ext'}"], 60)
     build_command = ["cmake", "--build", str(build), "--parallel", cores,
-                     "--target", "_core", "ffnskip_cuda", "bench_decode"]
+                     "--target", "_core", "ffnskip_cuda", "bench_decode", "bench_gemv"]
     built = False
     if configure.status == "passed":
         built = check.run("build", build_command, 150).status == "passed"
@@ -451,6 +452,9 @@ def main() -> int:
         needs_build(f"bench_decode_llama3-8b_{weights}", [
             bench_decode, "--device", "cuda", "--preset", "llama3-8b", "--weights", weights,
             "--tokens", "128", "--policy", "dense,static:0.2"], 40, parse_bench_decode)
+    # The GEMVs alone, dense against cuBLAS and over each block format: where the decode
+    # step's time goes (the block GEMVs ran at 17-35% of the bandwidth on 2026-12-04).
+    needs_build("bench_gemv", [str(build / "bench_gemv")], 60)
     # fp16 calls of every kernel: out-of-bounds and misaligned accesses.
     needs_build("memcheck_kernel_tests", [
         "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1",

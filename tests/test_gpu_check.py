@@ -50,7 +50,7 @@ def test_dry_run_covers_every_tier_in_at_most_eight_files(tmp_path) -> None:
     names = [s["name"] for s in steps]
     for expected in ("machine", "configure", "build", "kernel_tests", "model_tests",
                      "bench_decode_llama2-7b_fp16", "bench_decode_llama3-8b_bf16",
-                     "memcheck_kernel_tests", "bench_cuda_vs_hf_llama2-7b_fp16"):
+                     "bench_gemv", "memcheck_kernel_tests", "bench_cuda_vs_hf_llama2-7b_fp16"):
         assert expected in names
     log = (outdir / "gpu_check.log").read_text()
     for step in steps:
