@@ -17,22 +17,13 @@ import platform
 import statistics
 import time
 
-import numpy as np
 import torch
 import transformers
+from decode_rate import greedy_decode_rate
 
 import ffnskip_ext
 
 PROMPT = [{"role": "user", "content": "Tell me a short story about a lighthouse keeper."}]
-
-
-def time_ffnskip(decoder: ffnskip_ext.Decoder, prompt: list[int], tokens: int) -> float:
-    decoder.reset()
-    token = int(np.argmax(decoder.prefill(prompt)))
-    start = time.perf_counter()
-    for _ in range(tokens):
-        token = int(np.argmax(decoder.step(token)))
-    return tokens / (time.perf_counter() - start)
 
 
 def time_transformers(model: transformers.PreTrainedModel, prompt: list[int], tokens: int) -> float:
@@ -74,11 +65,11 @@ def main() -> None:
         )
     model.eval()
 
-    time_ffnskip(decoder, prompt, 4)  # warm-up: page in weights, wake threads
+    greedy_decode_rate(decoder, prompt, 4)  # warm-up: page in weights, wake threads
     time_transformers(model, prompt, 4)
     ours, theirs = [], []
     for _ in range(args.rounds):
-        ours.append(time_ffnskip(decoder, prompt, args.tokens))
+        ours.append(greedy_decode_rate(decoder, prompt, args.tokens))
         theirs.append(time_transformers(model, prompt, args.tokens))
     ours_med, theirs_med = statistics.median(ours), statistics.median(theirs)
 

@@ -13,23 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
+from decode_rate import greedy_decode_rate
 
 import ffnskip_ext
 from ffnskip_ext.loaders.models import resolve_model
 
 CACHES = ("auto", "float16")
-
-
-def decode_rate(decoder: ffnskip_ext.Decoder, prompt: list[int], tokens: int) -> float:
-    decoder.reset()
-    token = int(np.argmax(decoder.prefill(prompt)))
-    start = time.perf_counter()
-    for _ in range(tokens):
-        token = int(np.argmax(decoder.step(token)))
-    return tokens / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -51,7 +42,7 @@ def main() -> None:
     rates: dict[str, list[float]] = {kv: [] for kv in CACHES}
     for r in range(args.rounds):
         for kv in CACHES if r % 2 == 0 else CACHES[::-1]:
-            rates[kv].append(decode_rate(decoders[kv], prompt, args.tokens))
+            rates[kv].append(greedy_decode_rate(decoders[kv], prompt, args.tokens))
     for kv in CACHES:
         print(f"kv_cache_dtype={kv}: median {statistics.median(rates[kv]):.1f} tok/s, rounds "
               f"{[round(x, 1) for x in rates[kv]]}")
