@@ -70,8 +70,9 @@ struct BF16Weights {
 };
 
 #ifdef FFNSKIP_X86_DISPATCH
-// Not always_inline, as simd.h's F16C loads. One float broadcast to every lane straight from memory (a generic-vector splat costs an add
-// or a lane-by-lane build in GCC's code for these targets).
+// One float broadcast to every lane straight from memory (a generic-vector splat costs an add
+// or a lane-by-lane build in GCC's code for these targets). Not always_inline, for the reason
+// simd.h gives for its F16C loads.
 FFNSKIP_TARGET_AVX512 inline vfloat<Isa::Avx512> broadcast_avx512(const float* p) {
   return bits_as<vfloat<Isa::Avx512>>(_mm512_set1_ps(*p));
 }

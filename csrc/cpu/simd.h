@@ -76,7 +76,6 @@ __attribute__((always_inline)) inline void store_partial(float* p, V v, int coun
   std::memcpy(p, &v, sizeof(float) * count);
 }
 
-// Pairwise: the halves are added until one lane is left (log2(lanes) dependent adds).
 #ifdef FFNSKIP_X86_DISPATCH
 // F16C conversions. Not always_inline: the intrinsics may only be inlined into code compiled
 // for their target, which the kernel templates are not until they are inlined into a
@@ -109,6 +108,7 @@ __attribute__((always_inline)) inline vfloat<I> load_f16(const uint16_t* p) {
   return widen_f16<vfloat<I>>(__builtin_convertvector(h, vu32<I>));
 }
 
+// Pairwise: the halves are added until one lane is left (log2(lanes) dependent adds).
 template <typename V>
 __attribute__((always_inline)) inline float reduce_add(V v) {
   constexpr int L = lanes_of<V>;
