@@ -5,10 +5,11 @@
 // made). Second table: the GEMV over GGUF blocks read in place (Q8_0, Q5_0, Q4_K, Q6_K; random
 // blocks, fp16 activations): the time per call, the bandwidth of the blocks' bytes, the speedup
 // over the fp16 GEMV against the ideal from bytes not read, and the agreement with cuBLAS on the
-// blocks dequantised to fp16 (the prefill path). For the linears whose input is an RMSNorm (qkv,
-// gate_up, lm_head), the first table also times the decode step's fused form, the norm in the
-// GEMV's prologue (fold_us), against the norm kernel then the GEMV (norm_gemv_us), back to back
-// on the stream: whether the fold pays for the launch it saves.
+// blocks dequantised to fp16 (the prefill path; the block GEMV quantises its input to int8, so
+// they differ by about 1e-2, that quantisation's error). For the linears whose input is an
+// RMSNorm (qkv, gate_up, lm_head), the first table also times the decode step's fused form, the
+// norm in the GEMV's prologue (fold_us), against the norm kernel then the GEMV (norm_gemv_us),
+// back to back on the stream: whether the fold pays for the launch it saves.
 //   bench_gemv [--iterations N]
 #include <cublas_v2.h>
 #include <cuda_bf16.h>

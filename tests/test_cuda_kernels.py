@@ -1,5 +1,6 @@
 """The CUDA backend's kernels one by one (``_core.cuda_kernels``) against NumPy and the CPU: the
-decode GEMV over Q8_0, Q5_0, Q4_K and Q6_K blocks read in place, in each output mode (store,
+decode GEMV over Q8_0, Q5_0, Q4_K and Q6_K blocks read in place (int8 activations, the CPU
+backend's quantisation), in each output mode (store,
 accumulate = the fused residual add, SwiGLU on stacked gate/up rows), with its skip flag set and
 unset, and with its RMSNorm prologue; the prefill path (weights dequantised to the activation
 type a tile of rows at a time, then cuBLAS); the dequantisation itself; the embedding lookup in
@@ -15,8 +16,11 @@ distribution, ``random_blocks`` for random bytes that reach every bit pattern) a
 weights they hold from gguf-py's NumPy dequantisation, in float64. Inputs are rounded to the
 activation type (as the kernels' callers store them) before the reference is computed, so the
 GEMV may differ from it only by fp32 arithmetic: n * eps32 * sum(|products|) for a sum of n
-products, in any order (test_kernels.py). The prefill path also rounds each dequantised weight
-to the activation type (its unit roundoff), SwiGLU rounds its output to it.
+products, in any order (test_kernels.py). The block GEMV multiplies int8 activations, so its
+reference takes the activations as the CPU backend quantises them (tests/int8_reference.py,
+whose equality with the kernels' quantisation test_cuda_block_formats.py checks on the host);
+its integer sums are exact. The prefill path also rounds each dequantised weight to the
+activation type (its unit roundoff), SwiGLU rounds its output to it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ from ffnskip_ext.runtime.policies import FFNSkipPolicy, simulate_ffn_skip
 
 gguf = pytest.importorskip("gguf")
 from gguf_files import Q, quantize, quantized, random_blocks  # noqa: E402  (needs gguf)
+from int8_reference import (  # noqa: E402
+    ACTIVATION_BLOCK,
+    activation_values,
+    exact_weights,
+    int8_product_bound,
+)
 from test_kernels import EPS32, attention_reference, stored  # noqa: E402
 
 cuda = _core.cuda_kernels
@@ -81,12 +91,15 @@ def silu(v: np.ndarray) -> np.ndarray:
     return v / (1.0 + np.exp(-v))
 
 
-def check_output(got, w, x, bias, y0, output, activation, weight_roundoff: float = 0.0) -> None:
+def check_output(got, w, x, bias, y0, output, activation, weight_roundoff: float = 0.0,
+                 magnitude: np.ndarray | None = None) -> None:
     """got against the exact result of the output mode; weight_roundoff: the relative rounding
-    of each weight on the device (the prefill's tiles)."""
+    of each weight on the device (the prefill's tiles); magnitude: the size of the terms each
+    weight adds (exact_weights), |w| if None."""
     got = got.astype(np.float64)
     exact = x @ w.T + bias
-    terms = np.abs(x) @ np.abs(w).T + np.abs(bias)  # sum of |products| and |bias|
+    magnitude = np.abs(w) if magnitude is None else magnitude
+    terms = np.abs(x) @ magnitude.T + np.abs(bias)  # sum of |products| and |bias|
     count = w.shape[1] + 1
     if output == "accumulate":
         exact, terms, count = exact + y0, terms + np.abs(y0), count + 1
@@ -198,14 +211,18 @@ def test_decode_step_embedding_starts_the_token_as_the_cpu_rule(decode_index) ->
 @pytest.mark.parametrize("output", OUTPUTS)
 @pytest.mark.parametrize("type_name", NATIVE)
 def test_gemv(type_name, output, activation) -> None:
+    """Against the int8 activations the CPU backend would make of x."""
     for outputs, cols in shapes(type_name):
         rows = 2 * outputs if output == "swiglu" else outputs
-        data, w, x, bias, y0 = problem(type_name, rows, cols, 1, activation, seed=outputs + cols)
+        data, _, x, bias, y0 = problem(type_name, rows, cols, 1, activation, seed=outputs + cols)
+        w, magnitude = exact_weights(data, type_name)
+        xq = activation_values(x.astype(np.float32), ACTIVATION_BLOCK[type_name])
         y_start = start_values(y0, outputs, output)
         for b in (None, bias):
             got = cuda.linear(data, type_name, x.astype(np.float32), bias=b, y0=y_start,
                               activation=activation, output=output)
-            check_output(got, w, x, 0.0 if b is None else b, y_start, output, activation)
+            check_output(got, w, xq, 0.0 if b is None else b, y_start, output, activation,
+                         magnitude=magnitude)
 
 
 @needs_gpu
@@ -257,7 +274,7 @@ def test_gemv_with_rms_norm_prologue_equals_norm_then_gemv(type_name, output, ac
 
 
 @needs_gpu
-def test_gemv_rms_norm_prologue_refuses_rows_wider_than_shared_memory() -> None:
+def test_gemv_refuses_inputs_wider_than_shared_memory() -> None:
     cols = 11776 + 32  # fp32: one pack beyond the staged input's 46 KiB
     w = np.zeros((1, cols), np.float32)
     x = np.ones((1, cols), np.float32)
@@ -266,6 +283,10 @@ def test_gemv_rms_norm_prologue_refuses_rows_wider_than_shared_memory() -> None:
     with pytest.raises(ValueError, match="GEMV opens"):
         cuda.linear(w, "F32", x, activation="float32", gemv=False,
                     norm_weight=np.ones(cols, np.float32))
+    cols = 256 * 158  # Q4_K: its int8 activations, scales and sums per 16 take 51192 bytes
+    data = quantized("Q4_K", 1, cols, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="shared memory"):
+        cuda.linear(data, "Q4_K", np.ones((1, cols), np.float32), activation="float32")
 
 
 @needs_gpu
@@ -687,15 +708,19 @@ def test_logits_dense(vocab, hidden, activation) -> None:
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("type_name", NATIVE)
 def test_logits_over_blocks(type_name, activation) -> None:
-    """An LM head held in a block format (a tied Q8_0/Q4_K/Q6_K embedding table, say)."""
+    """An LM head held in a block format (a tied Q8_0/Q4_K/Q6_K embedding table, say): the norm
+    kernel's row (which the prologue equals bit for bit) as int8 activations, times the blocks."""
     rng = np.random.default_rng(len(type_name))
     vocab, hidden = 777, 512 if type_name in K_QUANTS else 96
     data = quantize(rng.standard_normal((vocab, hidden)) / np.sqrt(hidden), type_name)
     x = (3 * rng.standard_normal(hidden)).astype(np.float32)
     final_norm = (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
     got = cuda.logits(x, final_norm, 1e-5, data, type_name, activation)
-    logits_check(got, dequantized(data, type_name).astype(np.float64), x, final_norm,
-                 activation)
+    normed = cuda.rms_norm(x[None], final_norm, 1e-5, activation)
+    xq = activation_values(normed, ACTIVATION_BLOCK[type_name])
+    w, magnitude = exact_weights(data, type_name)
+    exact = (xq @ w.T)[0]
+    assert_within(got, exact, int8_product_bound(magnitude, xq)[0] + EPS32 * np.abs(exact))
 
 
 @needs_gpu

@@ -3,11 +3,14 @@
 // backend's storage type at upload (device_model.cuh).
 //
 // Several threads read one block, each one chunk of it: chunk c holds kRuns runs of kRunLength
-// consecutive elements, run r starting at element run_start(c, r) of the block, and decode()
-// gives the chunk's weights in fp32 with the CPU reference's formula (dequantize(), up to fused
-// multiply-adds). Neighbouring chunks are neighbouring bytes, so a warp reads whole blocks, and
-// runs start at multiples of their length, so that the activations of a run are one aligned 8-,
-// 16- or 32-byte load (load_run).
+// consecutive elements, run r starting at element run_start(c, r) of the block. decode() gives
+// the chunk's weights in fp32 with the CPU reference's formula (dequantize(), up to fused
+// multiply-adds), for the dequantisation and the embedding lookup; dot() gives the chunk's dot
+// product with int8 activations (QuantizedBlock: one scale per block of kElements, as the CPU
+// backend's BlockQ8 and BlockQ8K) in integer arithmetic, the scales applied once per run, for
+// the decode GEMV. Neighbouring chunks are neighbouring bytes, so a warp reads whole blocks, and
+// runs start at multiples of their length, so that the activations of a run are one aligned
+// load (load_run, load_activation_words).
 //
 // Blocks are only as aligned as their size allows: rows start at 256-byte aligned arena pieces,
 // so 34-byte Q8_0, 22-byte Q5_0 and 210-byte Q6_K blocks are 2-byte aligned and their 32-bit
@@ -16,6 +19,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -64,6 +68,16 @@ FFNSKIP_BLOCK_HD uint32_t load_u32(const uint8_t* p) {
   } else {
     return load_u16(p) | (load_u16(p + 2) << 16);
   }
+}
+
+// The four little-endian words of the 16-byte aligned bytes at p, in one load.
+FFNSKIP_BLOCK_HD void load_u32x4(const uint8_t* p, uint32_t (&words)[4]) {
+#ifdef __CUDA_ARCH__
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+  words[0] = v.x, words[1] = v.y, words[2] = v.z, words[3] = v.w;
+#else
+  std::memcpy(words, p, sizeof(words));
+#endif
 }
 
 FFNSKIP_BLOCK_HD float load_fp16(const uint8_t* p) {
@@ -126,6 +140,75 @@ __device__ __forceinline__ void load_run(const T* p, float (&out)[kCount]) {
   }
 }
 
+// ---- int8 activations ----
+
+// c + the sum of the products of the four signed bytes of a and b (the device's dp4a).
+FFNSKIP_BLOCK_HD int dot4(uint32_t a, uint32_t b, int c) {
+#ifdef __CUDA_ARCH__
+  return __dp4a(static_cast<int>(a), static_cast<int>(b), c);
+#else
+  for (int i = 0; i < 4; ++i) {
+    c += static_cast<int8_t>(byte_of(a, i)) * static_cast<int8_t>(byte_of(b, i));
+  }
+  return c;
+#endif
+}
+
+// The bytes of a minus those of b, each modulo 256 (no borrow between bytes): unsigned quants
+// q into the signed bytes q - offset.
+FFNSKIP_BLOCK_HD uint32_t sub_bytes(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __vsub4(a, b);
+#else
+  uint32_t out = 0;
+  for (int i = 0; i < 4; ++i) out |= ((byte_of(a, i) - byte_of(b, i)) & 0xffu) << (8 * i);
+  return out;
+#endif
+}
+
+// A block of activations as int8, the CPU backend's quantisation (quantize_block_scalar in
+// csrc/cpu/quant.cpp) to the bit: amax = max |v|, q = round-to-even(v * (127 / amax)), the scale
+// amax / 127 (IEEE division, so the kernels are built without fast math).
+FFNSKIP_BLOCK_HD float activation_inverse_scale(float amax) {
+  return amax > 0.0f ? 127.0f / amax : 0.0f;
+}
+FFNSKIP_BLOCK_HD float activation_scale(float amax) { return amax / 127.0f; }
+FFNSKIP_BLOCK_HD int quantize_activation(float v, float inverse_scale) {
+#ifdef __CUDA_ARCH__
+  return __float2int_rn(v * inverse_scale);
+#else
+  return static_cast<int>(std::nearbyint(v * inverse_scale));
+#endif
+}
+
+// The int8 activations of one block of a format's kElements (aligned to 16 bytes): x[i] ~
+// scale * q[i]; sums16[j], the sum of q over elements 16j .. 16j + 15, for the formats with a
+// minimum (Format::kActivationSums16).
+struct QuantizedBlock {
+  const int8_t* q;
+  const int32_t* sums16;
+};
+
+// The kCount / 4 little-endian words of the int8 activations at p (p aligned to kCount: 4, 8 or
+// 16 bytes).
+template <int kCount>
+FFNSKIP_BLOCK_HD void load_activation_words(const int8_t* p, uint32_t (&words)[kCount / 4]) {
+  static_assert(kCount == 4 || kCount == 8 || kCount == 16, "runs of 4, 8 or 16 activations");
+#ifdef __CUDA_ARCH__
+  if constexpr (kCount == 16) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    words[0] = v.x, words[1] = v.y, words[2] = v.z, words[3] = v.w;
+  } else if constexpr (kCount == 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    words[0] = v.x, words[1] = v.y;
+  } else {
+    words[0] = *reinterpret_cast<const uint32_t*>(p);
+  }
+#else
+  std::memcpy(words, p, kCount);
+#endif
+}
+
 // ---- the formats ----
 
 template <TensorType kType>
@@ -149,6 +232,15 @@ struct BlockFormat<TensorType::Q8_0> {
       FFNSKIP_BLOCK_UNROLL
       for (int i = 0; i < 4; ++i) w[0][4 * half + i] = d * int_minus(byte_of(biased, i), 128.0f);
     }
+  }
+  static constexpr bool kActivationSums16 = false;
+  __host__ __device__ static float dot(const uint8_t* block, int chunk, const QuantizedBlock& x) {
+    const uint8_t* qs = block + 2 + 8 * chunk;
+    uint32_t xw[2];
+    load_activation_words<8>(x.q + 8 * chunk, xw);
+    const int sum = dot4(load_u32<kAlignment>(qs), xw[0],
+                         dot4(load_u32<kAlignment>(qs + 4), xw[1], 0));
+    return load_fp16(block) * static_cast<float>(sum);
   }
 };
 
@@ -175,19 +267,36 @@ struct BlockFormat<TensorType::Q5_0> {
       w[1][i] = d * int_minus(hi, 16.0f);
     }
   }
+  static constexpr bool kActivationSums16 = false;
+  // Bits 0..3 of b as bit 4 of bytes 0..3.
+  __host__ __device__ static uint32_t fifth_bits(uint32_t b) {
+    return ((b & 1u) << 4) | ((b & 2u) << 11) | ((b & 4u) << 18) | ((b & 8u) << 25);
+  }
+  __host__ __device__ static float dot(const uint8_t* block, int chunk, const QuantizedBlock& x) {
+    const uint32_t qh = load_u32<kAlignment>(block + 2);
+    const uint32_t qs = load_u32<kAlignment>(block + 6 + 4 * chunk);
+    const uint32_t lo = (qs & 0x0f0f0f0fu) | fifth_bits(qh >> (4 * chunk));
+    const uint32_t hi = ((qs >> 4) & 0x0f0f0f0fu) | fifth_bits(qh >> (16 + 4 * chunk));
+    uint32_t x_lo[1], x_hi[1];
+    load_activation_words<4>(x.q + run_start(chunk, 0), x_lo);
+    load_activation_words<4>(x.q + run_start(chunk, 1), x_hi);
+    const int sum = dot4(sub_bytes(lo, 0x10101010u), x_lo[0],
+                         dot4(sub_bytes(hi, 0x10101010u), x_hi[0], 0));
+    return load_fp16(block) * static_cast<float>(sum);
+  }
 };
 
 // Q4_K: 256 elements, 8 sub-blocks of 32 with 6-bit scales and minimums; w = d * sc * q -
 // dmin * m. Each 64 elements 64p .. 64p + 63 are the low then the high nibbles of qs[32p ..
-// 32p + 31] (sub-blocks 2p and 2p + 1). Chunk c = 4p + k: the bytes qs[32p + 8k .. + 7], runs of
-// elements 64p + 8k .. + 7 (low nibbles) and 64p + 32 + 8k .. + 7 (high nibbles).
+// 32p + 31] (sub-blocks 2p and 2p + 1). Chunk c = 2p + k: the bytes qs[32p + 16k .. + 15], runs
+// of elements 64p + 16k .. + 15 (low nibbles) and 64p + 32 + 16k .. + 15 (high nibbles).
 template <>
 struct BlockFormat<TensorType::Q4_K> {
   static constexpr TensorType kType = TensorType::Q4_K;
-  static constexpr int kElements = 256, kBytes = sizeof(BlockQ4_K), kAlignment = 4;
-  static constexpr int kChunks = 16, kRuns = 2, kRunLength = 8;
+  static constexpr int kElements = 256, kBytes = sizeof(BlockQ4_K), kAlignment = 16;
+  static constexpr int kChunks = 8, kRuns = 2, kRunLength = 16;
   __host__ __device__ static int run_start(int chunk, int run) {
-    return 64 * (chunk / 4) + 32 * run + 8 * (chunk % 4);
+    return 64 * (chunk / 2) + 32 * run + 16 * (chunk % 2);
   }
   // k_scale_min() of csrc/core/tensor_types.h, from the 12 scale bytes at `scales`.
   __host__ __device__ static void scale_min(const uint8_t* scales, int j, uint32_t& scale,
@@ -201,28 +310,58 @@ struct BlockFormat<TensorType::Q4_K> {
       min = (packed >> 4) | ((load_u8(scales + j) >> 6) << 4);
     }
   }
+  // The chunk's 16 quant bytes, the scales and minimums of its two sub-blocks.
+  struct Chunk {
+    uint32_t words[4];
+    uint32_t scale[2], min[2];
+  };
+  __host__ __device__ static Chunk read_chunk(const uint8_t* block, int chunk) {
+    Chunk c;
+    const int pair = chunk / 2;
+    FFNSKIP_BLOCK_UNROLL
+    for (int run = 0; run < 2; ++run) scale_min(block + 4, 2 * pair + run, c.scale[run], c.min[run]);
+    load_u32x4(block + 16 + 32 * pair + 16 * (chunk % 2), c.words);  // 16-byte aligned
+    return c;
+  }
   __host__ __device__ static void decode(const uint8_t* block, int chunk,
                                          float (&w)[kRuns][kRunLength]) {
     const float d = load_fp16(block), dmin = load_fp16(block + 2);
-    const int pair = chunk / 4;
+    const Chunk c = read_chunk(block, chunk);
     float factor[2], offset[2];
     FFNSKIP_BLOCK_UNROLL
     for (int run = 0; run < 2; ++run) {
-      uint32_t scale, min;
-      scale_min(block + 4, 2 * pair + run, scale, min);
-      factor[run] = d * static_cast<float>(scale);
-      offset[run] = dmin * static_cast<float>(min);
+      factor[run] = d * static_cast<float>(c.scale[run]);
+      offset[run] = dmin * static_cast<float>(c.min[run]);
     }
-    const uint8_t* qs = block + 16 + 32 * pair + 8 * (chunk % 4);
     FFNSKIP_BLOCK_UNROLL
-    for (int half = 0; half < 2; ++half) {
-      const uint32_t word = load_u32<kAlignment>(qs + 4 * half);
+    for (int word = 0; word < 4; ++word) {
       FFNSKIP_BLOCK_UNROLL
       for (int i = 0; i < 4; ++i) {
-        w[0][4 * half + i] = factor[0] * int_minus(byte_of(word, i) & 0xfu, 0.0f) - offset[0];
-        w[1][4 * half + i] = factor[1] * int_minus(byte_of(word, i) >> 4, 0.0f) - offset[1];
+        const uint32_t byte = byte_of(c.words[word], i);
+        w[0][4 * word + i] = factor[0] * int_minus(byte & 0xfu, 0.0f) - offset[0];
+        w[1][4 * word + i] = factor[1] * int_minus(byte >> 4, 0.0f) - offset[1];
       }
     }
+  }
+  // d * sum_runs sc * (q . x) - dmin * sum_runs m * (sum of x over the run): the runs' sums of
+  // 16 activations are sums16 of the block.
+  static constexpr bool kActivationSums16 = true;
+  __host__ __device__ static float dot(const uint8_t* block, int chunk, const QuantizedBlock& x) {
+    const Chunk c = read_chunk(block, chunk);
+    int scaled = 0, minimums = 0;
+    FFNSKIP_BLOCK_UNROLL
+    for (int run = 0; run < 2; ++run) {
+      const int start = run_start(chunk, run);
+      uint32_t xw[4];
+      load_activation_words<16>(x.q + start, xw);
+      int sum = 0;
+      FFNSKIP_BLOCK_UNROLL
+      for (int i = 0; i < 4; ++i) sum = dot4((c.words[i] >> (4 * run)) & 0x0f0f0f0fu, xw[i], sum);
+      scaled += static_cast<int>(c.scale[run]) * sum;
+      minimums += static_cast<int>(c.min[run]) * x.sums16[start / 16];
+    }
+    return load_fp16(block) * static_cast<float>(scaled) -
+           load_fp16(block + 2) * static_cast<float>(minimums);
   }
 };
 
@@ -259,6 +398,26 @@ struct BlockFormat<TensorType::Q6_K> {
         w[run][i] = factor * int_minus(q, 32.0f);
       }
     }
+  }
+  // d * sum_runs sc * ((q - 32) . x): the quants of a run as the signed bytes q - 32.
+  static constexpr bool kActivationSums16 = false;
+  __host__ __device__ static float dot(const uint8_t* block, int chunk, const QuantizedBlock& x) {
+    const int half = chunk / 8, l = 4 * (chunk % 8);
+    const uint8_t* ql = block + offsetof(BlockQ6_K, ql) + 64 * half + l;
+    const uint32_t low[2] = {load_u32<kAlignment>(ql), load_u32<kAlignment>(ql + 32)};
+    const uint32_t high = load_u32<kAlignment>(block + offsetof(BlockQ6_K, qh) + 32 * half + l);
+    const uint8_t* scales = block + offsetof(BlockQ6_K, scales) + 8 * half + l / 16;
+    int scaled = 0;
+    FFNSKIP_BLOCK_UNROLL
+    for (int run = 0; run < 4; ++run) {
+      const uint32_t nibbles = (run < 2 ? low[run % 2] : low[run % 2] >> 4) & 0x0f0f0f0fu;
+      const uint32_t q = nibbles | (((high >> (2 * run)) & 0x03030303u) << 4);
+      uint32_t xw[1];
+      load_activation_words<4>(x.q + run_start(chunk, run), xw);
+      scaled += static_cast<int8_t>(load_u8(scales + 2 * run)) *
+                dot4(sub_bytes(q, 0x20202020u), xw[0], 0);
+    }
+    return load_fp16(block + offsetof(BlockQ6_K, d)) * static_cast<float>(scaled);
   }
 };
 

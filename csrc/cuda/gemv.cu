@@ -93,7 +93,7 @@ void launch_gemv(const GemvArgs<T>& args, GemvOutput output, cudaStream_t stream
     launch_quant_gemv(args, output, stream);
     return;
   }
-  const GemvLaunch l = gemv_launch(args, output);
+  const GemvLaunch l = gemv_launch(args, output, gemv_staged_bytes(args));
   switch (output) {
     case GemvOutput::Store:
       gemv_kernel<T, GemvOutput::Store><<<l.grid, l.block, l.shared_bytes, stream>>>(args);

@@ -1,6 +1,6 @@
 // Decode linears, one token: y = W x (+ b), W [rows, cols] stored in T (fp32, fp16 or bf16) or in
-// a GGUF block format read in place (Q8_0, Q5_0, Q4_K, Q6_K: quant_gemv.cuh), x in T, fp32
-// accumulation. One warp per output row.
+// a GGUF block format read in place (Q8_0, Q5_0, Q4_K, Q6_K: quant_gemv.cuh, which quantises x
+// to int8 blocks first), x in T, fp32 accumulation. One warp per output row.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -49,17 +49,19 @@ struct GemvArgs {
   const int32_t* skip_flag = nullptr;
 };
 
-// The widest input the RMSNorm prologue stages (the default 48 KiB of shared memory a block may
-// take, less the kernels' static scratch): 11776 fp32 or 23552 16-bit values.
-constexpr size_t kGemvNormedInputBytes = 46 * 1024;
+// The most shared memory a GEMV stages its input in (the default 48 KiB a block may take, less
+// the kernels' static scratch): the dense GEMV's RMSNorm prologue 11776 fp32 or 23552 16-bit
+// values (gemv_folds_norm), the block GEMV's int8 activations with their scales and sums about
+// 34000 values (quant_gemv.cuh), normed or not.
+constexpr size_t kGemvStagedInputBytes = 46 * 1024;
 
 template <typename T>
 constexpr bool gemv_folds_norm(int cols) {
-  return static_cast<size_t>(cols) * sizeof(T) <= kGemvNormedInputBytes;
+  return static_cast<size_t>(cols) * sizeof(T) <= kGemvStagedInputBytes;
 }
 
-// Runs the kernel of args.weight_type. Throws std::invalid_argument for a normed input wider
-// than gemv_folds_norm allows.
+// Runs the kernel of args.weight_type. Throws std::invalid_argument for an input wider than
+// its kernel stages: a normed one beyond gemv_folds_norm on dense weights.
 template <typename T>
 void launch_gemv(const GemvArgs<T>& args, GemvOutput output, cudaStream_t stream);
 

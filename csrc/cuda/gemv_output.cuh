@@ -27,8 +27,9 @@ constexpr int kGemvRowsPerOutput = gemv_reads_row_pairs(kOutput) ? 2 : 1;
 static_assert(kGemvWarpsPerBlock * kWarpSize == kRmsNormThreads,
               "the RMSNorm prologue sums in the norm kernel's order");
 
-// The grid, block and dynamic shared memory of a launch; throws std::invalid_argument for
-// arguments the output mode cannot take.
+// The grid, block and dynamic shared memory of a launch whose kernel stages its input in
+// `input_bytes` of shared memory (0: it reads x in place); throws std::invalid_argument for
+// arguments the output mode cannot take and for an input too wide to stage.
 struct GemvLaunch {
   dim3 grid;
   dim3 block;
@@ -36,7 +37,7 @@ struct GemvLaunch {
 };
 
 template <typename T>
-GemvLaunch gemv_launch(const GemvArgs<T>& a, GemvOutput output) {
+GemvLaunch gemv_launch(const GemvArgs<T>& a, GemvOutput output, size_t input_bytes) {
   if (output == GemvOutput::RopeKv) {
     const RopeKvLayout& l = a.rope;
     if (l.head_dim <= 0 || l.head_dim % 2 != 0 || a.first_row % l.head_dim != 0 ||
@@ -45,17 +46,16 @@ GemvLaunch gemv_launch(const GemvArgs<T>& a, GemvOutput output) {
       throw std::invalid_argument("GEMV: RoPE rows must be whole heads of the q/k/v stack");
     }
   }
+  if (input_bytes > kGemvStagedInputBytes) {
+    throw std::invalid_argument("GEMV: an input of " + std::to_string(a.cols) + " values (" +
+                                std::to_string(input_bytes) +
+                                " bytes staged) does not fit in shared memory");
+  }
   GemvLaunch launch;
   const int outputs = gemv_reads_row_pairs(output) ? a.rows / 2 : a.rows;
   launch.grid = dim3(ceil_div(outputs, kGemvWarpsPerBlock));
   launch.block = dim3(kGemvWarpsPerBlock * kWarpSize);
-  if (a.norm_weight != nullptr) {  // the staged input
-    if (!gemv_folds_norm<T>(a.cols)) {
-      throw std::invalid_argument("GEMV: a normed input of " + std::to_string(a.cols) +
-                                  " values does not fit in shared memory");
-    }
-    launch.shared_bytes = (sizeof(T) * static_cast<size_t>(a.cols) + 15) / 16 * 16;
-  }
+  launch.shared_bytes = input_bytes;
   return launch;
 }
 
@@ -79,8 +79,14 @@ __device__ __forceinline__ int gemv_weight_row(const GemvArgs<T>& a, int output,
   }
 }
 
-// The input row: a.x, or RMSNorm(a.norm_x) staged in the block's dynamic shared memory by every
-// thread (call it before any warp leaves).
+// The shared memory the dense GEMV stages its input in: the RMSNorm prologue's row.
+template <typename T>
+size_t gemv_staged_bytes(const GemvArgs<T>& a) {
+  return a.norm_weight != nullptr ? (sizeof(T) * static_cast<size_t>(a.cols) + 15) / 16 * 16 : 0;
+}
+
+// The dense GEMV's input row: a.x, or RMSNorm(a.norm_x) staged in the block's dynamic shared
+// memory by every thread (call it before any warp leaves).
 template <typename T>
 __device__ __forceinline__ const T* gemv_input(const GemvArgs<T>& a) {
   if (a.norm_weight == nullptr) return a.x;
