@@ -253,6 +253,31 @@ def test_mixed_block_formats_on_cuda_match_cpu(tmp_path, tied) -> None:
 
 
 @needs_gpu
+@pytest.mark.parametrize("k", [5, 8, 9, 20])
+def test_verify_over_block_formats_is_within_int8_bound_of_steps(tmp_path, k) -> None:
+    """A verification over block formats on CUDA: up to 8 tokens run each linear as the decode
+    GEMV per token (bit-equal to it; attention is the prefill kernel, whose rounding may move an
+    int8 activation by a step), more run the dequantised fp16 tiles; either way within the int8
+    bound of the decode steps' logits, and the decoder continues from the pass."""
+    from test_quantized_models import LINEAR_RELATIVE_ERROR, relative_rms
+
+    path = write_mixed_gguf(tmp_path / "mixed.gguf", tied=False)
+    bound = 4 * math.sqrt(4 * mixed_config(False).num_layers + 1) * LINEAR_RELATIVE_ERROR
+    decoder = ffnskip_ext.Decoder.from_pretrained(path, device="cuda", max_seq_len=64)
+    rng = np.random.default_rng(k)
+    prompt, tokens = rng.integers(0, 96, size=11).tolist(), rng.integers(0, 96, size=k).tolist()
+    decoder.prefill(prompt)
+    steps = np.stack([decoder.step(t) for t in tokens])
+    decoder.truncate(len(prompt))
+    verified = decoder.verify(tokens)
+    assert verified.shape == steps.shape
+    assert relative_rms(verified, steps).max() <= bound
+    after = decoder.step(3)
+    decoder.truncate(len(prompt) + k)
+    np.testing.assert_array_equal(decoder.step(3), after)
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("variant", sorted(TINY_VARIANTS))
 def test_tiny_models_match_cpu_and_transformers(tiny_model_dir, variant, dtype) -> None:

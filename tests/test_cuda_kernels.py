@@ -53,12 +53,13 @@ ACTIVATIONS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 # Unit roundoff of each activation type: rounding to it moves a value by at most this relatively.
 ROUNDOFF = {"float32": EPS32 / 2, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 OUTPUTS = ["store", "accumulate", "swiglu"]
+BLOCK_GEMV_MAX_TOKENS = 8  # quant_gemv.cuh's kBlockGemvMaxTokens
 
 
 def shapes(type_name: str) -> list[tuple[int, int]]:
     """(outputs, cols): output counts that are not multiples of the warps of a thread block;
     one block per row, a few, and rows whose chunks take a warp several steps with a partial
-    last one (32-element formats: 4 chunks per block, K-quants 16)."""
+    last one (chunks per block: 4 for the 32-element formats, 8 for Q4_K, 16 for Q6_K)."""
     if type_name in K_QUANTS:
         return [(1, 256), (7, 768), (33, 2304), (129, 1536)]
     return [(1, 32), (7, 96), (33, 544), (65, 2080), (129, 1536)]
@@ -294,19 +295,46 @@ def test_gemv_refuses_inputs_wider_than_shared_memory() -> None:
 @pytest.mark.parametrize("output", OUTPUTS)
 @pytest.mark.parametrize("type_name", NATIVE)
 def test_prefill_linear(type_name, output, activation) -> None:
-    """n tokens through the dequantised tiles and cuBLAS: one tile for the whole matrix, and
-    tiles of 3 rows (several, the last one short)."""
+    """n tokens of a pass: up to BLOCK_GEMV_MAX_TOKENS through the block GEMV on each token's
+    int8 activations, more through the dequantised tiles and cuBLAS (one tile for the whole
+    matrix, and tiles of 3 rows: several, the last one short)."""
     outputs, cols = shapes(type_name)[1]
     rows = 2 * outputs if output == "swiglu" else outputs
-    for n in (1, 5, 37):
+    for n in (1, 5, BLOCK_GEMV_MAX_TOKENS, BLOCK_GEMV_MAX_TOKENS + 1, 37):
         data, w, x, bias, y0 = problem(type_name, rows, cols, n, activation, seed=n)
         y_start = start_values(y0, outputs, output)
         for tile_elements in (0, 3 * cols):
             got = cuda.linear(data, type_name, x.astype(np.float32), bias=bias, y0=y_start,
                               activation=activation, output=output, gemv=False,
                               tile_elements=tile_elements)
-            check_output(got, w, x, bias, y_start, output, activation,
-                         weight_roundoff=ROUNDOFF[activation])
+            if n <= BLOCK_GEMV_MAX_TOKENS:
+                exact, magnitude = exact_weights(data, type_name)
+                xq = activation_values(x.astype(np.float32), ACTIVATION_BLOCK[type_name])
+                check_output(got, exact, xq, bias, y_start, output, activation,
+                             magnitude=magnitude)
+            else:
+                check_output(got, w, x, bias, y_start, output, activation,
+                             weight_roundoff=ROUNDOFF[activation])
+
+
+@needs_gpu
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("output", ["store", "accumulate"])
+@pytest.mark.parametrize("type_name", NATIVE)
+def test_pass_of_a_few_tokens_equals_decode_gemvs(type_name, output, activation) -> None:
+    """A pass of up to BLOCK_GEMV_MAX_TOKENS tokens over blocks (a speculative verification)
+    gives each token the decode GEMV's result bit for bit: the same int8 activations, the same
+    sums in the same order."""
+    outputs, cols = shapes(type_name)[2]
+    n = BLOCK_GEMV_MAX_TOKENS
+    data, _, x, bias, y0 = problem(type_name, outputs, cols, n, activation, seed=3)
+    x = x.astype(np.float32)
+    passed = cuda.linear(data, type_name, x, bias=bias, y0=y0, activation=activation,
+                         output=output, gemv=False)
+    steps = np.concatenate([
+        cuda.linear(data, type_name, x[t:t + 1], bias=bias, y0=y0[t:t + 1],
+                    activation=activation, output=output) for t in range(n)])
+    np.testing.assert_array_equal(passed, steps)
 
 
 @needs_gpu

@@ -543,7 +543,7 @@ void bind_cuda_kernels(py::module_ k) {
       "y of x [n, cols] through the backend's linear on the GPU: the decode GEMV (gemv, n = 1; "
       "skip sets its skip flag; norm_weight makes x the fp32 row its RMSNorm prologue "
       "normalises) or the prefill path (dequantised tiles of tile_elements and "
-      "cuBLAS). weight: uint8 blocks [rows, row bytes] of Q8_0, Q5_0, Q4_K or Q6_K, or float32 "
+      "cuBLAS; for blocks and n <= 8, the block GEMV per token). weight: uint8 blocks [rows, row bytes] of Q8_0, Q5_0, Q4_K or Q6_K, or float32 "
       "[rows, cols] (type F32, rounded to the activation dtype). output: store (y = xW^T + b), "
       "accumulate (y = y0 + xW^T + b) or swiglu ([n, rows / 2], rounded to the activation "
       "dtype); y starts as y0 (zeros when None).");

@@ -3,12 +3,13 @@
 // backend's storage type at upload (device_model.cuh).
 //
 // Several threads read one block, each one chunk of it: chunk c holds kRuns runs of kRunLength
-// consecutive elements, run r starting at element run_start(c, r) of the block. decode() gives
-// the chunk's weights in fp32 with the CPU reference's formula (dequantize(), up to fused
-// multiply-adds), for the dequantisation and the embedding lookup; dot() gives the chunk's dot
-// product with int8 activations (QuantizedBlock: one scale per block of kElements, as the CPU
-// backend's BlockQ8 and BlockQ8K) in integer arithmetic, the scales applied once per run, for
-// the decode GEMV. Neighbouring chunks are neighbouring bytes, so a warp reads whole blocks, and
+// consecutive elements, run r starting at element run_start(c, r) of the block. read() loads a
+// chunk (its quants as words of int8 or of small unsigned integers, its scales); decode() gives
+// its weights in fp32 with the CPU reference's formula (dequantize(), up to fused
+// multiply-adds), for the dequantisation and the embedding lookup; dot() its dot product with
+// int8 activations (QuantizedBlock: one scale per block of kElements, as the CPU backend's
+// BlockQ8 and BlockQ8K) in integer arithmetic, the scales applied once per run, for the block
+// GEMVs. Neighbouring chunks are neighbouring bytes, so a warp reads whole blocks, and
 // runs start at multiples of their length, so that the activations of a run are one aligned
 // load (load_run, load_activation_words).
 //
@@ -101,6 +102,11 @@ FFNSKIP_BLOCK_HD float float_with_bits(uint32_t bits) {
 // quarter-rate instruction on the GPU): the float with exponent 23 and mantissa q is 2^23 + q.
 FFNSKIP_BLOCK_HD float int_minus(uint32_t q, float offset) {
   return float_with_bits(0x4B000000u | q) - (8388608.0f + offset);
+}
+
+// Byte i of a word of int8 values, in fp32 (exactly, as int_minus does it).
+FFNSKIP_BLOCK_HD float signed_byte_of(uint32_t word, int i) {
+  return int_minus(byte_of(word, i) ^ 0x80u, 128.0f);  // the sign bit flipped: q + 128
 }
 
 // The kCount stored activations at p, widened to fp32; p is aligned to their size, which is a
@@ -221,26 +227,25 @@ struct BlockFormat<TensorType::Q8_0> {
   static constexpr int kElements = 32, kBytes = sizeof(BlockQ8_0), kAlignment = 2;
   static constexpr int kChunks = 4, kRuns = 1, kRunLength = 8;
   __host__ __device__ static int run_start(int chunk, int) { return 8 * chunk; }
+  struct Chunk {
+    uint32_t q[2];  // int8
+    float d;
+  };
+  __host__ __device__ static Chunk read(const uint8_t* block, int chunk) {
+    const uint8_t* qs = block + 2 + 8 * chunk;
+    return {{load_u32<kAlignment>(qs), load_u32<kAlignment>(qs + 4)}, load_fp16(block)};
+  }
   __host__ __device__ static void decode(const uint8_t* block, int chunk,
                                          float (&w)[kRuns][kRunLength]) {
-    const float d = load_fp16(block);
-    const uint8_t* qs = block + 2 + 8 * chunk;
+    const Chunk c = read(block, chunk);
     FFNSKIP_BLOCK_UNROLL
-    for (int half = 0; half < 2; ++half) {
-      // Flipping the sign bit makes the int8 q the unsigned q + 128.
-      const uint32_t biased = load_u32<kAlignment>(qs + 4 * half) ^ 0x80808080u;
-      FFNSKIP_BLOCK_UNROLL
-      for (int i = 0; i < 4; ++i) w[0][4 * half + i] = d * int_minus(byte_of(biased, i), 128.0f);
-    }
+    for (int i = 0; i < 8; ++i) w[0][i] = c.d * signed_byte_of(c.q[i / 4], i % 4);
   }
   static constexpr bool kActivationSums16 = false;
-  __host__ __device__ static float dot(const uint8_t* block, int chunk, const QuantizedBlock& x) {
-    const uint8_t* qs = block + 2 + 8 * chunk;
+  __host__ __device__ static float dot(const Chunk& c, int chunk, const QuantizedBlock& x) {
     uint32_t xw[2];
     load_activation_words<8>(x.q + 8 * chunk, xw);
-    const int sum = dot4(load_u32<kAlignment>(qs), xw[0],
-                         dot4(load_u32<kAlignment>(qs + 4), xw[1], 0));
-    return load_fp16(block) * static_cast<float>(sum);
+    return c.d * static_cast<float>(dot4(c.q[0], xw[0], dot4(c.q[1], xw[1], 0)));
   }
 };
 
@@ -253,36 +258,36 @@ struct BlockFormat<TensorType::Q5_0> {
   static constexpr int kElements = 32, kBytes = sizeof(BlockQ5_0), kAlignment = 2;
   static constexpr int kChunks = 4, kRuns = 2, kRunLength = 4;
   __host__ __device__ static int run_start(int chunk, int run) { return 4 * chunk + 16 * run; }
-  __host__ __device__ static void decode(const uint8_t* block, int chunk,
-                                         float (&w)[kRuns][kRunLength]) {
-    const float d = load_fp16(block);
-    const uint32_t qh = load_u32<kAlignment>(block + 2);
-    const uint32_t qs = load_u32<kAlignment>(block + 6 + 4 * chunk);
-    FFNSKIP_BLOCK_UNROLL
-    for (int i = 0; i < 4; ++i) {
-      const int j = 4 * chunk + i;
-      const uint32_t lo = (byte_of(qs, i) & 0xfu) | (((qh >> j) & 1u) << 4);
-      const uint32_t hi = (byte_of(qs, i) >> 4) | (((qh >> (j + 16)) & 1u) << 4);
-      w[0][i] = d * int_minus(lo, 16.0f);
-      w[1][i] = d * int_minus(hi, 16.0f);
-    }
-  }
-  static constexpr bool kActivationSums16 = false;
   // Bits 0..3 of b as bit 4 of bytes 0..3.
   __host__ __device__ static uint32_t fifth_bits(uint32_t b) {
     return ((b & 1u) << 4) | ((b & 2u) << 11) | ((b & 4u) << 18) | ((b & 8u) << 25);
   }
-  __host__ __device__ static float dot(const uint8_t* block, int chunk, const QuantizedBlock& x) {
+  struct Chunk {
+    uint32_t q[2];  // the runs' quants less 16, int8
+    float d;
+  };
+  __host__ __device__ static Chunk read(const uint8_t* block, int chunk) {
     const uint32_t qh = load_u32<kAlignment>(block + 2);
     const uint32_t qs = load_u32<kAlignment>(block + 6 + 4 * chunk);
     const uint32_t lo = (qs & 0x0f0f0f0fu) | fifth_bits(qh >> (4 * chunk));
     const uint32_t hi = ((qs >> 4) & 0x0f0f0f0fu) | fifth_bits(qh >> (16 + 4 * chunk));
+    return {{sub_bytes(lo, 0x10101010u), sub_bytes(hi, 0x10101010u)}, load_fp16(block)};
+  }
+  __host__ __device__ static void decode(const uint8_t* block, int chunk,
+                                         float (&w)[kRuns][kRunLength]) {
+    const Chunk c = read(block, chunk);
+    FFNSKIP_BLOCK_UNROLL
+    for (int run = 0; run < 2; ++run) {
+      FFNSKIP_BLOCK_UNROLL
+      for (int i = 0; i < 4; ++i) w[run][i] = c.d * signed_byte_of(c.q[run], i);
+    }
+  }
+  static constexpr bool kActivationSums16 = false;
+  __host__ __device__ static float dot(const Chunk& c, int chunk, const QuantizedBlock& x) {
     uint32_t x_lo[1], x_hi[1];
     load_activation_words<4>(x.q + run_start(chunk, 0), x_lo);
     load_activation_words<4>(x.q + run_start(chunk, 1), x_hi);
-    const int sum = dot4(sub_bytes(lo, 0x10101010u), x_lo[0],
-                         dot4(sub_bytes(hi, 0x10101010u), x_hi[0], 0));
-    return load_fp16(block) * static_cast<float>(sum);
+    return c.d * static_cast<float>(dot4(c.q[0], x_lo[0], dot4(c.q[1], x_hi[0], 0)));
   }
 };
 
@@ -314,9 +319,12 @@ struct BlockFormat<TensorType::Q4_K> {
   struct Chunk {
     uint32_t words[4];
     uint32_t scale[2], min[2];
+    float d, dmin;
   };
-  __host__ __device__ static Chunk read_chunk(const uint8_t* block, int chunk) {
+  __host__ __device__ static Chunk read(const uint8_t* block, int chunk) {
     Chunk c;
+    c.d = load_fp16(block);
+    c.dmin = load_fp16(block + 2);
     const int pair = chunk / 2;
     FFNSKIP_BLOCK_UNROLL
     for (int run = 0; run < 2; ++run) scale_min(block + 4, 2 * pair + run, c.scale[run], c.min[run]);
@@ -325,13 +333,12 @@ struct BlockFormat<TensorType::Q4_K> {
   }
   __host__ __device__ static void decode(const uint8_t* block, int chunk,
                                          float (&w)[kRuns][kRunLength]) {
-    const float d = load_fp16(block), dmin = load_fp16(block + 2);
-    const Chunk c = read_chunk(block, chunk);
+    const Chunk c = read(block, chunk);
     float factor[2], offset[2];
     FFNSKIP_BLOCK_UNROLL
     for (int run = 0; run < 2; ++run) {
-      factor[run] = d * static_cast<float>(c.scale[run]);
-      offset[run] = dmin * static_cast<float>(c.min[run]);
+      factor[run] = c.d * static_cast<float>(c.scale[run]);
+      offset[run] = c.dmin * static_cast<float>(c.min[run]);
     }
     FFNSKIP_BLOCK_UNROLL
     for (int word = 0; word < 4; ++word) {
@@ -346,8 +353,7 @@ struct BlockFormat<TensorType::Q4_K> {
   // d * sum_runs sc * (q . x) - dmin * sum_runs m * (sum of x over the run): the runs' sums of
   // 16 activations are sums16 of the block.
   static constexpr bool kActivationSums16 = true;
-  __host__ __device__ static float dot(const uint8_t* block, int chunk, const QuantizedBlock& x) {
-    const Chunk c = read_chunk(block, chunk);
+  __host__ __device__ static float dot(const Chunk& c, int chunk, const QuantizedBlock& x) {
     int scaled = 0, minimums = 0;
     FFNSKIP_BLOCK_UNROLL
     for (int run = 0; run < 2; ++run) {
@@ -360,8 +366,8 @@ struct BlockFormat<TensorType::Q4_K> {
       scaled += static_cast<int>(c.scale[run]) * sum;
       minimums += static_cast<int>(c.min[run]) * x.sums16[start / 16];
     }
-    return load_fp16(block) * static_cast<float>(scaled) -
-           load_fp16(block + 2) * static_cast<float>(minimums);
+    // One rounding order on the host and in every kernel (no contraction left to the compiler).
+    return fmaf(c.d, static_cast<float>(scaled), -(c.dmin * static_cast<float>(minimums)));
   }
 };
 
@@ -378,46 +384,48 @@ struct BlockFormat<TensorType::Q6_K> {
   __host__ __device__ static int run_start(int chunk, int run) {
     return 128 * (chunk / 8) + 32 * run + 4 * (chunk % 8);
   }
-  __host__ __device__ static void decode(const uint8_t* block, int chunk,
-                                         float (&w)[kRuns][kRunLength]) {
-    const int half = chunk / 8, l = 4 * (chunk % 8);
-    const float d = load_fp16(block + offsetof(BlockQ6_K, d));
-    const uint8_t* ql = block + offsetof(BlockQ6_K, ql) + 64 * half + l;
-    const uint32_t low[2] = {load_u32<kAlignment>(ql), load_u32<kAlignment>(ql + 32)};
-    const uint32_t high = load_u32<kAlignment>(block + offsetof(BlockQ6_K, qh) + 32 * half + l);
-    const uint8_t* scales = block + offsetof(BlockQ6_K, scales) + 8 * half + l / 16;
-    FFNSKIP_BLOCK_UNROLL
-    for (int run = 0; run < 4; ++run) {
-      const float factor =
-          d * static_cast<float>(static_cast<int8_t>(load_u8(scales + 2 * run)));
-      const uint32_t nibbles = run < 2 ? low[run % 2] : low[run % 2] >> 4;
-      FFNSKIP_BLOCK_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        const uint32_t q =
-            (byte_of(nibbles, i) & 0xfu) | (((byte_of(high, i) >> (2 * run)) & 3u) << 4);
-        w[run][i] = factor * int_minus(q, 32.0f);
-      }
-    }
-  }
-  // d * sum_runs sc * ((q - 32) . x): the quants of a run as the signed bytes q - 32.
+  // The quants of a run as the signed bytes q - 32; dot() is d * sum_runs sc * ((q - 32) . x).
   static constexpr bool kActivationSums16 = false;
-  __host__ __device__ static float dot(const uint8_t* block, int chunk, const QuantizedBlock& x) {
+  struct Chunk {
+    uint32_t q[4];  // per run, int8
+    int scale[4];
+    float d;
+  };
+  __host__ __device__ static Chunk read(const uint8_t* block, int chunk) {
     const int half = chunk / 8, l = 4 * (chunk % 8);
     const uint8_t* ql = block + offsetof(BlockQ6_K, ql) + 64 * half + l;
     const uint32_t low[2] = {load_u32<kAlignment>(ql), load_u32<kAlignment>(ql + 32)};
     const uint32_t high = load_u32<kAlignment>(block + offsetof(BlockQ6_K, qh) + 32 * half + l);
     const uint8_t* scales = block + offsetof(BlockQ6_K, scales) + 8 * half + l / 16;
-    int scaled = 0;
+    Chunk c;
     FFNSKIP_BLOCK_UNROLL
     for (int run = 0; run < 4; ++run) {
       const uint32_t nibbles = (run < 2 ? low[run % 2] : low[run % 2] >> 4) & 0x0f0f0f0fu;
-      const uint32_t q = nibbles | (((high >> (2 * run)) & 0x03030303u) << 4);
+      c.q[run] = sub_bytes(nibbles | (((high >> (2 * run)) & 0x03030303u) << 4), 0x20202020u);
+      c.scale[run] = static_cast<int8_t>(load_u8(scales + 2 * run));
+    }
+    c.d = load_fp16(block + offsetof(BlockQ6_K, d));
+    return c;
+  }
+  __host__ __device__ static void decode(const uint8_t* block, int chunk,
+                                         float (&w)[kRuns][kRunLength]) {
+    const Chunk c = read(block, chunk);
+    FFNSKIP_BLOCK_UNROLL
+    for (int run = 0; run < 4; ++run) {
+      const float factor = c.d * static_cast<float>(c.scale[run]);
+      FFNSKIP_BLOCK_UNROLL
+      for (int i = 0; i < 4; ++i) w[run][i] = factor * signed_byte_of(c.q[run], i);
+    }
+  }
+  __host__ __device__ static float dot(const Chunk& c, int chunk, const QuantizedBlock& x) {
+    int scaled = 0;
+    FFNSKIP_BLOCK_UNROLL
+    for (int run = 0; run < 4; ++run) {
       uint32_t xw[1];
       load_activation_words<4>(x.q + run_start(chunk, run), xw);
-      scaled += static_cast<int8_t>(load_u8(scales + 2 * run)) *
-                dot4(sub_bytes(q, 0x20202020u), xw[0], 0);
+      scaled += c.scale[run] * dot4(c.q[run], xw[0], 0);
     }
-    return load_fp16(block + offsetof(BlockQ6_K, d)) * static_cast<float>(scaled);
+    return c.d * static_cast<float>(scaled);
   }
 };
 

@@ -361,8 +361,8 @@ class CudaBackend final : public Backend {
     step_out_ = arena.take<char>(out_layout_.bytes);
     verify_logits_ = arena.take<float>(static_cast<size_t>(kMaxVerifyTokens) * c.vocab_size);
     cublas_workspace_ = arena.take<char>(kCublasWorkspaceBytes);
-    dequant_scratch_elements_ = model_.dequant_tile_elements();
-    dequant_scratch_ = arena.take<T>(static_cast<size_t>(dequant_scratch_elements_));
+    gemm_scratch_elements_ = model_.gemm_scratch_elements(c.hidden_size);
+    gemm_scratch_ = arena.take<T>(static_cast<size_t>(gemm_scratch_elements_));
     sizes.buffers = arena.size() - sizes.weights - sizes.kv_cache;
   }
 
@@ -679,8 +679,8 @@ class CudaBackend final : public Backend {
     g.y = y + segment.first_row;
     g.y_stride = y_stride;
     g.accumulate = accumulate;
-    g.scratch = dequant_scratch_;
-    g.scratch_elements = dequant_scratch_elements_;
+    g.scratch = gemm_scratch_;
+    g.scratch_elements = gemm_scratch_elements_;
     return g;
   }
 
@@ -760,8 +760,8 @@ class CudaBackend final : public Backend {
   char* step_out_ = nullptr;  // logits, the step record, FiRST's flags (out_layout_)
   float* verify_logits_ = nullptr;  // [kMaxVerifyTokens, vocab]: a verify pass's logits
   char* cublas_workspace_ = nullptr;
-  T* dequant_scratch_ = nullptr;  // prefill: a tile of block-format weights as T
-  int64_t dequant_scratch_elements_ = 0;
+  T* gemm_scratch_ = nullptr;  // GEMMs over blocks: a tile of weights as T, int8 activations
+  int64_t gemm_scratch_elements_ = 0;
 
   PlanPair plans_;
   std::vector<char> record_head_[2];  // of the policy's plan and the draft's (record_head)

@@ -10,6 +10,7 @@
 #include "block_formats.cuh"
 #include "common.cuh"
 #include "cuda_check.cuh"
+#include "gemm.cuh"
 
 namespace ffnskip::cuda {
 
@@ -129,18 +130,19 @@ void DeviceModel<T>::carve(Arena& arena, const ModelConfig& c, const ModelView& 
 }
 
 template <typename T>
-int64_t DeviceModel<T>::dequant_tile_elements() const {
+int64_t DeviceModel<T>::gemm_scratch_elements(int hidden_size) const {
   int64_t elements = 0;
+  auto need = [&](const WeightSegment& s, int cols) {
+    if (!is_native_block_format(s.type)) return;
+    elements = std::max(elements,
+                        cuda::gemm_scratch_elements<T>(s.type, s.rows, cols, kDequantTileElements));
+  };
   for (const DeviceLayer& layer : layers) {
     for (const DeviceLinear* linear : {&layer.qkv, &layer.o, &layer.gate_up, &layer.down}) {
-      const int64_t tile_rows = std::max<int64_t>(1, kDequantTileElements / linear->cols);
-      for (int i = 0; i < linear->num_segments; ++i) {
-        const WeightSegment& s = linear->segments[i];
-        if (!is_native_block_format(s.type)) continue;
-        elements = std::max(elements, std::min<int64_t>(s.rows, tile_rows) * linear->cols);
-      }
+      for (int i = 0; i < linear->num_segments; ++i) need(linear->segments[i], linear->cols);
     }
   }
+  need(lm_head, hidden_size);  // a verification's logits
   return elements;
 }
 

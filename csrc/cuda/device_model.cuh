@@ -73,9 +73,10 @@ struct DeviceModel {
   void carve(Arena& arena, const ModelConfig& config, const ModelView& model, DType requested);
   // Copies `model` into the carved pieces; returns when the copies are done.
   void upload(const ModelConfig& config, const ModelView& model, cudaStream_t stream) const;
-  // The elements of T the prefill needs to dequantise a tile of the largest block-format
-  // segment of the layers (0 when they have none).
-  int64_t dequant_tile_elements() const;
+  // The elements of T the GEMMs over block formats need (gemm.cuh's gemm_scratch_elements for
+  // the largest: a prefill's dequantised tiles, a verification's int8 activations; 0 when no
+  // matrix is held in a block format).
+  int64_t gemm_scratch_elements(int hidden_size) const;
 };
 
 }  // namespace ffnskip::cuda

@@ -7,6 +7,7 @@
 #include "common.cuh"
 #include "cuda_check.cuh"
 #include "dequantize.cuh"
+#include "quant_gemv.cuh"
 
 namespace ffnskip::cuda {
 
@@ -66,9 +67,21 @@ void gemm_dequantized(cublasHandle_t handle, cudaStream_t stream, const GemmArgs
 }  // namespace
 
 template <typename T>
+int64_t gemm_scratch_elements(TensorType type, int64_t rows, int cols, int64_t max_tile_elements) {
+  const int64_t tile_rows = std::min(rows, std::max<int64_t>(1, max_tile_elements / cols));
+  const auto activations = static_cast<int64_t>(
+      (quant_gemv_tokens_scratch_bytes(type, cols) + sizeof(T) - 1) / sizeof(T));
+  return std::max(tile_rows * cols, activations);
+}
+
+template <typename T>
 void gemm(cublasHandle_t handle, cudaStream_t stream, const GemmArgs<T>& a) {
   if (a.weight_type != dense_tensor_type<T>()) {
-    gemm_dequantized(handle, stream, a);
+    if (a.n <= kBlockGemvMaxTokens) {
+      launch_quant_gemv_tokens(a, stream);
+    } else {
+      gemm_dequantized(handle, stream, a);
+    }
     return;
   }
   if (a.bias != nullptr) {
@@ -88,8 +101,9 @@ void gemm(cublasHandle_t handle, cudaStream_t stream, const GemmArgs<T>& a) {
                             CUBLAS_GEMM_DEFAULT));
 }
 
-#define FFNSKIP_INSTANTIATE(T) \
-  template void gemm<T>(cublasHandle_t, cudaStream_t, const GemmArgs<T>&);
+#define FFNSKIP_INSTANTIATE(T)                                                  \
+  template void gemm<T>(cublasHandle_t, cudaStream_t, const GemmArgs<T>&); \
+  template int64_t gemm_scratch_elements<T>(TensorType, int64_t, int, int64_t);
 FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
 #undef FFNSKIP_INSTANTIATE
 

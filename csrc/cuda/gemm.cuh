@@ -1,6 +1,8 @@
 // Linears over many tokens (prefill) with cuBLAS: y[t, :] = x[t, :] W^T + b, W [rows, cols] and
 // x in T, y in fp32, fp32 compute (cublasGemmEx, CUBLAS_COMPUTE_32F). Weights in a native block
-// format are dequantised to T a tile of rows at a time (dequantize.cuh), one cuBLAS call per tile.
+// format are dequantised to T a tile of rows at a time (dequantize.cuh), one cuBLAS call per
+// tile, except for up to kBlockGemvMaxTokens tokens, which run the block GEMV on int8
+// activations (quant_gemv.cuh), as the decode step does.
 #pragma once
 
 #include <cublas_v2.h>
@@ -24,10 +26,16 @@ struct GemmArgs {
   float* y = nullptr;  // [n, y_stride] row-major, the first `rows` columns written
   int y_stride = 0;
   bool accumulate = false;  // y += ... instead of y = ...
-  // Block formats: room for the dequantised tiles, at least one row (cols elements).
+  // Block formats: room for the dequantised tiles, at least one row (cols elements), and for
+  // the int8 activations of a few tokens (gemm_scratch_elements).
   T* scratch = nullptr;
   int64_t scratch_elements = 0;
 };
+
+// The scratch (elements of T) a GEMM over a [rows, cols] matrix in native block format `type`
+// needs, for tiles of at most max_tile_elements dequantised weights (at least a row).
+template <typename T>
+int64_t gemm_scratch_elements(TensorType type, int64_t rows, int cols, int64_t max_tile_elements);
 
 // Runs on the stream the handle is bound to.
 template <typename T>

@@ -193,8 +193,11 @@ void linear_in(const CudaLinearCall& c) {
     CUBLAS_CHECK(cublasCreate(&handle));
     CublasHandle cublas(handle);
     CUBLAS_CHECK(cublasSetStream(handle, stream));
-    const int64_t tile = c.tile_elements > 0 ? c.tile_elements : weights;
-    DeviceMemory scratch = device_buffer(stream, blocks ? sizeof(T) * tile : 0);
+    const int64_t scratch_elements =
+        blocks ? gemm_scratch_elements<T>(weight_type, c.rows, c.cols,
+                                          c.tile_elements > 0 ? c.tile_elements : weights)
+               : 0;
+    DeviceMemory scratch = device_buffer(stream, sizeof(T) * scratch_elements);
     DeviceMemory gate_up = device_buffer(stream, swiglu ? sizeof(float) * c.n * c.rows : 0);
     GemmArgs<T> g;
     g.weight = weight.get();
@@ -208,7 +211,7 @@ void linear_in(const CudaLinearCall& c) {
     g.y_stride = c.rows;
     g.accumulate = c.output == CudaLinearOutput::Accumulate;
     g.scratch = reinterpret_cast<T*>(scratch.get());
-    g.scratch_elements = blocks ? tile : 0;
+    g.scratch_elements = scratch_elements;
     gemm(handle, stream, g);
     if (swiglu) {
       launch_swiglu(reinterpret_cast<float*>(gate_up.get()), c.n, outputs,

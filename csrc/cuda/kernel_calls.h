@@ -33,8 +33,9 @@ struct CudaLinearCall {
   CudaLinearOutput output = CudaLinearOutput::Store;
   bool gemv = true;
   bool skip = false;  // GEMV: its skip flag is set, so it must write nothing
-  // Prefill of a block format: the dequantisation scratch in elements (several tiles when
-  // smaller than rows * cols); 0: rows * cols.
+  // Prefill of a block format: the most weights a dequantised tile holds (several tiles when
+  // fewer than rows * cols); 0: rows * cols. Up to kBlockGemvMaxTokens tokens run the block
+  // GEMV instead.
   int64_t tile_elements = 0;
   // In: the output before the call; out: after it. Store, Accumulate: [n, rows]; SwiGLU:
   // [n, rows / 2], rounded to the activation type on the way in, widened on the way out.

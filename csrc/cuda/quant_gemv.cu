@@ -12,17 +12,18 @@ namespace ffnskip::cuda {
 
 namespace {
 
-// The activations of a launch as int8 blocks (block_formats.cuh's QuantizedBlock), in the
-// block's dynamic shared memory: q [cols], then one scale per block of Format::kElements, then
-// (Format::kActivationSums16) the sums per 16.
+// A row of activations as int8 blocks (block_formats.cuh's QuantizedBlock), in a block's
+// shared memory (one token) or in global memory (quantized_row_bytes apart, several tokens): q
+// [cols], then one scale per block of Format::kElements, then (Format::kActivationSums16) the
+// sums per 16.
 template <typename Format>
-struct SharedInput {
+struct QuantizedRow {
   int8_t* q;
   float* scale;
   int32_t* sums16;
 
-  __device__ SharedInput(void* shared, int cols)
-      : q(static_cast<int8_t*>(shared)),
+  __device__ QuantizedRow(void* base, int cols)
+      : q(static_cast<int8_t*>(base)),
         scale(reinterpret_cast<float*>(q + cols)),
         sums16(reinterpret_cast<int32_t*>(scale + cols / Format::kElements)) {}
 
@@ -31,46 +32,40 @@ struct SharedInput {
   }
 };
 
+// The bytes of a QuantizedRow of `cols` values, rounded up to 16 (rows of several tokens stay
+// aligned).
 template <typename Format>
-constexpr size_t shared_input_bytes(int cols) {
+__host__ __device__ constexpr size_t quantized_row_bytes(int cols) {
   const size_t n = static_cast<size_t>(cols);
-  return n + sizeof(float) * (n / Format::kElements) +
-         (Format::kActivationSums16 ? sizeof(int32_t) * (n / 16) : 0);
+  const size_t bytes = n + sizeof(float) * (n / Format::kElements) +
+                       (Format::kActivationSums16 ? sizeof(int32_t) * (n / 16) : 0);
+  return (bytes + 15) / 16 * 16;
 }
 
-// Every thread: the input row (a.x, or RMSNorm(a.norm_x) with the norm kernel's arithmetic and
-// rounding to T) quantised into `in`, as the CPU backend quantises its activations. Thread t
-// takes the values 8g .. 8g + 7 for g = t, t + blockDim.x, ..., so a block of kElements values
-// is 4 (32-element formats) or 32 (K-quants) consecutive lanes, which share its maximum by
-// shuffles.
-template <typename Format, typename T>
-__device__ __forceinline__ void quantize_input(const GemvArgs<T>& a, const SharedInput<Format>& in) {
-  constexpr int kValues = 8;
-  constexpr int kLanesPerBlock = Format::kElements / kValues;
+constexpr int kQuantizeValues = 8;  // per thread and round
+
+// Every thread of the block: the row of `cols` values whose values 8g .. 8g + 7 load(g, v)
+// gives, quantised into `out` as the CPU backend quantises its activations. Thread t takes the
+// groups g = t, t + blockDim.x, ..., so a block of kElements values is 4 (32-element formats) or
+// 32 (K-quants) consecutive lanes, which share its maximum by shuffles. The caller synchronises
+// before reading `out`.
+template <typename Format, typename Load>
+__device__ __forceinline__ void quantize_row(int cols, Load&& load,
+                                             const QuantizedRow<Format>& out) {
+  constexpr int kLanesPerBlock = Format::kElements / kQuantizeValues;
   static_assert(kLanesPerBlock <= kWarpSize && kWarpSize % kLanesPerBlock == 0,
                 "a block of activations within one warp");
-  __shared__ float scratch[kWarpSize];
-  const float inv_rms =
-      a.norm_weight != nullptr ? row_inv_rms(a.norm_x, a.cols, a.norm_eps, scratch) : 0.0f;
-  const int groups = a.cols / kValues;
+  const int groups = cols / kQuantizeValues;
   // Every warp runs every round (for the shuffles); a block of activations is all in or all
   // out of the row, since groups is a multiple of kLanesPerBlock.
   for (int first = 0; first < groups; first += blockDim.x) {
     const int g = first + threadIdx.x;
     const bool in_row = g < groups;
-    float v[kValues] = {};
-    if (in_row && a.norm_weight != nullptr) {
-#pragma unroll
-      for (int i = 0; i < kValues; ++i) {
-        const int e = kValues * g + i;
-        v[i] = to_float(from_float<T>(a.norm_weight[e] * (a.norm_x[e] * inv_rms)));
-      }
-    } else if (in_row) {
-      load_run(a.x + kValues * g, v);
-    }
+    float v[kQuantizeValues] = {};
+    if (in_row) load(g, v);
     float amax = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kValues; ++i) amax = fmaxf(amax, fabsf(v[i]));
+    for (int i = 0; i < kQuantizeValues; ++i) amax = fmaxf(amax, fabsf(v[i]));
 #pragma unroll
     for (int offset = kLanesPerBlock / 2; offset > 0; offset /= 2) {
       amax = fmaxf(amax, __shfl_xor_sync(kFullMask, amax, offset));
@@ -79,16 +74,37 @@ __device__ __forceinline__ void quantize_input(const GemvArgs<T>& a, const Share
     uint32_t words[2] = {};
     int sum = 0;
 #pragma unroll
-    for (int i = 0; i < kValues; ++i) {
+    for (int i = 0; i < kQuantizeValues; ++i) {
       const int q = quantize_activation(v[i], inverse);
       words[i / 4] |= (static_cast<uint32_t>(q) & 0xffu) << (8 * (i % 4));
       sum += q;
     }
     if constexpr (Format::kActivationSums16) sum += __shfl_xor_sync(kFullMask, sum, 1);
     if (!in_row) continue;
-    *reinterpret_cast<uint2*>(in.q + kValues * g) = make_uint2(words[0], words[1]);
-    if (g % kLanesPerBlock == 0) in.scale[g / kLanesPerBlock] = activation_scale(amax);
-    if (Format::kActivationSums16 && g % 2 == 0) in.sums16[g / 2] = sum;
+    *reinterpret_cast<uint2*>(out.q + kQuantizeValues * g) = make_uint2(words[0], words[1]);
+    if (g % kLanesPerBlock == 0) out.scale[g / kLanesPerBlock] = activation_scale(amax);
+    if (Format::kActivationSums16 && g % 2 == 0) out.sums16[g / 2] = sum;
+  }
+}
+
+// Every thread: the GEMV's input row, a.x or RMSNorm(a.norm_x) with the norm kernel's
+// arithmetic and rounding to T, quantised into `in`.
+template <typename Format, typename T>
+__device__ __forceinline__ void quantize_gemv_input(const GemvArgs<T>& a,
+                                                    const QuantizedRow<Format>& in) {
+  using Values = float[kQuantizeValues];
+  if (a.norm_weight != nullptr) {
+    __shared__ float scratch[kWarpSize];
+    const float inv_rms = row_inv_rms(a.norm_x, a.cols, a.norm_eps, scratch);
+    quantize_row(a.cols, [&](int g, Values& v) {
+#pragma unroll
+      for (int i = 0; i < kQuantizeValues; ++i) {
+        const int e = kQuantizeValues * g + i;
+        v[i] = to_float(from_float<T>(a.norm_weight[e] * (a.norm_x[e] * inv_rms)));
+      }
+    }, in);
+  } else {
+    quantize_row(a.cols, [&](int g, Values& v) { load_run(a.x + kQuantizeValues * g, v); }, in);
   }
   __syncthreads();
 }
@@ -102,8 +118,8 @@ __global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
     quant_gemv_kernel(const GemvArgs<T> a) {
   if (a.skip_flag != nullptr && *a.skip_flag != 0) return;
   extern __shared__ uint4 gemv_shared_input[];  // 16-byte aligned
-  const SharedInput<Format> in(gemv_shared_input, a.cols);
-  quantize_input(a, in);
+  const QuantizedRow<Format> in(gemv_shared_input, a.cols);
+  quantize_gemv_input(a, in);
   constexpr int kRows = kGemvRowsPerOutput<kOutput>;
   const int output = gemv_output_index();
   const int outputs = a.rows / kRows;
@@ -126,13 +142,98 @@ __global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
     const float scale = in.scale[block];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-      acc[r] = fmaf(scale, Format::dot(w[r] + block * Format::kBytes, chunk, x), acc[r]);
+      const auto weights = Format::read(w[r] + block * Format::kBytes, chunk);
+      acc[r] = fmaf(scale, Format::dot(weights, chunk, x), acc[r]);
     }
   }
   finish_gemv_output<T, kOutput>(a, output, acc);
 }
 
+constexpr int kQuantizeThreads = 256;
+
+// Block t quantises row t of x [n, cols] into the QuantizedRow at out + t * quantized_row_bytes.
+template <typename Format, typename T>
+__global__ void __launch_bounds__(kQuantizeThreads)
+    quantize_rows_kernel(const T* __restrict__ x, int cols, uint8_t* __restrict__ out) {
+  const int t = blockIdx.x;
+  const QuantizedRow<Format> row(out + t * quantized_row_bytes<Format>(cols), cols);
+  const T* x_row = x + static_cast<int64_t>(t) * cols;
+  using Values = float[kQuantizeValues];
+  quantize_row(cols, [&](int g, Values& v) { load_run(x_row + kQuantizeValues * g, v); }, row);
+}
+
+// y[t, r] (+)= W[r] . x_t + b[r] for the a.n <= kBlockGemvMaxTokens quantised rows x_t at
+// `quantized`: warp w of block b computes row b * kGemvWarpsPerBlock + w for every token, each
+// chunk of weights read once and multiplied with each token's activations.
+template <typename Format, typename T>
+__global__ void __launch_bounds__(kGemvWarpsPerBlock * kWarpSize)
+    quant_gemv_tokens_kernel(const GemmArgs<T> a, uint8_t* quantized) {
+  const int row = gemv_output_index();
+  if (row >= a.rows) return;  // whole warps leave together
+  const uint8_t* w = static_cast<const uint8_t*>(a.weight) +
+                     static_cast<int64_t>(row) * format_row_bytes<Format>(a.cols);
+  const size_t stride = quantized_row_bytes<Format>(a.cols);
+  const int chunks = a.cols / Format::kElements * Format::kChunks;
+  float acc[kBlockGemvMaxTokens] = {};
+  for (int c = threadIdx.x % kWarpSize; c < chunks; c += kWarpSize) {
+    const int block = c / Format::kChunks;
+    const int chunk = c % Format::kChunks;
+    const auto weights = Format::read(w + block * Format::kBytes, chunk);
+#pragma unroll
+    for (int t = 0; t < kBlockGemvMaxTokens; ++t) {
+      if (t >= a.n) break;
+      const QuantizedRow<Format> x(quantized + t * stride, a.cols);
+      acc[t] = fmaf(x.scale[block], Format::dot(weights, chunk, x.block(block)), acc[t]);
+    }
+  }
+  const float bias = a.bias != nullptr ? a.bias[row] : 0.0f;
+#pragma unroll
+  for (int t = 0; t < kBlockGemvMaxTokens; ++t) {
+    if (t >= a.n) break;
+    const float sum = warp_sum(acc[t]) + bias;
+    if (threadIdx.x % kWarpSize == 0) {
+      float& y = a.y[static_cast<int64_t>(t) * a.y_stride + row];
+      y = a.accumulate ? y + sum : sum;
+    }
+  }
+}
+
 }  // namespace
+
+size_t quant_gemv_tokens_scratch_bytes(TensorType type, int cols) {
+  size_t bytes = 0;
+  visit_block_format(type, [&](auto format) {
+    bytes = kBlockGemvMaxTokens * quantized_row_bytes<decltype(format)>(cols);
+  });
+  return bytes;
+}
+
+template <typename T>
+void launch_quant_gemv_tokens(const GemmArgs<T>& a, cudaStream_t stream) {
+  visit_block_format(a.weight_type, [&](auto format) {
+    using Format = decltype(format);
+    if (a.cols % Format::kElements != 0) {
+      throw std::invalid_argument("GEMM: rows of " + std::to_string(a.cols) +
+                                  " elements are not whole blocks");
+    }
+    if (a.n < 1 || a.n > kBlockGemvMaxTokens) {
+      throw std::invalid_argument("GEMM: the block GEMV takes 1 to " +
+                                  std::to_string(kBlockGemvMaxTokens) + " tokens, not " +
+                                  std::to_string(a.n));
+    }
+    if (a.scratch == nullptr ||
+        sizeof(T) * static_cast<size_t>(a.scratch_elements) < a.n * quantized_row_bytes<Format>(a.cols)) {
+      throw std::invalid_argument("GEMM over blocks: no scratch for the int8 activations");
+    }
+    auto* quantized = reinterpret_cast<uint8_t*>(a.scratch);
+    quantize_rows_kernel<Format, T><<<a.n, kQuantizeThreads, 0, stream>>>(a.x, a.cols, quantized);
+    CUDA_CHECK_LAUNCH();
+    quant_gemv_tokens_kernel<Format, T>
+        <<<ceil_div(a.rows, kGemvWarpsPerBlock), kGemvWarpsPerBlock * kWarpSize, 0, stream>>>(
+            a, quantized);
+    CUDA_CHECK_LAUNCH();
+  });
+}
 
 template <typename T>
 void launch_quant_gemv(const GemvArgs<T>& args, GemvOutput output, cudaStream_t stream) {
@@ -142,7 +243,7 @@ void launch_quant_gemv(const GemvArgs<T>& args, GemvOutput output, cudaStream_t 
       throw std::invalid_argument("GEMV: rows of " + std::to_string(args.cols) +
                                   " elements are not whole blocks");
     }
-    const GemvLaunch l = gemv_launch(args, output, shared_input_bytes<Format>(args.cols));
+    const GemvLaunch l = gemv_launch(args, output, quantized_row_bytes<Format>(args.cols));
     auto launch = [&](auto kernel) {
       kernel<<<l.grid, l.block, l.shared_bytes, stream>>>(args);
     };
@@ -164,8 +265,9 @@ void launch_quant_gemv(const GemvArgs<T>& args, GemvOutput output, cudaStream_t 
   });
 }
 
-#define FFNSKIP_INSTANTIATE(T) \
-  template void launch_quant_gemv<T>(const GemvArgs<T>&, GemvOutput, cudaStream_t);
+#define FFNSKIP_INSTANTIATE(T)                                                         \
+  template void launch_quant_gemv<T>(const GemvArgs<T>&, GemvOutput, cudaStream_t); \
+  template void launch_quant_gemv_tokens<T>(const GemmArgs<T>&, cudaStream_t);
 FFNSKIP_FOR_EACH_STORAGE_TYPE(FFNSKIP_INSTANTIATE)
 #undef FFNSKIP_INSTANTIATE
 

@@ -9,6 +9,9 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
+
+#include "gemm.cuh"
 #include "gemv.cuh"
 
 namespace ffnskip::cuda {
@@ -16,5 +19,20 @@ namespace ffnskip::cuda {
 // args.weight_type is a native block format; args.cols a whole number of its blocks.
 template <typename T>
 void launch_quant_gemv(const GemvArgs<T>& args, GemvOutput output, cudaStream_t stream);
+
+// Tokens up to which a linear over blocks runs as the block GEMV of each token (a speculative
+// verification, a short prompt): one read of the weights, where the dequantised tiles and
+// cuBLAS write and read the whole matrix in T again whatever the number of tokens.
+constexpr int kBlockGemvMaxTokens = 8;
+
+// y[t, :] (+)= x[t, :] W^T + b for t < args.n <= kBlockGemvMaxTokens, by the block GEMV on each
+// token's int8 activations, which a first kernel writes to args.scratch; throws
+// std::invalid_argument when the scratch holds less than quant_gemv_tokens_scratch_bytes.
+template <typename T>
+void launch_quant_gemv_tokens(const GemmArgs<T>& args, cudaStream_t stream);
+
+// The scratch launch_quant_gemv_tokens needs for kBlockGemvMaxTokens rows of `cols` values
+// against weights of native block format `type`.
+size_t quant_gemv_tokens_scratch_bytes(TensorType type, int cols);
 
 }  // namespace ffnskip::cuda

@@ -1,7 +1,7 @@
 // The CUDA decode GEMV's arithmetic (csrc/cuda/block_formats.cuh) compiled for the host, for
 // tests/test_cuda_block_formats.py: quantises the fp32 activations X (cols values) to int8
 // blocks of TYPE's size with the kernels' helpers, then multiplies every row of blocks in IN with
-// them chunk by chunk through dot(), as the GEMV's lanes do, and writes to OUT the int8 values,
+// them chunk by chunk through read() and dot(), as the GEMV's lanes do, and writes to OUT the int8 values,
 // the blocks' scales, the sums per 16 and the rows' results (fp32 each, in that order).
 //   quant_dot Q8_0|Q5_0|Q4_K|Q6_K IN X OUT
 #include <algorithm>
@@ -56,9 +56,8 @@ std::vector<float> run(const std::vector<uint8_t>& rows, const std::vector<float
       const QuantizedBlock xb{q.data() + b * Format::kElements,
                               sums16.data() + b * (Format::kElements / 16)};
       for (int chunk = 0; chunk < Format::kChunks; ++chunk) {
-        acc = std::fma(scale[b],
-                       Format::dot(rows.data() + r * row_bytes + b * Format::kBytes, chunk, xb),
-                       acc);
+        const auto weights = Format::read(rows.data() + r * row_bytes + b * Format::kBytes, chunk);
+        acc = std::fma(scale[b], Format::dot(weights, chunk, xb), acc);
       }
     }
     out.push_back(acc);
