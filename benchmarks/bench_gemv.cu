@@ -9,7 +9,10 @@
 // they differ by about 1e-2, that quantisation's error). For the linears whose input is an
 // RMSNorm (qkv, gate_up, lm_head), the first table also times the decode step's fused form, the
 // norm in the GEMV's prologue (fold_us), against the norm kernel then the GEMV (norm_gemv_us),
-// back to back on the stream: whether the fold pays for the launch it saves.
+// back to back on the stream: whether the fold pays for the launch it saves. Third table
+// (LLaMA-3-8B, Q8_0 and Q4_K): a pass of n = 1 .. 16 tokens through gemm(), the block GEMV per
+// token up to kBlockGemvMaxTokens (a speculative verification) and the dequantised tiles with
+// cuBLAS beyond: the time per pass and per token against one token, where the two paths meet.
 //   bench_gemv [--iterations N]
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -32,6 +35,7 @@
 #include "gemm.cuh"
 #include "gemv.cuh"
 #include "norm.cuh"
+#include "quant_gemv.cuh"
 #include "random_blocks.h"
 #include "swiglu.cuh"
 
@@ -268,6 +272,53 @@ void bench_block_shape(const Shape& s, TensorType type, double dense_us, cublasH
 
 }  // namespace
 
+// A pass of n tokens over random blocks of `type` through gemm() (up to kBlockGemvMaxTokens the
+// block GEMV per token, more the dequantised fp16 tiles and cuBLAS), fp16 activations: the time
+// per call and per token, against one token.
+void bench_pass_shape(const Shape& s, TensorType type, cublasHandle_t handle,
+                      cudaStream_t stream, size_t l2_bytes, int iterations) {
+  using T = __half;
+  constexpr int kMaxTokens = 16;
+  const size_t bytes = ffnskip::bench::block_format_bytes(type, s.rows, s.cols);
+  const int copies = copies_beyond_l2(bytes, l2_bytes);
+  std::vector<uint8_t> host(bytes);
+  ffnskip::bench::fill_random_blocks(type, s.rows, s.cols, 3,
+                                     1.0f / std::sqrt(static_cast<float>(s.cols)), host.data());
+  DeviceArray<uint8_t> blocks(bytes * copies);
+  for (int i = 0; i < copies; ++i) {
+    CUDA_CHECK(cudaMemcpy(blocks.data + bytes * i, host.data(), bytes, cudaMemcpyHostToDevice));
+  }
+  DeviceArray<T> x(static_cast<size_t>(kMaxTokens) * s.cols);
+  fill_random(x.data, static_cast<size_t>(kMaxTokens) * s.cols, 2, 1.0f);
+  DeviceArray<float> y(static_cast<size_t>(kMaxTokens) * s.rows);
+  const int64_t scratch_elements =
+      gemm_scratch_elements<T>(type, s.rows, s.cols, kGemmTileElements);
+  DeviceArray<T> scratch(static_cast<size_t>(scratch_elements));
+  double one_token_us = 0.0;
+  for (int n : {1, 2, 4, kBlockGemvMaxTokens, kBlockGemvMaxTokens + 1, kMaxTokens}) {
+    auto pass = [&](int copy) {
+      GemmArgs<T> g;
+      g.weight = blocks.data + bytes * copy;
+      g.weight_type = type;
+      g.rows = s.rows;
+      g.cols = s.cols;
+      g.x = x.data;
+      g.n = n;
+      g.y = y.data;
+      g.y_stride = s.rows;
+      g.scratch = scratch.data;
+      g.scratch_elements = scratch_elements;
+      gemm(handle, stream, g);
+    };
+    const double us = time_us(stream, copies, iterations, pass);
+    if (n == 1) one_token_us = us;
+    std::printf("%-10s %-8s %-5s %15s %3d %-11s %9.2f %9.2f %9.2f\n", s.model, s.name,
+                ffnskip::tensor_type_name(type),
+                (std::to_string(s.rows) + " x " + std::to_string(s.cols)).c_str(), n,
+                n <= kBlockGemvMaxTokens ? "block_gemv" : "tiles", us, us / n, us / one_token_us);
+  }
+}
+
 int main(int argc, char** argv) {
   try {
     int iterations = 200;
@@ -304,6 +355,14 @@ int main(int argc, char** argv) {
            {TensorType::Q8_0, TensorType::Q5_0, TensorType::Q4_K, TensorType::Q6_K}) {
         bench_block_shape(kShapes[i], type, fp16_us[i], handle, stream, prop.l2CacheSize,
                           iterations);
+      }
+    }
+    std::printf("\n%-10s %-8s %-5s %15s %3s %-11s %9s %9s %9s\n", "model", "linear", "type",
+                "rows x cols", "n", "path", "pass_us", "per_token", "vs_n=1");
+    for (const Shape& s : kShapes) {
+      if (std::strcmp(s.model, "llama3-8b") != 0 || std::strcmp(s.name, "lm_head") == 0) continue;
+      for (TensorType type : {TensorType::Q8_0, TensorType::Q4_K}) {
+        bench_pass_shape(s, type, handle, stream, prop.l2CacheSize, std::max(1, iterations / 4));
       }
     }
     CUBLAS_CHECK(cublasDestroy(handle));

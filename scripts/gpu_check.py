@@ -453,7 +453,8 @@ def main() -> int:
             bench_decode, "--device", "cuda", "--preset", "llama3-8b", "--weights", weights,
             "--tokens", "128", "--policy", "dense,static:0.2"], 40, parse_bench_decode)
     # The GEMVs alone, dense against cuBLAS and over each block format: where the decode
-    # step's time goes (the block GEMVs ran at 17-35% of the bandwidth on 2026-12-04).
+    # step's time goes (the block GEMVs ran at 17-35% of the bandwidth on 2026-12-04, before
+    # they multiplied int8 activations by dp4a), and passes of a few tokens over blocks.
     needs_build("bench_gemv", [str(build / "bench_gemv")], 60)
     # fp16 calls of every kernel: out-of-bounds and misaligned accesses.
     needs_build("memcheck_kernel_tests", [

@@ -17,9 +17,6 @@ namespace ffnskip::cuda {
 namespace {
 
 constexpr size_t kUploadStagingBytes = 64u << 20;
-// Prefill dequantises block-format weights a tile of rows at a time, into at most this many
-// elements of T (16 MiB in fp16) beside the weights.
-constexpr int64_t kDequantTileElements = int64_t{8} << 20;
 
 bool has_bias(std::initializer_list<const LinearView*> parts) {
   return std::any_of(parts.begin(), parts.end(),
@@ -135,7 +132,7 @@ int64_t DeviceModel<T>::gemm_scratch_elements(int hidden_size) const {
   auto need = [&](const WeightSegment& s, int cols) {
     if (!is_native_block_format(s.type)) return;
     elements = std::max(elements,
-                        cuda::gemm_scratch_elements<T>(s.type, s.rows, cols, kDequantTileElements));
+                        cuda::gemm_scratch_elements<T>(s.type, s.rows, cols, kGemmTileElements));
   };
   for (const DeviceLayer& layer : layers) {
     for (const DeviceLinear* linear : {&layer.qkv, &layer.o, &layer.gate_up, &layer.down}) {

@@ -32,6 +32,10 @@ struct GemmArgs {
   int64_t scratch_elements = 0;
 };
 
+// The backend's prefill dequantises block-format weights a tile of rows at a time, into at
+// most this many elements of T (16 MiB in fp16) beside the weights.
+constexpr int64_t kGemmTileElements = int64_t{8} << 20;
+
 // The scratch (elements of T) a GEMM over a [rows, cols] matrix in native block format `type`
 // needs, for tiles of at most max_tile_elements dequantised weights (at least a row).
 template <typename T>
