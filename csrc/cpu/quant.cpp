@@ -243,6 +243,7 @@ QuantKernels quant_kernels(Isa isa) {
 // helpers inline into the tiles; FFNSKIP_QUANT_VNNI selects AVX-512 VNNI's fused dot products
 // (vpdpbusd, vpdpwssd) in place of vpmaddubsw/vpmaddwd/vpaddd, with equal integer sums, and
 // the tiles that fit its 32 vector registers.
+#define FFNSKIP_QUANT_INLINE __attribute__((always_inline)) inline
 namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
@@ -258,6 +259,7 @@ namespace avx512_vnni {
 #undef FFNSKIP_QUANT_VNNI
 #pragma GCC pop_options
 }  // namespace avx512_vnni
+#undef FFNSKIP_QUANT_INLINE
 #endif
 
 template <TensorType kType>
