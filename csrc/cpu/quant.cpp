@@ -240,9 +240,10 @@ QuantKernels quant_kernels(Isa isa) {
 #ifdef FFNSKIP_X86_DISPATCH
 // ---- x86 SIMD: the kernels of quant_simd.inc, compiled once per instruction set ----
 // The pragma gives every function of a copy its target, templates and lambdas included, so the
-// helpers inline into the tiles; FFNSKIP_QUANT_VNNI selects AVX-512 VNNI's fused dot products
-// (vpdpbusd, vpdpwssd) in place of vpmaddubsw/vpmaddwd/vpaddd, with equal integer sums, and
-// the tiles that fit its 32 vector registers.
+// helpers can inline into the tiles (FFNSKIP_QUANT_INLINE makes them: GCC did not always);
+// FFNSKIP_QUANT_VNNI selects AVX-512 VNNI's fused dot products (vpdpbusd, vpdpwssd) in place of
+// vpmaddubsw/vpmaddwd/vpaddd, with equal integer sums, and the tiles that fit its 32 vector
+// registers.
 #define FFNSKIP_QUANT_INLINE __attribute__((always_inline)) inline
 namespace avx2 {
 #pragma GCC push_options

@@ -226,6 +226,7 @@ struct BlockFormat<TensorType::Q8_0> {
   static constexpr TensorType kType = TensorType::Q8_0;
   static constexpr int kElements = 32, kBytes = sizeof(BlockQ8_0), kAlignment = 2;
   static constexpr int kChunks = 4, kRuns = 1, kRunLength = 8;
+  static constexpr bool kActivationSums16 = false;
   __host__ __device__ static int run_start(int chunk, int) { return 8 * chunk; }
   struct Chunk {
     uint32_t q[2];  // int8
@@ -241,7 +242,6 @@ struct BlockFormat<TensorType::Q8_0> {
     FFNSKIP_BLOCK_UNROLL
     for (int i = 0; i < 8; ++i) w[0][i] = c.d * signed_byte_of(c.q[i / 4], i % 4);
   }
-  static constexpr bool kActivationSums16 = false;
   __host__ __device__ static float dot(const Chunk& c, int chunk, const QuantizedBlock& x) {
     uint32_t xw[2];
     load_activation_words<8>(x.q + 8 * chunk, xw);
@@ -257,6 +257,7 @@ struct BlockFormat<TensorType::Q5_0> {
   static constexpr TensorType kType = TensorType::Q5_0;
   static constexpr int kElements = 32, kBytes = sizeof(BlockQ5_0), kAlignment = 2;
   static constexpr int kChunks = 4, kRuns = 2, kRunLength = 4;
+  static constexpr bool kActivationSums16 = false;
   __host__ __device__ static int run_start(int chunk, int run) { return 4 * chunk + 16 * run; }
   // Bits 0..3 of b as bit 4 of bytes 0..3.
   __host__ __device__ static uint32_t fifth_bits(uint32_t b) {
@@ -282,7 +283,6 @@ struct BlockFormat<TensorType::Q5_0> {
       for (int i = 0; i < 4; ++i) w[run][i] = c.d * signed_byte_of(c.q[run], i);
     }
   }
-  static constexpr bool kActivationSums16 = false;
   __host__ __device__ static float dot(const Chunk& c, int chunk, const QuantizedBlock& x) {
     uint32_t x_lo[1], x_hi[1];
     load_activation_words<4>(x.q + run_start(chunk, 0), x_lo);
@@ -300,6 +300,7 @@ struct BlockFormat<TensorType::Q4_K> {
   static constexpr TensorType kType = TensorType::Q4_K;
   static constexpr int kElements = 256, kBytes = sizeof(BlockQ4_K), kAlignment = 16;
   static constexpr int kChunks = 8, kRuns = 2, kRunLength = 16;
+  static constexpr bool kActivationSums16 = true;  // its minimums
   __host__ __device__ static int run_start(int chunk, int run) {
     return 64 * (chunk / 2) + 32 * run + 16 * (chunk % 2);
   }
@@ -327,7 +328,9 @@ struct BlockFormat<TensorType::Q4_K> {
     c.dmin = load_fp16(block + 2);
     const int pair = chunk / 2;
     FFNSKIP_BLOCK_UNROLL
-    for (int run = 0; run < 2; ++run) scale_min(block + 4, 2 * pair + run, c.scale[run], c.min[run]);
+    for (int run = 0; run < 2; ++run) {
+      scale_min(block + 4, 2 * pair + run, c.scale[run], c.min[run]);
+    }
     load_u32x4(block + 16 + 32 * pair + 16 * (chunk % 2), c.words);  // 16-byte aligned
     return c;
   }
@@ -352,7 +355,6 @@ struct BlockFormat<TensorType::Q4_K> {
   }
   // d * sum_runs sc * (q . x) - dmin * sum_runs m * (sum of x over the run): the runs' sums of
   // 16 activations are sums16 of the block.
-  static constexpr bool kActivationSums16 = true;
   __host__ __device__ static float dot(const Chunk& c, int chunk, const QuantizedBlock& x) {
     int scaled = 0, minimums = 0;
     FFNSKIP_BLOCK_UNROLL
@@ -381,11 +383,11 @@ struct BlockFormat<TensorType::Q6_K> {
   static constexpr TensorType kType = TensorType::Q6_K;
   static constexpr int kElements = 256, kBytes = sizeof(BlockQ6_K), kAlignment = 2;
   static constexpr int kChunks = 16, kRuns = 4, kRunLength = 4;
+  static constexpr bool kActivationSums16 = false;
   __host__ __device__ static int run_start(int chunk, int run) {
     return 128 * (chunk / 8) + 32 * run + 4 * (chunk % 8);
   }
   // The quants of a run as the signed bytes q - 32; dot() is d * sum_runs sc * ((q - 32) . x).
-  static constexpr bool kActivationSums16 = false;
   struct Chunk {
     uint32_t q[4];  // per run, int8
     int scale[4];

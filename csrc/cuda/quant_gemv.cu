@@ -221,8 +221,8 @@ void launch_quant_gemv_tokens(const GemmArgs<T>& a, cudaStream_t stream) {
                                   std::to_string(kBlockGemvMaxTokens) + " tokens, not " +
                                   std::to_string(a.n));
     }
-    if (a.scratch == nullptr ||
-        sizeof(T) * static_cast<size_t>(a.scratch_elements) < a.n * quantized_row_bytes<Format>(a.cols)) {
+    const size_t needed = a.n * quantized_row_bytes<Format>(a.cols);
+    if (a.scratch == nullptr || sizeof(T) * static_cast<size_t>(a.scratch_elements) < needed) {
       throw std::invalid_argument("GEMM over blocks: no scratch for the int8 activations");
     }
     auto* quantized = reinterpret_cast<uint8_t*>(a.scratch);

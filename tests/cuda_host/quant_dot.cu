@@ -1,8 +1,9 @@
 // The CUDA decode GEMV's arithmetic (csrc/cuda/block_formats.cuh) compiled for the host, for
 // tests/test_cuda_block_formats.py: quantises the fp32 activations X (cols values) to int8
-// blocks of TYPE's size with the kernels' helpers, then multiplies every row of blocks in IN with
-// them chunk by chunk through read() and dot(), as the GEMV's lanes do, and writes to OUT the int8 values,
-// the blocks' scales, the sums per 16 and the rows' results (fp32 each, in that order).
+// blocks of TYPE's size with the kernels' helpers, then multiplies every row of blocks in IN
+// with them chunk by chunk through read() and dot(), as the GEMV's lanes do, and writes to OUT
+// the int8 values, the blocks' scales, the sums per 16 and the rows' results (fp32 each, in
+// that order).
 //   quant_dot Q8_0|Q5_0|Q4_K|Q6_K IN X OUT
 #include <algorithm>
 #include <cmath>
