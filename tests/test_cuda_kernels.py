@@ -1,15 +1,15 @@
 """The CUDA backend's kernels one by one (``_core.cuda_kernels``) against NumPy and the CPU: the
 decode GEMV over Q8_0, Q5_0, Q4_K and Q6_K blocks read in place (int8 activations, the CPU
-backend's quantisation), in each output mode (store,
-accumulate = the fused residual add, SwiGLU on stacked gate/up rows), with its skip flag set and
-unset, and with its RMSNorm prologue; the prefill path (weights dequantised to the activation
-type a tile of rows at a time, then cuBLAS); the dequantisation itself; the embedding lookup in
-dense and quantised tables, which also starts a decode step's skip state; the kernels of a layer
-(RMSNorm, RoPE with the KV-cache write and the QKV GEMV that does both in its epilogue, SwiGLU,
-decode attention in splits, prefill attention, FiRST's router, the skip scores) and the logits
-head, on shapes whole-model tests miss (more than 8 query heads per KV head, head_dim above 128,
-odd widths, empty splits); with fp32, fp16 and bf16 activations. Without a GPU only the first
-test runs.
+backend's quantisation), in each output mode (store, accumulate = the fused residual add, SwiGLU
+on stacked gate/up rows), with its skip flag set and unset, and with its RMSNorm prologue;
+passes of several tokens (over blocks up to 8 run the block GEMV per token, more the weights
+dequantised to the activation type a tile of rows at a time, then cuBLAS); the dequantisation
+itself; the embedding lookup in dense and quantised tables, which also starts a decode step's
+skip state; the kernels of a layer (RMSNorm, RoPE with the KV-cache write and the QKV GEMV that
+does both in its epilogue, SwiGLU, decode attention in splits, prefill attention, FiRST's
+router, the skip scores) and the logits head, on shapes whole-model tests miss (more than 8
+query heads per KV head, head_dim above 128, odd widths, empty splits); with fp32, fp16 and bf16
+activations. Without a GPU only the first test runs.
 
 References: the blocks come from tests/gguf_files.py (``quantize`` for weights with a real
 distribution, ``random_blocks`` for random bytes that reach every bit pattern) and the
