@@ -213,19 +213,35 @@ double bench_shape(const Shape& s, const char* dtype, cublasHandle_t handle, cud
   return custom_us;
 }
 
+// Random blocks of `type` for a shape (the same seed and scale for every table), uploaded in as
+// many copies as copies_beyond_l2 asks for.
+struct RandomBlockCopies {
+  size_t bytes;  // of one copy
+  int copies;
+  DeviceArray<uint8_t> blocks;
+
+  RandomBlockCopies(const Shape& s, TensorType type, size_t l2_bytes)
+      : bytes(ffnskip::bench::block_format_bytes(type, s.rows, s.cols)),
+        copies(copies_beyond_l2(bytes, l2_bytes)),
+        blocks(bytes * copies) {
+    std::vector<uint8_t> host(bytes);
+    ffnskip::bench::fill_random_blocks(type, s.rows, s.cols, 3,
+                                       1.0f / std::sqrt(static_cast<float>(s.cols)),
+                                       host.data());
+    for (int i = 0; i < copies; ++i) {
+      CUDA_CHECK(cudaMemcpy(blocks.data + bytes * i, host.data(), bytes, cudaMemcpyHostToDevice));
+    }
+  }
+};
+
 // The GEMV over random blocks of `type`, fp16 activations; dense_us: the fp16 GEMV's time.
 void bench_block_shape(const Shape& s, TensorType type, double dense_us, cublasHandle_t handle,
                        cudaStream_t stream, size_t l2_bytes, int iterations) {
   using T = __half;
-  const size_t bytes = ffnskip::bench::block_format_bytes(type, s.rows, s.cols);
-  const int copies = copies_beyond_l2(bytes, l2_bytes);
-  std::vector<uint8_t> host(bytes);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(s.cols));
-  ffnskip::bench::fill_random_blocks(type, s.rows, s.cols, 3, scale, host.data());
-  DeviceArray<uint8_t> blocks(bytes * copies);
-  for (int i = 0; i < copies; ++i) {
-    CUDA_CHECK(cudaMemcpy(blocks.data + bytes * i, host.data(), bytes, cudaMemcpyHostToDevice));
-  }
+  const RandomBlockCopies weights(s, type, l2_bytes);
+  const size_t bytes = weights.bytes;
+  const int copies = weights.copies;
+  const DeviceArray<uint8_t>& blocks = weights.blocks;
   DeviceArray<T> x(s.cols);
   fill_random(x.data, s.cols, 2, 1.0f);
   DeviceArray<float> y_blocks(s.rows), y_cublas(s.rows), gate_up(s.rows);
@@ -279,15 +295,10 @@ void bench_pass_shape(const Shape& s, TensorType type, cublasHandle_t handle,
                       cudaStream_t stream, size_t l2_bytes, int iterations) {
   using T = __half;
   constexpr int kMaxTokens = 16;
-  const size_t bytes = ffnskip::bench::block_format_bytes(type, s.rows, s.cols);
-  const int copies = copies_beyond_l2(bytes, l2_bytes);
-  std::vector<uint8_t> host(bytes);
-  ffnskip::bench::fill_random_blocks(type, s.rows, s.cols, 3,
-                                     1.0f / std::sqrt(static_cast<float>(s.cols)), host.data());
-  DeviceArray<uint8_t> blocks(bytes * copies);
-  for (int i = 0; i < copies; ++i) {
-    CUDA_CHECK(cudaMemcpy(blocks.data + bytes * i, host.data(), bytes, cudaMemcpyHostToDevice));
-  }
+  const RandomBlockCopies weights(s, type, l2_bytes);
+  const size_t bytes = weights.bytes;
+  const int copies = weights.copies;
+  const DeviceArray<uint8_t>& blocks = weights.blocks;
   DeviceArray<T> x(static_cast<size_t>(kMaxTokens) * s.cols);
   fill_random(x.data, static_cast<size_t>(kMaxTokens) * s.cols, 2, 1.0f);
   DeviceArray<float> y(static_cast<size_t>(kMaxTokens) * s.rows);

@@ -5,12 +5,11 @@
 //   decode_blocks Q8_0|Q5_0|Q4_K|Q6_K IN OUT
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
-#include <iterator>
 #include <string>
 #include <vector>
 
 #include "block_formats.cuh"
+#include "host_io.h"
 
 using namespace ffnskip;
 using namespace ffnskip::cuda;
@@ -49,9 +48,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: decode_blocks Q8_0|Q5_0|Q4_K|Q6_K IN OUT\n");
     return 2;
   }
-  std::ifstream in(argv[2], std::ios::binary);
-  const std::vector<uint8_t> data((std::istreambuf_iterator<char>(in)),
-                                  std::istreambuf_iterator<char>());
+  const std::vector<uint8_t> data = read_bytes(argv[2]);
   std::vector<float> out;
   bool covered = false;
   visit_block_format(parse_tensor_type(argv[1]), [&](auto format) {
@@ -62,9 +59,7 @@ int main(int argc, char** argv) {
     }
     covered = decode_all<Format>(data, out);
   });
-  std::ofstream(argv[3], std::ios::binary)
-      .write(reinterpret_cast<const char*>(out.data()),
-             static_cast<std::streamsize>(sizeof(float) * out.size()));
+  write_floats(argv[3], out);
   if (!covered) {
     std::fprintf(stderr, "decode_blocks: the chunks' runs do not cover every element once\n");
     return 1;

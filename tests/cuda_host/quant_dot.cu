@@ -9,22 +9,17 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
-#include <iterator>
+#include <cstring>
 #include <string>
 #include <vector>
 
 #include "block_formats.cuh"
+#include "host_io.h"
 
 using namespace ffnskip;
 using namespace ffnskip::cuda;
 
 namespace {
-
-std::vector<uint8_t> read_bytes(const char* path) {
-  std::ifstream in(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 template <typename Format>
 std::vector<float> run(const std::vector<uint8_t>& rows, const std::vector<float>& x) {
@@ -87,8 +82,6 @@ int main(int argc, char** argv) {
     }
     out = run<Format>(rows, x);
   });
-  std::ofstream(argv[4], std::ios::binary)
-      .write(reinterpret_cast<const char*>(out.data()),
-             static_cast<std::streamsize>(sizeof(float) * out.size()));
+  write_floats(argv[4], out);
   return 0;
 }
